@@ -1,0 +1,38 @@
+"""BrainIDLib: contrast-agnostic brain MRI features (Brain-ID, ECCV 2024) and their task heads.
+
+    import BrainIDLib as bid
+    model = bid.load_model("brainid-lite")            # registry name or a weights file
+    f = model.features(x)                             # (B,1,D,H,W) -> (B,C,D,H,W)
+    y = model.head_output(x, "segmentation")
+"""
+
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+from .errors import BrainIDError  # noqa: E402
+from .model import TASKS, Architecture, BrainIDModel  # noqa: E402
+
+
+def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> BrainIDModel:
+    """A ready model from a registry name or a weights file, plus optional {task: head file}."""
+    from .devices import select_device
+    from .registry import resolve_weights
+    from .weights import build_model, read_checkpoint
+
+    path = resolve_weights(weights)
+    model = build_model(read_checkpoint(path), heads)
+    return model.to(select_device(device))
+
+
+def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on first use
+    if name == "predict":
+        from .inference import predict
+
+        return predict
+    raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
+
+
+__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "__version__"]
