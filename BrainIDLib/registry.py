@@ -18,6 +18,7 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -365,7 +366,7 @@ def _fetch(url: str, part: Path, f: ModelFile, progress: Progress | None, label:
             while True:
                 try:
                     block = response.read(CHUNK)
-                except (OSError, socket.timeout) as e:  # includes http.client.IncompleteRead
+                except (OSError, socket.timeout, http.client.HTTPException) as e:  # e.g. IncompleteRead
                     raise _Interrupted(f"connection lost after {done} bytes ({e.__class__.__name__})") from None
                 if not block:
                     break
