@@ -340,7 +340,7 @@ def cmd_predict(args) -> int:
         missing = [t for t in tasks if t not in model.tasks]
         if missing:
             raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
-                               "add one with --head TASK=FILE or choose another --model")
+                               f"add one with --head {missing[0]}=FILE or choose another --model")
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
