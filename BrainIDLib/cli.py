@@ -37,6 +37,7 @@ TASK_ALIASES = {
     "super_resolution": "super_resolution", "super-resolution": "super_resolution", "sr": "super_resolution",
     "superresolution": "super_resolution",
     "bias_field": "bias_field", "bias-field": "bias_field", "bias": "bias_field", "bf": "bias_field",
+    "bias_corrected": "bias_corrected", "bias-corrected": "bias_corrected",
 }
 
 
@@ -174,6 +175,7 @@ class Reporter:
 def _parse_tasks(values: list[str]) -> list[str]:
     from .model import TASKS
 
+    choices = TASKS + ("bias_corrected",)
     tasks: list[str] = []
     for value in values:
         for item in value.split(","):
@@ -182,7 +184,7 @@ def _parse_tasks(values: list[str]) -> list[str]:
                 continue
             task = TASK_ALIASES.get(item.lower())
             if task is None:
-                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(TASKS)}")
+                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(choices)}")
             if task not in tasks:
                 tasks.append(task)
     return tasks
@@ -195,6 +197,8 @@ def _parse_heads(values: list[str]) -> dict[str, Path]:
         if not sep or not file:
             raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
         (task,) = _parse_tasks([task])
+        if task == "bias_corrected":
+            task = "bias_field"
         path = Path(file).expanduser()
         if not path.is_file():
             raise BrainIDError(f"head file not found: {path}")
@@ -337,7 +341,8 @@ def cmd_predict(args) -> int:
             tasks = list(model.tasks)
             if not tasks:
                 raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-        missing = [t for t in tasks if t not in model.tasks]
+        needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+        missing = [t for t in needed if t not in model.tasks]
         if missing:
             raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
                                f"add one with --head {missing[0]}=FILE or choose another --model")
@@ -348,6 +353,8 @@ def cmd_predict(args) -> int:
                      on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
     finally:
         reporter.close()
+    for message in getattr(pred, "messages", None) or []:
+        reporter.info(str(message))
 
     outputs = dict(pred.outputs)
     if args.on_1mm:
@@ -356,7 +363,8 @@ def cmd_predict(args) -> int:
     for key, img in outputs.items():
         reporter.output(key, save_nifti(img, paths[key]))
     if "segmentation" in outputs and not args.no_volumes:
-        labels = model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
+        labels = list(getattr(pred, "labels", None) or ()) or \
+            model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
         reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels))
     return 0
 

@@ -333,3 +333,28 @@ def test_interrupt_exits_130_without_partial_outputs(tmp_path, scan, model_file,
     rc, out, err = run(capsys, "predict", scan, "-o", f"{tmp_path / 'o'}/", "--model", model_file)
     assert rc == 130 and "brainid: interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_bias_corrected_only(tmp_path, scan, model_file, capsys):
+    rc, out, err = run(capsys, "predict", scan, "--task", "bias_corrected", "-o", tmp_path / "b",
+                       "--model", model_file, "--progress-format", "none")
+    assert rc == 0, err
+    assert (tmp_path / "b_bias_corrected.nii.gz").is_file() and not (tmp_path / "b_bias_field.nii.gz").exists()
+
+
+def test_console_process_exit_codes(tmp_path):
+    """The real process: exit status 2 and one line on stderr, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "BRAINID_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "BrainIDLib.cli", "predict", str(tmp_path / "none.nii.gz"),
+                           "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("brainid: error: input image not found")
+    proc = subprocess.run([sys.executable, "-m", "BrainIDLib.cli", "models"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and "official" in proc.stdout
