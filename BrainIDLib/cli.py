@@ -321,6 +321,11 @@ def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
     return Path(path)
 
 
+def _check_memory(args) -> None:
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise BrainIDError(f"--memory-gb must be a positive number of gigabytes, got {args.memory_gb}")
+
+
 def _describe(model, label: str) -> str:
     arch = model.arch
     return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
@@ -331,6 +336,7 @@ def cmd_predict(args) -> int:
     from .devices import select_device
 
     tasks = _parse_tasks(args.task)
+    _check_memory(args)
     input_path = _input_path(args)
     device = select_device(args.device)  # fail early on a missing GPU
     _parse_heads(args.head)  # fail early on bad --head values
@@ -372,6 +378,7 @@ def cmd_predict(args) -> int:
 def cmd_features(args) -> int:
     from .devices import select_device
 
+    _check_memory(args)
     input_path = _input_path(args)
     device = select_device(args.device)
     if args.pca is not None and args.pca < 1:
@@ -521,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         import torch
 
-        if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                      getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+        if oom_types and isinstance(e, oom_types):
             print(f"{PROG}: error: the GPU ran out of memory; try --mode tiled with a smaller --memory-gb, "
                   "or --device cpu", file=sys.stderr, flush=True)
             return EXIT_ERROR

@@ -358,3 +358,17 @@ def test_console_process_exit_codes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "BrainIDLib.cli", "models"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 0 and "official" in proc.stdout
+
+
+@pytest.mark.parametrize("exc", [MemoryError, torch.cuda.OutOfMemoryError])
+def test_out_of_memory_is_one_line(tmp_path, scan, model_file, monkeypatch, capsys, exc):
+    import BrainIDLib.inference as inference
+
+    def oom(*args, **kwargs):
+        raise exc("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(inference, "predict", oom)
+    rc, out, err = run(capsys, "predict", scan, "-o", tmp_path / "o", "--model", model_file)
+    assert_one_line_error(rc, err, "out of memory", "--mode tiled")
+    rc, out, err = run(capsys, "predict", scan, "-o", tmp_path / "o", "--model", model_file, "--memory-gb", "-1")
+    assert_one_line_error(rc, err, "--memory-gb")
