@@ -372,3 +372,44 @@ def test_out_of_memory_is_one_line(tmp_path, scan, model_file, monkeypatch, caps
     assert_one_line_error(rc, err, "out of memory", "--mode tiled")
     rc, out, err = run(capsys, "predict", scan, "-o", tmp_path / "o", "--model", model_file, "--memory-gb", "-1")
     assert_one_line_error(rc, err, "--memory-gb")
+
+
+def test_sigterm_exits_130_cleanly(tmp_path, scan, model_file):
+    """Front ends (Slicer) stop a run with SIGTERM: exit 130, one line, no traceback, no outputs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if not hasattr(signal, "SIGTERM") or os.name == "nt":
+        pytest.skip("POSIX signals only")
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, time, BrainIDLib.inference as inf\n"
+        "def slow(*a, **k):\n"
+        "    print('PROGRESS 0.100 started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "inf.predict = slow\n"
+        "from BrainIDLib.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(repo), "BRAINID_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-c", code, "predict", str(scan), "-o", f"{out}/", "--model",
+                             str(model_file), "--progress-format", "machine"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        line = ""
+        while "PROGRESS 0.100" not in line and time.time() < deadline:
+            line = proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == "brainid: interrupted"
+    assert not out.exists() or not any(out.iterdir())
