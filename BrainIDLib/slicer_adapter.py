@@ -60,7 +60,8 @@ def init_headless_scene():
     s = slicer.vtkMRMLScene()
     slicer.mrmlScene = s
     logics = []
-    for cls in (slicer.vtkSlicerColorLogic, slicer.vtkSlicerVolumesLogic, slicer.vtkSlicerSegmentationsModuleLogic):
+    for cls in (slicer.vtkSlicerColorLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic, slicer.vtkSlicerVolumesLogic,
+                slicer.vtkSlicerSegmentationsModuleLogic):
         logic = cls()
         logic.SetMRMLScene(s)
         logics.append(logic)
@@ -200,10 +201,14 @@ def place_in_study(node, reference) -> None:
     if sh is None:
         return
     ref_item = sh.GetItemByDataNode(reference)
-    item = sh.GetItemByDataNode(node)
-    if not ref_item or not item:
+    if not ref_item:
         return
-    sh.SetItemParent(item, sh.GetItemParent(ref_item))
+    parent = sh.GetItemParent(ref_item)
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        sh.CreateItem(parent, node)
+    else:
+        sh.SetItemParent(item, parent)
 
 
 # ---------------------------------------------------------------- segmentation
