@@ -5,6 +5,8 @@ lines, call `poll()` now and then, and read `.fraction`, `.message`, `.log`, `.s
 prints `PROGRESS <fraction> <message>` lines (`brainid ... --progress-format machine`); other lines
 go to the log. Progress of a sequence is spread evenly over its commands.
 
+`OUTPUT <kind> <path>` lines fill `.outputs`; `INFO <text>` lines update the message.
+
 `cancel()` kills the whole process tree: the child is started in its own session/process group on
 POSIX (`os.killpg`), and with `taskkill /T /F` on Windows, so torch worker threads or processes
 it started never outlive it.
@@ -100,6 +102,7 @@ class ProcessRunner:
         self.fraction = 0.0
         self.message = ""
         self.log: list[str] = []
+        self.outputs: dict[str, str] = {}  # from `OUTPUT <kind> <path>` lines
         self.error: str | None = None
         self.returncode: int | None = None
         self._index = -1
@@ -186,6 +189,12 @@ class ProcessRunner:
             if msg:
                 self.message = msg
             return
+        if line.startswith("OUTPUT "):
+            parts = line.split(" ", 2)
+            if len(parts) == 3:
+                self.outputs[parts[1]] = parts[2].strip()
+        elif line.startswith("INFO "):
+            self.message = line[5:].strip()
         self.log.append(line)
         if line.strip().lower().startswith(ERROR_PREFIXES):
             self.error = line.strip()

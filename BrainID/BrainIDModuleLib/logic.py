@@ -78,20 +78,15 @@ def normalise_tasks(tasks) -> list[str]:
     return out
 
 
-def structure_volumes(labels_ijk: np.ndarray, voxel_ml: float) -> list[tuple[int, str, float]]:
-    """(label, name, mL) for every non-zero label present; BrainIDLib.volumes when available."""
-    try:
-        from BrainIDLib import volumes as _volumes
+def structure_volumes(labels_ijk: np.ndarray, affine: np.ndarray) -> list[tuple[int, str, float]]:
+    """(label, name, mL) per structure, the same rows as the CLI's volumes CSV (33 structures in the
+    official order, absent ones at 0 mL, then any other label present)."""
+    import nibabel as nib
 
-        fn = getattr(_volumes, "label_volumes_ml", None)
-        if fn is not None:
-            return [(int(a), str(b), float(c)) for a, b, c in fn(labels_ijk, voxel_ml)]
-    except ImportError:
-        pass
-    from BrainIDLib.labels import label_name
+    from BrainIDLib.cli import volume_rows
 
-    values, counts = np.unique(labels_ijk[labels_ijk != 0], return_counts=True)
-    return [(int(v), label_name(int(v)), float(c) * voxel_ml) for v, c in zip(values, counts)]
+    img = nib.Nifti1Image(np.asarray(labels_ijk, np.int16), affine)
+    return [(int(lab), str(name), float(ml)) for lab, name, _voxels, ml in volume_rows(img)]
 
 
 @dataclass
@@ -190,8 +185,9 @@ class BrainIDLogic:
         commands = []
         engine_tasks = [t for t in tasks if t in ENGINE_TASKS]
         if engine_tasks:
-            commands.append([python, "-m", "BrainIDLib.cli", "predict", str(input_path), "--output", str(outputs_dir),
-                             "--tasks", ",".join(engine_tasks), "--mode", str(mode)] + common)
+            commands.append([python, "-m", "BrainIDLib.cli", "predict", str(input_path),
+                             "--output", str(outputs_dir) + os.sep, "--task", ",".join(engine_tasks),
+                             "--mode", str(mode), "--no-volumes"] + common)
         if "features_pca" in tasks:
             commands.append([python, "-m", "BrainIDLib.cli", "features", str(input_path), "--output",
                              str(outputs_dir / "features_pca.nii.gz"), "--pca", "3"] + common)
@@ -238,8 +234,10 @@ class BrainIDLogic:
             if node is None:
                 raise BrainIDError("the input volume was removed from the scene while BrainID was running")
             outputs = {}
+            reported = {("features_pca" if k == "features" else k): v
+                        for k, v in getattr(job.runner, "outputs", {}).items()}
             for key in OUTPUT_NAMES:
-                path = self.find_output(job.outputs_dir, key)
+                path = reported.get(key) or self.find_output(job.outputs_dir, key)
                 if path is not None:
                     outputs[key] = np.asanyarray(nib.load(str(path)).dataobj)
             return self.import_results(node, outputs, show=show)
@@ -266,8 +264,7 @@ class BrainIDLogic:
             if key == "segmentation":
                 labels = np.asarray(array).astype(np.int16)
                 nodes["segmentation"] = sa.add_segmentation(labels, name, inputVolumeNode)
-                voxel_ml = abs(np.linalg.det(sa.world_ijk_to_ras(inputVolumeNode)[:3, :3])) / 1000.0
-                rows = structure_volumes(labels, voxel_ml)
+                rows = structure_volumes(labels, sa.world_ijk_to_ras(inputVolumeNode))
                 nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode)
             elif key == "features_pca":
                 arr = np.asarray(array)
