@@ -53,6 +53,49 @@ def repo_or_install_root() -> Path:
     return here
 
 
+def resources_dir() -> Path:
+    """BrainID's Resources (models.json, SampleData, labels) without importing BrainIDLib (and torch)."""
+    root = repo_or_install_root()
+    for candidate in (root / "BrainIDLib" / "resources", root / "Resources"):
+        if candidate.is_dir():
+            return candidate
+    return root / "Resources"
+
+
+def sample_entries() -> list[dict]:
+    """Shipped samples from Resources/SampleData/samples.json, with absolute paths and file:// URIs."""
+    import json
+
+    folder = resources_dir() / "SampleData"
+    try:
+        samples = json.loads((folder / "samples.json").read_text(encoding="utf-8"))["samples"]
+    except (OSError, ValueError, KeyError):
+        return []
+    out = []
+    for s in samples:
+        path = (folder / s["filename"]).resolve()
+        out.append({**s, "path": str(path), "uri": path.as_uri(), "checksum": f"SHA256:{s['sha256']}"})
+    return out
+
+
+def model_choices() -> list[dict]:
+    """[{name, description, tasks, status}] for the model selector: BrainIDLib.registry when it can be
+    imported (status included), else the raw models.json (status unknown until torch is installed)."""
+    try:
+        ensure_importable()
+        from BrainIDLib.registry import load_registry, model_status
+
+        reg = load_registry()
+        return [{"name": m.name, "description": m.description, "tasks": list(m.tasks), "status": model_status(m),
+                 "default": m.name == reg.default} for m in reg.models]
+    except ImportError:
+        import json
+
+        data = json.loads((resources_dir() / "models.json").read_text(encoding="utf-8"))
+        return [{"name": m["name"], "description": m.get("description", ""), "tasks": m.get("tasks", []),
+                 "status": "unknown", "default": m["name"] == data.get("default")} for m in data.get("models", [])]
+
+
 def ensure_importable() -> None:
     root = str(repo_or_install_root())
     if root not in sys.path:
@@ -172,6 +215,25 @@ class BrainIDLogic:
             pass
 
     # ------------------------------------------------------------ non-blocking
+    def download_command(self, model: str) -> list[str]:
+        python = self._python
+        if python is None:
+            from BrainIDLib.runner import python_executable
+
+            python = python_executable()
+        return [python, "-m", "BrainIDLib.cli", "download", str(model), "--progress-format", "machine"]
+
+    def start_download(self, model: str):
+        """Download a registered model in a child process (poll/cancel like a job)."""
+        ensure_importable()
+        env = dict(os.environ)
+        root = str(repo_or_install_root())
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        factory = self._runner_factory
+        if factory is None:
+            from BrainIDLib.runner import ProcessRunner as factory
+        return factory([self.download_command(model)], env=env).start()
+
     def cli_commands(self, input_path: Path, outputs_dir: Path, tasks, model=None, device="auto", mode="auto"):
         """The child-process command lines (one per CLI sub-command)."""
         python = self._python
