@@ -56,7 +56,7 @@ def registerSampleData():
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="BrainID", sampleName="BrainID" + sample["name"], uris=sample["uri"],
             fileNames=sample["filename"], nodeNames="BrainID" + sample["name"], thumbnailFileName=icon,
-            loadFileType="VolumeFile", checksums=sample["checksum"])
+            checksums=sample["checksum"])
 
 
 class BrainIDLogic(ScriptedLoadableModuleLogic, moduleLogic.BrainIDLogic):
