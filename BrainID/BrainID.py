@@ -266,7 +266,8 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif isinstance(job, moduleLogic.BrainIDJob):
                 with slicer.util.tryWithErrorDisplay("BrainID failed.", waitCursor=True):
                     results = self.logic.finish(job)
-                    self.ui.statusLabel.text = f"Done: {', '.join(results)}"
+                    notes = "; ".join(runner.notices)
+                    self.ui.statusLabel.text = f"Done: {', '.join(results)}" + (f" ({notes})" if notes else "")
             elif state == "succeeded":
                 self.ui.statusLabel.text = "Download complete"
                 self.populateModels()

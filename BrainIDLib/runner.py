@@ -103,6 +103,7 @@ class ProcessRunner:
         self.message = ""
         self.log: list[str] = []
         self.outputs: dict[str, str] = {}  # from `OUTPUT <kind> <path>` lines
+        self.notices: list[str] = []  # out-of-memory fallbacks reported by the engine
         self.error: str | None = None
         self.returncode: int | None = None
         self._index = -1
@@ -195,6 +196,9 @@ class ProcessRunner:
                 self.outputs[parts[1]] = parts[2].strip()
         elif line.startswith("INFO "):
             self.message = line[5:].strip()
+        elif "out of memory" in line.lower():  # the engine's fallback notices (tiled / CPU)
+            self.message = line.split("RuntimeWarning:")[-1].strip()
+            self.notices.append(self.message)
         self.log.append(line)
         if line.strip().lower().startswith(ERROR_PREFIXES):
             self.error = line.strip()

@@ -195,6 +195,8 @@ class BrainIDLogic:
             if engine_tasks:
                 prediction = predict(image, tasks=tuple(engine_tasks), model=model, device=device, mode=mode,
                                      progress=report, cancel=cancel)
+                for note in getattr(prediction, "messages", None) or ():
+                    self.log(f"BrainID: {note}")  # e.g. GPU out of memory -> tiled / CPU fallback
                 outputs.update({k: np.asanyarray(v.dataobj) for k, v in prediction.outputs.items()})
             if "features_pca" in tasks:
                 features = self._features

@@ -111,15 +111,24 @@ def test_gui_path_runs_cli_in_child_process(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_cancel_stops_a_running_job(tiny_model, tmp_path):
-    node = oblique_input((60, 60, 60))
+    node = oblique_input((96, 96, 96))
     logic = lg.BrainIDLogic()
     job = logic.start(node, tasks=["segmentation"], model=tiny_model, device="cpu")
-    time.sleep(0.5)
-    job.poll()
-    pid = job.runner.pid
+    deadline = time.monotonic() + 120
+    while job.poll() == "running" and job.fraction < 0.1:  # wait until the network is running
+        assert time.monotonic() < deadline, "\n".join(job.runner.log)
+        time.sleep(0.05)
+    assert job.state == "running", "job finished before it could be cancelled; use a larger input"
+    proc = job.runner._proc
+    t = time.monotonic()
     job.cancel()
-    assert job.state == "cancelled"
-    assert job.runner._proc.poll() is not None, f"process {pid} still running"
+    assert job.state == "cancelled" and time.monotonic() - t < 10
+    assert proc.poll() is not None, f"process {proc.pid} still running"
+    import os
+
+    if os.name != "nt":
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # the whole process group is gone
     before = sa.scene().GetNumberOfNodes()
     with pytest.raises(BrainIDError, match="cancelled"):
         logic.finish(job)

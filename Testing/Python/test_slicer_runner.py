@@ -89,3 +89,12 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
 
 def test_python_executable_outside_slicer_is_this_python():
     assert rn.python_executable() == sys.executable
+
+
+def test_out_of_memory_fallback_notice_becomes_the_status():
+    code = ("import sys; print('PROGRESS 0.2 network', flush=True); "
+            "print('inference.py:300: RuntimeWarning: GPU out of memory; retrying tiled with 96x96x96 windows', "
+            "file=sys.stderr, flush=True)")
+    r = rn.ProcessRunner(script(code)).start()
+    assert r.wait(timeout=60) == rn.SUCCEEDED
+    assert r.notices == ["GPU out of memory; retrying tiled with 96x96x96 windows"]
