@@ -37,6 +37,7 @@ TASK_ALIASES = {
     "super_resolution": "super_resolution", "super-resolution": "super_resolution", "sr": "super_resolution",
     "superresolution": "super_resolution",
     "bias_field": "bias_field", "bias-field": "bias_field", "bias": "bias_field", "bf": "bias_field",
+    "bias_corrected": "bias_corrected", "bias-corrected": "bias_corrected",
 }
 
 
@@ -174,6 +175,7 @@ class Reporter:
 def _parse_tasks(values: list[str]) -> list[str]:
     from .model import TASKS
 
+    choices = TASKS + ("bias_corrected",)
     tasks: list[str] = []
     for value in values:
         for item in value.split(","):
@@ -182,7 +184,7 @@ def _parse_tasks(values: list[str]) -> list[str]:
                 continue
             task = TASK_ALIASES.get(item.lower())
             if task is None:
-                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(TASKS)}")
+                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(choices)}")
             if task not in tasks:
                 tasks.append(task)
     return tasks
@@ -195,6 +197,8 @@ def _parse_heads(values: list[str]) -> dict[str, Path]:
         if not sep or not file:
             raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
         (task,) = _parse_tasks([task])
+        if task == "bias_corrected":
+            task = "bias_field"
         path = Path(file).expanduser()
         if not path.is_file():
             raise BrainIDError(f"head file not found: {path}")
@@ -317,6 +321,11 @@ def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
     return Path(path)
 
 
+def _check_memory(args) -> None:
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise BrainIDError(f"--memory-gb must be a positive number of gigabytes, got {args.memory_gb}")
+
+
 def _describe(model, label: str) -> str:
     arch = model.arch
     return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
@@ -327,6 +336,7 @@ def cmd_predict(args) -> int:
     from .devices import select_device
 
     tasks = _parse_tasks(args.task)
+    _check_memory(args)
     input_path = _input_path(args)
     device = select_device(args.device)  # fail early on a missing GPU
     _parse_heads(args.head)  # fail early on bad --head values
@@ -337,10 +347,11 @@ def cmd_predict(args) -> int:
             tasks = list(model.tasks)
             if not tasks:
                 raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-        missing = [t for t in tasks if t not in model.tasks]
+        needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+        missing = [t for t in needed if t not in model.tasks]
         if missing:
             raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
-                               "add one with --head TASK=FILE or choose another --model")
+                               f"add one with --head {missing[0]}=FILE or choose another --model")
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
@@ -348,6 +359,8 @@ def cmd_predict(args) -> int:
                      on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
     finally:
         reporter.close()
+    for message in getattr(pred, "messages", None) or []:
+        reporter.info(str(message))
 
     outputs = dict(pred.outputs)
     if args.on_1mm:
@@ -356,7 +369,8 @@ def cmd_predict(args) -> int:
     for key, img in outputs.items():
         reporter.output(key, save_nifti(img, paths[key]))
     if "segmentation" in outputs and not args.no_volumes:
-        labels = model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
+        labels = list(getattr(pred, "labels", None) or ()) or \
+            model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
         reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels))
     return 0
 
@@ -364,6 +378,7 @@ def cmd_predict(args) -> int:
 def cmd_features(args) -> int:
     from .devices import select_device
 
+    _check_memory(args)
     input_path = _input_path(args)
     device = select_device(args.device)
     if args.pca is not None and args.pca < 1:
@@ -513,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         import torch
 
-        if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                      getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+        if oom_types and isinstance(e, oom_types):
             print(f"{PROG}: error: the GPU ran out of memory; try --mode tiled with a smaller --memory-gb, "
                   "or --device cpu", file=sys.stderr, flush=True)
             return EXIT_ERROR

@@ -356,6 +356,13 @@ def _fetch(url: str, part: Path, f: ModelFile, progress: Progress | None, label:
         status = getattr(response, "status", 200)
         if have and status != 206:  # server ignored the Range: start again
             have = 0
+        elif have:
+            content_range = response.headers.get("Content-Range", "")
+            m = re.match(r"bytes (\d+)-", content_range)
+            if m is None or int(m.group(1)) != have:  # not the part we asked for: start again
+                response.close()
+                part.unlink(missing_ok=True)
+                return _fetch(url, part, f, progress, label)
         length = response.headers.get("Content-Length")
         total = (have + int(length)) if length is not None else f.size
         mode = "ab" if have else "wb"

@@ -300,3 +300,14 @@ def test_no_default_model_message(env, monkeypatch):
     msg = reg.how_to_get_weights()
     assert "brainid download" in msg and "official" in msg and "brain_id_pretrained.pth" in msg
     assert "\n" not in msg
+
+
+def test_registry_head_files_are_resolved(env, server):
+    doc = _registry_doc(server.url + "/model.bin")
+    doc["models"][0]["files"].append({"filename": "seg-head.bin", "role": "head:segmentation",
+                                      "urls": [server.url + "/model.bin"], "sha256": SHA, "size": len(PAYLOAD)})
+    env(doc)
+    path, heads, entry = reg.resolve_model("tiny")
+    assert entry.name == "tiny" and path.name == "model.bin"
+    assert heads == {"segmentation": env.cache / "tiny" / "seg-head.bin"}
+    assert heads["segmentation"].read_bytes() == PAYLOAD
