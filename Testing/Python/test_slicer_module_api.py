@@ -101,3 +101,24 @@ def test_console_api_process_and_parameter_defaults(brainid_module):
     assert results["segmentation"].GetSegmentation().GetNthSegment(0).GetName() == "Left-Hippocampus"
     np.testing.assert_array_equal(sa.ijk_to_ras(results["anatomy"]), sa.ijk_to_ras(node))
     np.testing.assert_allclose(sa.array_from_volume(results["anatomy"])[0], sa.array_from_volume(node)[0] * 2, rtol=1e-6)
+
+
+def test_parameter_node_survives_saving_the_scene(brainid_module, tmp_path):
+    node = sa.add_scalar_volume(np.ones((4, 4, 4), np.float32), "scan")
+    params = brainid_module.BrainIDLogic().getParameterNode()
+    params.SetNodeReferenceID("InputVolume", node.GetID())
+    params.SetParameter("Tasks", "segmentation,anatomy")
+    params.SetParameter("Model", "official")
+    params.SetParameter("Device", "cpu")
+    scene = slicer.mrmlScene
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+
+    restored = sa.init_headless_scene()
+    restored.SetURL(str(tmp_path / "scene.mrml"))
+    assert restored.Connect()
+    again = restored.GetSingletonNode("BrainID", "vtkMRMLScriptedModuleNode")
+    assert again is not None
+    assert again.GetParameter("Tasks") == "segmentation,anatomy"
+    assert again.GetParameter("Model") == "official" and again.GetParameter("Device") == "cpu"
+    assert again.GetNodeReference("InputVolume").GetName() == "scan"

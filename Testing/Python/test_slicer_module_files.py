@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "BrainID"
 UI = MODULE / "Resources" / "UI" / "BrainID.ui"
-SHIPPED_SUFFIXES = (".py", ".ui", ".png", ".json", ".txt", ".nii.gz")
+IGNORED = ("CMakeLists.txt", ".DS_Store", ".gitignore")
 
 
 def cmake_list(path: Path, var: str) -> list[str]:
@@ -27,8 +27,8 @@ def cmake_list(path: Path, var: str) -> list[str]:
 
 def files_under(root: Path, exclude=("__pycache__",)) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and not any(part in exclude for part in p.parts) and p.name.endswith(SHIPPED_SUFFIXES)
-            and p.name != "CMakeLists.txt"}
+            if p.is_file() and not any(part in exclude for part in p.parts)
+            and p.name not in IGNORED and not p.name.endswith(".pyc")}
 
 
 def test_module_cmake_lists_every_script_and_resource():
