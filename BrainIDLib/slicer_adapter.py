@@ -259,9 +259,7 @@ def add_segmentation(label_ijk: np.ndarray, name: str, reference, labels=None):
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(reference if reference is not None else labelmap)
     if reference is not None and reference.GetParentTransformNode() is not None:
-        seg.SetAndObserveTransformNodeID(reference.GetParentTransformNode().GetID())
-        labelmap.SetAndObserveTransformNodeID(None)
-        labelmap.SetAndObserveTransformNodeID(reference.GetParentTransformNode().GetID())
+        seg.SetAndObserveTransformNodeID(reference.GetParentTransformNode().GetID())  # like the labelmap
     ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
     scene().RemoveNode(labelmap)
     scene().RemoveNode(colors)

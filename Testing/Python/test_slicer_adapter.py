@@ -126,6 +126,11 @@ def test_linear_parent_transform_is_followed_and_copied():
     np.testing.assert_allclose(world[:3, 3], geometry("lps")[:3, 3] + [5, 0, 0])
     out = sa.add_scalar_volume(np.zeros((4, 5, 6)), "out", reference=node)
     assert out.GetParentTransformNode() is tnode
+    lab = np.zeros((4, 5, 6), np.int16)
+    lab[1:3, 1:4, 2:5] = 17
+    seg = sa.add_segmentation(lab, "seg", node)
+    assert seg.GetParentTransformNode() is tnode
+    np.testing.assert_array_equal(sa.segmentation_to_labels(seg, node), lab)
 
 
 def labelled_volume(shape=(20, 18, 16)):
