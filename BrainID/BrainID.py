@@ -295,6 +295,7 @@ class BrainIDTest(ScriptedLoadableModuleTest):
 
     def test_BrainID_sample_full_process(self):
         import tempfile
+        import time
 
         import numpy as np
         import SampleData
@@ -331,4 +332,16 @@ class BrainIDTest(ScriptedLoadableModuleTest):
         labels = slicer_adapter.segmentation_to_labels(results["segmentation"], volume)
         total = sum(row[2] for row in slicer_adapter.table_rows(results["volumes"]))
         self.assertAlmostEqual(total, np.count_nonzero(labels) * abs(np.linalg.det(ref[:3, :3])) / 1000.0, places=3)
+
+        self.delayDisplay("Running segmentation in a PythonSlicer child process (the GUI path)")
+        logic = BrainIDLogic()
+        job = logic.start(volume, tasks=["segmentation"], model=path, device="cpu")
+        deadline = time.monotonic() + 600
+        while job.poll() == "running" and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertEqual(job.state, "succeeded", "\n".join(job.runner.log[-20:]))
+        child = logic.finish(job)
+        agreement = np.mean(slicer_adapter.segmentation_to_labels(child["segmentation"], volume) == labels)
+        self.assertGreater(agreement, 0.99)  # same model and input in both paths (float ties aside)
         self.delayDisplay("BrainID self-test passed")

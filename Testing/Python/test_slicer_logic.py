@@ -106,7 +106,15 @@ def test_gui_path_runs_cli_in_child_process(tiny_model, tmp_path):
     assert job.state == "succeeded", "\n".join(job.runner.log[-20:])
     assert fractions == sorted(fractions) and job.fraction == 1.0
     assert job.runner.outputs  # OUTPUT lines were parsed
-    check_results(node, logic.finish(job))
+    child = logic.finish(job)
+    check_results(node, child)
+    # the child process computes what the in-process path computes
+    inproc = logic.process(node, tasks=["segmentation", "anatomy"], model=tiny_model, device="cpu")
+    a = sa.segmentation_to_labels(child["segmentation"], node)
+    b = sa.segmentation_to_labels(inproc["segmentation"], node)
+    assert np.mean(a == b) > 0.99
+    np.testing.assert_allclose(sa.array_from_volume(child["anatomy"])[0], sa.array_from_volume(inproc["anatomy"])[0],
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
