@@ -196,9 +196,11 @@ class ProcessRunner:
                 self.outputs[parts[1]] = parts[2].strip()
         elif line.startswith("INFO "):
             self.message = line[5:].strip()
-        elif "out of memory" in line.lower():  # the engine's fallback notices (tiled / CPU)
-            self.message = line.split("RuntimeWarning:")[-1].strip()
-            self.notices.append(self.message)
+        if "out of memory" in line.lower():  # the engine's fallback notices (tiled / CPU), INFO or warning
+            notice = line[5:].strip() if line.startswith("INFO ") else line.split("RuntimeWarning:")[-1].strip()
+            self.message = notice
+            if notice not in self.notices:
+                self.notices.append(notice)
         self.log.append(line)
         if line.strip().lower().startswith(ERROR_PREFIXES):
             self.error = line.strip()

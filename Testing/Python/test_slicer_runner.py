@@ -94,7 +94,8 @@ def test_python_executable_outside_slicer_is_this_python():
 def test_out_of_memory_fallback_notice_becomes_the_status():
     code = ("import sys; print('PROGRESS 0.2 network', flush=True); "
             "print('inference.py:300: RuntimeWarning: GPU out of memory; retrying tiled with 96x96x96 windows', "
-            "file=sys.stderr, flush=True)")
+            "file=sys.stderr, flush=True); "
+            "print('INFO GPU out of memory; retrying tiled with 96x96x96 windows', flush=True)")
     r = rn.ProcessRunner(script(code)).start()
     assert r.wait(timeout=60) == rn.SUCCEEDED
     assert r.notices == ["GPU out of memory; retrying tiled with 96x96x96 windows"]
