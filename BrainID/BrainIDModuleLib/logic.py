@@ -270,7 +270,7 @@ class BrainIDLogic:
         workdir = Path(tempfile.mkdtemp(prefix="BrainID-")) if own else Path(workdir)
         outputs_dir = workdir / "outputs"
         outputs_dir.mkdir(parents=True, exist_ok=True)
-        input_path = workdir / "input.nii.gz"
+        input_path = workdir / "input.nii"  # uncompressed: faster to write and read for large scans
         nib.save(sa.volume_to_nifti(inputVolumeNode, world=True), str(input_path))
 
         commands = self.cli_commands(input_path, outputs_dir, tasks, model, device, mode)
