@@ -99,3 +99,23 @@ def test_out_of_memory_fallback_notice_becomes_the_status():
     r = rn.ProcessRunner(script(code)).start()
     assert r.wait(timeout=60) == rn.SUCCEEDED
     assert r.notices == ["GPU out of memory; retrying tiled with 96x96x96 windows"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX executable bits")
+def test_python_executable_inside_slicer_is_pythonslicer(tmp_path, monkeypatch):
+    import types
+
+    fake = tmp_path / "PythonSlicer"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=object()))
+    assert rn.python_executable() == str(fake)
+    # Slicer's own executable (not a Python) without PythonSlicer on PATH: look beside it
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=None))
+    app = tmp_path / "bin" / "SlicerApp-real"
+    app.parent.mkdir()
+    app.write_text("")
+    (tmp_path / "bin" / "PythonSlicer").write_text("")
+    monkeypatch.setattr(sys, "executable", str(app))
+    assert rn.python_executable() == str(tmp_path / "bin" / "PythonSlicer")
