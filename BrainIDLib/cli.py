@@ -294,29 +294,16 @@ def save_nifti(img, path: Path) -> Path:
     return path
 
 
-def volume_rows(seg_img, labels=None) -> list[tuple[int, str, int, float]]:
-    """(FreeSurfer id, name, voxels, mL) for every segmented structure (background excluded)."""
-    import numpy as np
-
-    from .labels import SEGMENTATION_LABELS, label_name
-
-    data = np.asarray(seg_img.dataobj).astype(np.int64)
-    voxel_ml = abs(float(np.linalg.det(np.asarray(seg_img.affine)[:3, :3]))) / 1000.0
-    ids, counts = np.unique(data, return_counts=True)
-    found = dict(zip(ids.tolist(), counts.tolist()))
-    order = [int(x) for x in (labels or SEGMENTATION_LABELS)]
-    order += sorted(i for i in found if i not in order)
-    return [(lab, label_name(lab), int(found.get(lab, 0)), found.get(lab, 0) * voxel_ml) for lab in order if lab != 0]
-
-
 def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["label", "name", "voxels", "volume_ml"])
-    for lab, name, voxels, ml in volume_rows(seg_img, labels):
-        w.writerow([lab, name, voxels, f"{ml:.4f}"])
+    """Structure volumes (label, FreeSurfer name, voxels, mL; background excluded), written atomically."""
+    from .volumes import CSV_HEADER, volumes_table
     from .weights import atomic_write
 
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    for r in volumes_table(seg_img, labels=labels):
+        w.writerow((r.label, r.name, r.voxels, f"{r.ml:.4f}"))
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
     return Path(path)
 

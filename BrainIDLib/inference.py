@@ -102,6 +102,8 @@ def _check_tasks(model: BrainIDModel, tasks) -> list[str]:
     if isinstance(tasks, str):
         tasks = [tasks]
     tasks = list(dict.fromkeys(tasks or ()))
+    if not tasks:
+        raise BrainIDError(f"no task given; choose one or more of {', '.join(OUTPUT_TASKS)}")
     for t in tasks:
         if t not in OUTPUT_TASKS:
             raise BrainIDError(f"unknown task {t!r}; choose from {', '.join(OUTPUT_TASKS)}")
@@ -234,7 +236,8 @@ def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tens
 
 
 def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress) -> torch.Tensor:
-    shape = x.shape[2:]
+    shape = tuple(x.shape[2:])
+    window = tuple(min(w, s) for w, s in zip(window, shape))
     starts = [_starts(s, w, overlap, multiple) for s, w in zip(shape, window)]
     tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     acc = wsum = None
@@ -297,12 +300,12 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
                     ) from None
                 raise
             release_memory(device)
-            if mode == "whole" or (window is not None and min(window) > MIN_WINDOW and attempts < 4):
-                fixed = _weights_bytes(model)
-                budget_bytes = budget_bytes // 2
-                window = choose_window(model, shape, device, budget_bytes - fixed, out_channels, multiple)
+            current = window if mode == "tiled" else shape
+            floor = max(2 * multiple, min(MIN_WINDOW, max(shape)))
+            smaller = tuple(min(s, max(floor, int(w * 0.7) // multiple * multiple)) for w, s in zip(current, shape))
+            if smaller != tuple(current) and attempts < 5:
+                window, mode = smaller, "tiled"
                 msg = f"GPU out of memory; retrying tiled with {'x'.join(map(str, window))} windows"
-                mode = "tiled"
             else:
                 msg = "GPU out of memory even when tiled; falling back to the CPU (slower)"
                 model.to("cpu")
@@ -401,7 +404,9 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
     if task == "segmentation":
         labels = _segmentation_labels(model)
         result.labels = tuple(labels)
-        probs = torch.softmax(chunk, dim=0)
+        probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
+        probs.sub_(probs.amax(0, keepdim=True)).exp_()
+        probs.div_(probs.sum(0, keepdim=True))
         lut = torch.tensor(labels, dtype=torch.int16)
         idx = prep.argmax_on_input_grid(probs)
         result.outputs["segmentation"] = make_nifti(lut[idx].numpy(), affine, np.int16)

@@ -70,13 +70,14 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
 
 
 def make_nifti(array: np.ndarray, affine: np.ndarray, dtype=np.float32):
-    """A NIfTI image whose sform and qform both hold `affine` exactly."""
+    """A NIfTI image with exactly `affine` (float64, as given) and both sform and qform set to it."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine.copy())
     img.header.set_data_dtype(dtype)
+    img.header.set_sform(affine, code=1)  # scanner-anatomical
+    img.header.set_qform(affine, code=1)  # header setters leave img.affine exact
     return img
 
 

@@ -99,7 +99,7 @@ def test_predict_end_to_end(tmp_path, scan, model_file, capsys):
     # structure volumes in mL with FreeSurfer names
     with open(out_dir / "subject01_volumes.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["label"] for r in rows] == [str(x) for x in SEGMENTATION_LABELS if x != 0]
+    assert [r["label"] for r in rows] == [str(x) for x in sorted(SEGMENTATION_LABELS) if x != 0]
     names = {r["label"]: r["name"] for r in rows}
     assert names["17"] == "Left-Hippocampus" and names["4"] == "Left-Lateral-Ventricle"
     voxel_ml = 2.0 * 1.8 * 2.2 / 1000
