@@ -15,18 +15,16 @@ exits with status 2; Ctrl-C (or SIGTERM) exits with 130 and leaves no half-writt
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
-import io
 import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from .errors import BrainIDError
+from .files import save_nifti
 
 PROG = "brainid"
 EXIT_ERROR = 2
@@ -276,36 +274,11 @@ def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[s
     return paths, base.with_name(f"{base.name}_volumes.csv")
 
 
-def save_nifti(img, path: Path) -> Path:
-    """Write a NIfTI through a temporary file in the same folder, then rename (never a half file)."""
-    import nibabel as nib
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
     """Structure volumes (label, FreeSurfer name, voxels, mL; background excluded), written atomically."""
-    from .volumes import CSV_HEADER, volumes_table
-    from .weights import atomic_write
+    from .volumes import volumes_table, write_volumes_csv as write_rows
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_HEADER)
-    for r in volumes_table(seg_img, labels=labels):
-        w.writerow((r.label, r.name, r.voxels, f"{r.ml:.4f}"))
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
-    return Path(path)
+    return write_rows(volumes_table(seg_img, labels=labels), path)
 
 
 def _check_memory(args) -> None:

@@ -77,21 +77,15 @@ def _resolve_model(model, heads: dict | None) -> tuple[BrainIDModel, bool]:
 
     if isinstance(model, BrainIDModel):
         if heads:
-            from .weights import read_head
+            from .weights import add_head_file
 
             for task, path in heads.items():
-                state, meta = read_head(path, task, model.arch.f_maps)
-                out = state[next(k for k in state if k.endswith(".bias"))].shape[0]
-                model.add_head(task, out).load_state_dict(state, strict=True)
-                info = model.metadata.setdefault("heads", {}).setdefault(task, {})
-                info.update(meta.get("heads", {}).get(task, {}))
-                info["out_channels"] = int(out)
+                add_head_file(model, task, path)
         return model, False
     if model is None:
-        entry = getattr(registry, "default_model", lambda: None)()
+        entry = registry.default_model()
         if entry is None:
-            how = getattr(registry, "how_to_get_weights", None)
-            raise BrainIDError(how() if how else "no model given: pass model= a weights file or a registered model name")
+            raise BrainIDError(registry.how_to_get_weights())
         model = entry.name
     if isinstance(model, (str, os.PathLike)):
         return load_model(model, heads=heads, device="cpu"), True

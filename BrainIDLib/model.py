@@ -8,6 +8,7 @@ channel concatenation and normalises in place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,7 +54,9 @@ class Architecture:
 
 
 def _groups(channels: int, num_groups: int) -> int:
-    return 1 if channels < num_groups else num_groups
+    """Official rule (one group below `num_groups` channels); widths the official code cannot split
+    evenly (e.g. 12 channels, 8 groups) use the largest common divisor instead of failing."""
+    return 1 if channels < num_groups else math.gcd(channels, num_groups)
 
 
 class SingleConv(nn.Sequential):
@@ -61,8 +64,6 @@ class SingleConv(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int, num_groups: int):
         groups = _groups(in_ch, num_groups)
-        if in_ch % groups:
-            raise ValueError(f"{in_ch} channels cannot be split into {groups} groups")
         super().__init__()
         self.add_module("groupnorm", nn.GroupNorm(groups, in_ch))
         self.add_module("conv", nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
 
+from .files import atomic_write
 from .labels import label_name
 
 CSV_HEADER = ("label", "name", "voxels", "volume_ml")
@@ -49,9 +52,11 @@ def volumes_table(seg, labels=None, include_background: bool = False) -> list[St
     return rows
 
 
-def write_volumes_csv(rows: list[StructureVolume], path: str | os.PathLike) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_HEADER)
-        for r in rows:
-            w.writerow((r.label, r.name, r.voxels, f"{r.ml:.4f}"))
+def write_volumes_csv(rows: list[StructureVolume], path: str | os.PathLike) -> Path:
+    """The rows as CSV (CSV_HEADER columns, mL to 4 decimals), written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    for r in rows:
+        w.writerow((r.label, r.name, r.voxels, f"{r.ml:.4f}"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))

@@ -121,15 +121,12 @@ def normalise_tasks(tasks) -> list[str]:
     return out
 
 
-def structure_volumes(labels_ijk: np.ndarray, affine: np.ndarray) -> list[tuple[int, str, float]]:
-    """(label, name, mL) per structure, the same rows as the CLI's volumes CSV (33 structures in the
-    official order, absent ones at 0 mL, then any other label present)."""
-    import nibabel as nib
+def structure_volumes(labels_ijk: np.ndarray, affine: np.ndarray, labels=None) -> list[tuple[int, str, float]]:
+    """(label, name, mL) per structure, the same rows as the CLI's volumes CSV (background excluded;
+    with `labels`, every one of them, absent ones at 0 mL)."""
+    from BrainIDLib.volumes import volumes_table
 
-    from BrainIDLib.cli import volume_rows
-
-    img = nib.Nifti1Image(np.asarray(labels_ijk, np.int16), affine)
-    return [(int(lab), str(name), float(ml)) for lab, name, _voxels, ml in volume_rows(img)]
+    return [(r.label, r.name, r.ml) for r in volumes_table((labels_ijk, affine), labels=labels)]
 
 
 @dataclass
@@ -320,6 +317,7 @@ class BrainIDLogic:
     def import_results(self, inputVolumeNode, outputs: dict, show=True) -> dict:
         """Arrays in (i, j, k[, c]) order on the input grid -> nodes on the input's exact geometry."""
         from BrainIDLib import slicer_adapter as sa
+        from BrainIDLib.labels import SEGMENTATION_LABELS
 
         base = inputVolumeNode.GetName()
         nodes = {}
@@ -328,7 +326,8 @@ class BrainIDLogic:
             if key == "segmentation":
                 labels = np.asarray(array).astype(np.int16)
                 nodes["segmentation"] = sa.add_segmentation(labels, name, inputVolumeNode)
-                rows = structure_volumes(labels, sa.world_ijk_to_ras(inputVolumeNode))
+                listed = set(SEGMENTATION_LABELS) | set(np.unique(labels).tolist())  # absent structures at 0 mL
+                rows = structure_volumes(labels, sa.world_ijk_to_ras(inputVolumeNode), labels=listed)
                 nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode)
             elif key == "features_pca":
                 arr = np.asarray(array)

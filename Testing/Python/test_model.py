@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import BrainIDLib as bid
-from BrainIDLib.model import LAZY_CHUNK_CHANNELS, TaskHead, UNet3D
+import BrainIDLib.model as model_module
+from BrainIDLib.model import TaskHead, UNet3D
 from BrainIDLib.weights import official_shapes
 
 # Facts of the released brain_id_pretrained.pth (official_state_dict_keys.json): per level, the
@@ -72,8 +73,10 @@ def _randomise(model):
     return model
 
 
-@pytest.mark.parametrize("f_maps,levels", [(16, 4), (2 * LAZY_CHUNK_CHANNELS, 3)])
-def test_low_memory_forward_equals_the_plain_forward(f_maps, levels):
+@pytest.mark.parametrize("f_maps,levels,slab_elements", [(16, 4, None), (16, 3, 4096), (8, 4, 1)])
+def test_low_memory_forward_equals_the_plain_forward(f_maps, levels, slab_elements, monkeypatch):
+    if slab_elements is not None:  # force many depth slabs (down to one row each)
+        monkeypatch.setattr(model_module, "SLAB_ELEMENTS", slab_elements)
     model = _randomise(bid.BrainIDModel(bid.Architecture(f_maps=f_maps, levels=levels))).eval()
     x = torch.rand(2, 1, 29, 22, 33) * 3 - 1
     original = x.clone()
