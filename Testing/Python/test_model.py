@@ -1,4 +1,5 @@
-"""The network itself: official parameter layout, configurable size, and the low-memory path."""
+"""The network itself: official GroupNorm rule, configurable size, heads, and the low-memory path
+(the official key list and parameter count are checked in test_weights.py)."""
 
 import pytest
 import torch
@@ -6,40 +7,6 @@ import torch
 import BrainIDLib as bid
 import BrainIDLib.model as model_module
 from BrainIDLib.model import TaskHead, UNet3D
-from BrainIDLib.weights import official_shapes
-
-# Facts of the released brain_id_pretrained.pth (official_state_dict_keys.json): per level, the
-# (in, mid, out) channels of each encoder/decoder double conv, and the parameter count.
-OFFICIAL_ENCODERS = [(1, 32, 64), (64, 64, 128), (128, 128, 256), (256, 256, 512), (512, 512, 1024)]
-OFFICIAL_DECODERS = [(1536, 512, 512), (768, 256, 256), (384, 128, 128), (192, 64, 64)]
-OFFICIAL_KEY_COUNT = 56
-OFFICIAL_PARAMETERS_WITH_ANATOMY_HEAD = 65_870_051
-
-
-def _official_key_facts():
-    keys = {}
-    for kind, table in (("encoders", OFFICIAL_ENCODERS), ("decoders", OFFICIAL_DECODERS)):
-        for i, (cin, mid, cout) in enumerate(table):
-            base = f"backbone.{kind}.{i}.basic_module"
-            for j, (a, b) in enumerate(((cin, mid), (mid, cout)), start=1):
-                keys[f"{base}.SingleConv{j}.groupnorm.weight"] = (a,)
-                keys[f"{base}.SingleConv{j}.groupnorm.bias"] = (a,)
-                keys[f"{base}.SingleConv{j}.conv.weight"] = (b, a, 3, 3, 3)
-    keys["head.final_conv_image.weight"] = (1, 64, 1, 1, 1)
-    keys["head.final_conv_image.bias"] = (1,)
-    return keys
-
-
-def test_official_keys_and_shapes_match_exactly():
-    facts = _official_key_facts()
-    assert len(facts) == OFFICIAL_KEY_COUNT
-    assert official_shapes() == facts
-
-
-def test_official_parameter_count():
-    model = bid.BrainIDModel(heads={"anatomy": 1})
-    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMETERS_WITH_ANATOMY_HEAD
-
 
 def test_groupnorm_groups_follow_the_official_rule():
     net = UNet3D()
