@@ -130,7 +130,8 @@ class SubjectGenerator:
         k = min(n, max(0, k))
         sev = torch.zeros(n)
         if k:
-            sev[n - k:] = strength * (0.75 + 0.25 * torch.rand(k, generator=rng))
+            # a little spread early on; exactly the official severe ranges at the end
+            sev[n - k:] = strength * (1 - 0.25 * (1 - p) * torch.rand(k, generator=rng))
         return sev
 
     # ---------------------------------------------------------------- main entry
@@ -165,12 +166,9 @@ class SubjectGenerator:
                                mirror_axis=self.lr_axis if flip else None)
         warped = S.warp_labels(labels, grid)
         warped = warped.clamp_min_(0)
-        max_label = int(warped.max())
-        if flip:  # the partner of a label may have a larger id
-            max_label = max([max_label] + [b for a, b in self.table.pairs if a <= max_label])
-        luts = self.table.luts(max_label, dev)
+        luts = self.table.luts(int(warped.max()), dev)  # covers every label and its partner
         if flip:
-            warped = self.table.swap_lut(max_label, dev)[warped]
+            warped = luts["swap"][warped]
         seg = luts["seg"][warped]
         cls_map = luts["class"][warped]
 
