@@ -71,6 +71,18 @@ def upsample_matrix(n: int, n_low: int, device=None) -> torch.Tensor:
 
 
 def apply_along(x: torch.Tensor, M: torch.Tensor, axis: int) -> torch.Tensor:
-    """Contract the (m, n) matrix M with axis `axis` of the 3D tensor x (size n there)."""
-    y = torch.tensordot(M, x, dims=([1], [axis]))  # new axis first
-    return y.movedim(0, axis)
+    """Contract the (m, n) matrix M with axis `axis` of the 3D tensor x (size n there); plain
+    (batched) matrix products that need no permuted copies; the result is contiguous."""
+    x = x.contiguous()
+    a, b, c = x.shape
+    m = M.shape[0]
+    if axis == 0:
+        return (M @ x.view(a, b * c)).view(m, b, c)
+    if axis == 1:
+        return torch.matmul(M, x)  # broadcast over the first axis
+    return (x.view(a * b, c) @ M.t().contiguous()).view(a, b, m)
+
+
+def lookup(lut: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """lut[index] for an integer volume (index_select: about twice as fast as advanced indexing)."""
+    return lut.index_select(0, index.reshape(-1)).view(index.shape)
