@@ -37,8 +37,9 @@ def _seg_rgb(seg_ids: np.ndarray) -> np.ndarray:
 
 
 def write_preview(labels_path_or_dir, out_png, seed: int = 0, size=(128, 128, 128), preset: str = "brainid",
-                  t1_dir=None, index: int = 0, device: str = "cpu") -> Path:
-    """Generate one draw from a label map (a file, or file `index` of a folder) and save a PNG."""
+                  t1_dir=None, index: int = 0, device: str = "cpu", **overrides) -> Path:
+    """Generate one draw from a label map (a file, or file `index` of a folder) and save a PNG.
+    `overrides` go to SubjectGenerator (e.g. ct_prob=1.0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +58,7 @@ def write_preview(labels_path_or_dir, out_png, seed: int = 0, size=(128, 128, 12
     if t1_dir is not None and (Path(t1_dir) / path.name).is_file():
         t1_path = Path(t1_dir) / path.name
     labels, t1, _ = load_label_map(path, t1_path)
-    gen = SubjectGenerator(preset=preset, size=size, device=device)
+    gen = SubjectGenerator(preset=preset, size=size, device=device, **overrides)
     draw = gen(labels, t1=t1, seed=seed)
 
     inputs = draw["inputs"][:, 0].cpu().numpy()

@@ -61,7 +61,7 @@ def gmm_image(cls_map: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, no
     stds = stds.to(dev)
     mu = means.index_select(1, flat).view(n, *cls_map.shape)
     if pv_sigma is not None and bool((pv_sigma > 0).any()):
-        mu = gaussian_blur(mu, pv_sigma.to(torch.float32))
+        mu = gaussian_blur(mu, pv_sigma.to(torch.float32), truncate=2.0)
     noise = torch.randn((n, *cls_map.shape), generator=noise_gen, device=dev, dtype=torch.float32)
     return mu.addcmul_(noise, stds.index_select(1, flat).view(n, *cls_map.shape))
 

@@ -378,3 +378,33 @@ def test_dataset_with_dataloader_workers(tmp_path, lab64):
     assert raw["labels"].dtype == torch.int32 and max(raw["labels"].shape) < 72      # cropped to the head
     assert int((raw["labels"] > 0).sum()) == int((padded > 0).sum())                 # nothing lost
     assert raw["t1"].numel() == 0
+
+
+def test_custom_label_table_shares_class_intensities():
+    """An arbitrary table: labels 1 and 2 form one generation class, 3 another; 7 is unknown."""
+    lab = torch.zeros((32, 32, 32), dtype=torch.int32)
+    lab[4:28, 4:28, 4:12] = 1
+    lab[4:28, 4:28, 12:20] = 2
+    lab[4:28, 4:28, 20:28] = 3
+    lab[10:20, 10:20, 14:18] = 7
+    g = SubjectGenerator(size=(24, 24, 24), label_table={0: 0, 1: 1, 2: 1, 3: 2}, std_range=(0.0, 0.0),
+                         resolution_probs=((1, 0, 0, 0), (1, 0, 0, 0)), nonlin_std_max=0.0, flip_prob=0.0)
+    d = g(lab, seed=0)
+    for i in range(2):  # mild: no noise, tiny bias -> per-class means are visible directly
+        x = d["clean"][i, 0] / d["bias_field"][i, 0]
+        m = {k: float(x[d["labels"] == k].mean()) for k in (1, 2, 3, 7)}
+        s = {k: float(x[d["labels"] == k].std()) for k in (1, 2)}
+        assert abs(m[1] - m[2]) < 1e-3 and max(s.values()) < 1e-3
+        assert abs(m[1] - m[3]) > 1e-3 and abs(m[7] - m[1]) > 1e-3
+
+
+def test_preview_png(tmp_path, lab64):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("matplotlib")
+    from training.synth_preview import main, write_preview
+
+    f = tmp_path / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(lab64.numpy(), np.eye(4)), str(f))
+    out = write_preview(tmp_path, tmp_path / "p.png", seed=1, size=32)
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--labels", str(tmp_path / "missing"), "--out", str(tmp_path / "q.png")]) == 2
