@@ -88,22 +88,22 @@ def sampling_grid(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_s
         A[mirror_axis] *= -1
     A = A.to(dtype=torch.float32)
     axes = [torch.arange(s, dtype=torch.float32, device=device) - (s - 1) / 2 for s in size]
-    d = None
+    # voxel index -> [-1, 1] (align_corners=True), per input axis
+    scales = [2.0 / max(n - 1, 1) for n in in_shape]
+    # channels in grid_sample order (x=W, y=H, z=D): channel j holds input axis k = 2 - j
     if disp is not None:
-        d = F.interpolate(disp[None].to(device), size=tuple(size), mode="trilinear", align_corners=True)[0]
-        if mirror_axis is not None:
-            d[mirror_axis] *= -1
-    grid = torch.empty((*size, 3), device=device, dtype=torch.float32)
+        d = disp.to(torch.float32).clone()
+        for k in range(3):
+            d[k] *= scales[k] * (-1.0 if k == mirror_axis else 1.0)
+        g = F.interpolate(d.flip(0)[None].to(device), size=tuple(size), mode="trilinear", align_corners=True)
+    else:
+        g = torch.zeros((1, 3, *size), device=device, dtype=torch.float32)
     for k in range(3):
-        # voxel index -> [-1, 1] (align_corners=True); grid_sample wants (x=W, y=H, z=D) order
-        sc = 2.0 / max(in_shape[k] - 1, 1)
+        sc = scales[k]
         a01 = (float(A[k, 0]) * sc * axes[0]).view(-1, 1, 1) + (float(A[k, 1]) * sc * axes[1]).view(1, -1, 1)
         a2 = (float(A[k, 2]) * sc * axes[2] + (float(centre[k]) * sc - 1.0)).view(1, 1, -1)
-        plane = a01 + a2  # (D, H, W) affine part
-        if d is not None:
-            plane = plane.add_(d[k], alpha=sc)
-        grid[..., 2 - k] = plane
-    return grid[None]
+        g[0, 2 - k].add_(a01).add_(a2)
+    return g.permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3) view; grid_sample takes it as is
 
 
 def input_box(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_shape) -> list[tuple[int, int]]:
