@@ -66,10 +66,17 @@ def gmm_image(cls_map: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, no
     return mu.addcmul_(noise, stds.index_select(1, flat).view(n, *cls_map.shape))
 
 
-def apply_gamma(x: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
+def apply_gamma(x: torch.Tensor, log_gamma: torch.Tensor, rescale: bool = True) -> torch.Tensor:
     """x -> 300 * (x/300)^g, g = exp(log_gamma), per sample (x clamped at 0 first). In place.
-    Computed as x^g * 300^(1-g): one pass fewer."""
+    Computed as x^g * 300^(1-g): one pass fewer. rescale=False leaves out the 300^(1-g) factor
+    (the caller accounts for it, see gamma_factor)."""
     g = torch.exp(log_gamma.to(torch.float64))
     shape = (-1, *([1] * (x.dim() - 1)))
     factor = torch.pow(300.0, 1.0 - g).to(x.device, torch.float32).view(shape)
-    return x.clamp_(min=0).pow_(g.to(x.device, torch.float32).view(shape)).mul_(factor)
+    x = x.clamp_(min=0).pow_(g.to(x.device, torch.float32).view(shape))
+    return x.mul_(factor) if rescale else x
+
+
+def gamma_factor(log_gamma: torch.Tensor) -> torch.Tensor:
+    """The 300^(1-g) factor of apply_gamma, per sample (float64, CPU)."""
+    return torch.pow(300.0, 1.0 - torch.exp(log_gamma.to(torch.float64)))

@@ -202,7 +202,11 @@ class SubjectGenerator:
         img = C.gmm_image(cls_map, means, stds, noise_gen, pv)
         gstd = torch.tensor([_lerp(cfg["gamma_std"][0], cfg["gamma_std"][1], float(s)) for s in sev])
         log_gamma = torch.randn(n, generator=rng) * gstd
-        img = C.apply_gamma(img, log_gamma)
+        # the 300^(1-g) factor of the gamma is a per-sample scale: instead of a pass over the
+        # volume, the noise std is divided by it and the final divisor multiplied by it (outputs
+        # are divided by their max, so they are the same)
+        img = C.apply_gamma(img, log_gamma, rescale=False)
+        gfac = C.gamma_factor(log_gamma)
 
         # ---- bias field
         b_std = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_std"], float(s))) for s in sev])
@@ -226,15 +230,15 @@ class SubjectGenerator:
             spacing[i] = torch.tensor(res["spacing"])
             thickness[i] = torch.tensor(res["thickness"])
             regime[i] = res["regime"]
-            x = X.degrade(img[i], res, float(noise[i]), noise_gen)
+            x = X.degrade(img[i], res, float(noise[i]) / float(gfac[i]), noise_gen)
             mp = _lerp(cfg["motion_prob"][0], cfg["motion_prob"][1], s)
             if mp > 0 and float(torch.rand(1, generator=rng)) < mp:
                 motion[i] = S.uniform(rng, *_range_at(cfg["motion_strength"], s))
                 x = X.ghosting(x, rng, float(motion[i]))
             top = float(x.max())
             top = top if top > 0 else 1.0
-            divisor[i] = top
-            torch.div(x, top, out=inputs[i, 0]).clamp_(0, 1)
+            divisor[i] = top * float(gfac[i])  # on the official (gamma-rescaled) intensity scale
+            torch.div(x, top, out=inputs[i, 0])  # x >= 0 and x / max(x) <= 1 exactly
             torch.div(img[i], top, out=clean[i, 0])
         return {
             "inputs": inputs,
