@@ -67,8 +67,10 @@ def _range_at(pair, s: float) -> tuple[float, float]:
 
 
 def _to_tensor(x, device, dtype=None) -> torch.Tensor:
-    if hasattr(x, "get_fdata") or hasattr(x, "dataobj"):  # nibabel image
-        x = np.asarray(x.dataobj)
+    if hasattr(x, "dataobj"):  # nibabel image: RAS-like axis order, so that axis 0 is left/right
+        import nibabel as nib
+
+        x = np.asarray(nib.as_closest_canonical(x).dataobj)
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not torch.is_tensor(x):

@@ -44,8 +44,10 @@ class LabelTable:
             lab = int(lab)
             partner = left_of.get(lab)
             merged[lab] = int(classes[partner]) if partner in classes else int(c)
-        # compact class ids 0..K-1 (label 0 keeps class 0 if present)
-        uniq = sorted(set(merged.values()), key=lambda c: (c != merged.get(0, -1), c))
+        if 0 not in merged:  # background always has a class of its own, class 0
+            merged[0] = min(merged.values(), default=0) - 1
+        # compact class ids 0..K-1, label 0's class first
+        uniq = sorted(set(merged.values()), key=lambda c: (c != merged[0], c))
         remap = {c: i for i, c in enumerate(uniq)}
         self.classes = {lab: remap[c] for lab, c in merged.items()}
         self.n_classes = len(uniq)

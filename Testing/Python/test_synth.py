@@ -408,3 +408,11 @@ def test_preview_png(tmp_path, lab64):
     out = write_preview(tmp_path, tmp_path / "p.png", seed=1, size=32)
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--labels", str(tmp_path / "missing"), "--out", str(tmp_path / "q.png")]) == 2
+
+
+def test_background_is_class_zero_in_any_table():
+    from BrainIDLib.synth import LabelTable
+
+    t = LabelTable({5: 3, 6: 3, 9: 0})     # no label 0, and another label uses class id 0
+    luts = t.luts(10, "cpu")
+    assert luts["class"][0] == 0 and luts["class"][9] != 0 and luts["class"][5] == luts["class"][6]
