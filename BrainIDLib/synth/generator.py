@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
         "resolution_probs": ((0.25, 0.25, 0.25, 0.25), (0.25, 0.25, 0.25, 0.25)),
         "blur_factor": (0.85, 1.15),
         # options beyond the official generator (off here)
-        "ct_prob": 0.0, "flair_prob": 0.0,
+        "ct_prob": 0.0, "flair_prob": 0.0, "t1_prob": 0.0, "t2_prob": 0.0,
         "motion_prob": (0.0, 0.0), "motion_strength": ((0.0, 0.0), (0.0, 0.0)),
         "pv_prob": 0.0, "pv_sigma": (0.0, 0.0),
         # sample mix
@@ -50,7 +50,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESETS["brainid-extended"] = dict(
-    PRESETS["brainid"], ct_prob=0.1, flair_prob=0.1, motion_prob=(0.0, 0.3),
+    PRESETS["brainid"], ct_prob=0.1, flair_prob=0.1, t1_prob=0.1, t2_prob=0.1, motion_prob=(0.0, 0.3),
     motion_strength=((0.0, 0.05), (0.05, 0.25)), pv_prob=0.5, pv_sigma=(0.3, 1.0))
 # data for downstream heads: mild corruption only (the official adaptation recipe) with the full
 # resolution mix
@@ -88,8 +88,8 @@ def _to_tensor(x, device, dtype=None) -> torch.Tensor:
 class SubjectGenerator:
     """Synthetic subject draws from a label map. See the module docstring.
 
-    preset: "brainid" (official steps and ranges), "brainid-extended" (+ CT-like / FLAIR-like
-    contrast, motion/ghosting, partial-volume blur), "mild" (4 mild samples); keyword overrides
+    preset: "brainid" (official steps and ranges), "brainid-extended" (+ CT-like / FLAIR-like /
+    T1-like (SynthSeg T1 priors) / T2-like contrast, motion/ghosting, partial-volume blur), "mild" (4 mild samples); keyword overrides
     replace single preset entries. schedule: "fixed" (n_mild at severity 0, n_severe at 1) or
     "curriculum" (pass step=... to each call). label_table: None/"synthseg", a LabelTable, a JSON
     path or a {label: class} dict. lr_axis: the left/right axis of the label maps (0 for RAS/LAS).
@@ -193,10 +193,15 @@ class SubjectGenerator:
         modes = []
         for i in range(n):
             u = float(torch.rand(1, generator=rng))
-            mode = "ct" if u < cfg["ct_prob"] else ("flair" if u < cfg["ct_prob"] + cfg["flair_prob"] else "gmm")
+            mode, acc = "gmm", 0.0
+            for name in ("ct", "flair", "t1", "t2"):
+                acc += cfg[name + "_prob"]
+                if u < acc:
+                    mode = name
+                    break
             modes.append(mode)
             m, s = C.draw_gmm_params(rng, 1, n_classes, cfg["mean_range"], cfg["std_range"], cfg["bg_zero_prob"],
-                                     mode, kinds)
+                                     mode, kinds, luts["class_t1_prior"])
             means[i], stds[i] = m[0], s[0]
         pv = None
         if cfg["pv_prob"] > 0:
@@ -256,6 +261,7 @@ class SubjectGenerator:
                 "gamma": torch.exp(log_gamma), "bias_std": b_std, "bias_scale": b_scale, "noise_std": noise,
                 "spacing": spacing, "thickness": thickness, "regime": regime, "motion": motion,
                 "ct": torch.tensor([m == "ct" for m in modes]), "flair": torch.tensor([m == "flair" for m in modes]),
+                "t1": torch.tensor([m == "t1" for m in modes]), "t2": torch.tensor([m == "t2" for m in modes]),
                 "scales": aff["scales"].float(), "angles": aff["angles"].float(),
             },
         }
