@@ -163,7 +163,7 @@ class SubjectGenerator:
         # ---- shared spatial transform: one grid, one resampling of labels (+ T1)
         aff = S.random_affine(rng, cfg["rotation"], cfg["shear"], cfg["scale"])
         disp = S.coarse_displacement(rng, cfg["nonlin_points"], cfg["nonlin_std_max"]) if cfg["nonlin_std_max"] > 0 else None
-        centre = S.random_centre(rng, labels, size)
+        centre = S.random_centre(rng, labels, size, brain_lut=self.table.luts(0, dev)["brain"])
         flip = bool(torch.rand(1, generator=rng) < cfg["flip_prob"])
         box = S.input_box(aff["A"], centre, disp, size, labels.shape)
         sub = labels[tuple(slice(lo, hi) for lo, hi in box)]

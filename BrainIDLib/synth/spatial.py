@@ -47,15 +47,24 @@ def coarse_displacement(rng: torch.Generator, points: tuple[int, int], std_max: 
     return torch.randn((3, n, n, n), generator=rng, dtype=torch.float32) * std
 
 
-def foreground_box(labels: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Inclusive min / max index of non-zero voxels per axis (whole volume when empty)."""
+def foreground_box(labels: torch.Tensor, brain_lut: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """Inclusive min / max index per axis of the brain (labels with brain_lut[label] true) or, when
+    there is none, of all non-zero voxels (whole volume when empty)."""
     # a 1-in-4 subsample is enough for a crop centre and 64x cheaper on a 256^3 map
     sub = 4 if min(labels.shape) >= 64 else 1
-    fg = labels[::sub, ::sub, ::sub] > 0
+    small = labels[::sub, ::sub, ::sub]
+    fg = small > 0
+    if brain_lut is not None:
+        ids = small.reshape(-1).long()
+        known = ids < brain_lut.numel()
+        brain = brain_lut.index_select(0, ids.clamp(0, brain_lut.numel() - 1)).view(small.shape)
+        brain &= fg & known.view(small.shape)
+        if bool(brain.any()):
+            fg = brain
     lo, hi = [], []
     for ax in range(3):
         other = tuple(a for a in range(3) if a != ax)
-        prof = fg.any(dim=other[1]).any(dim=other[0]) if fg.numel() else fg
+        prof = fg.any(dim=other[1]).any(dim=other[0])
         idx = torch.nonzero(prof).flatten()
         if idx.numel() == 0:
             lo.append(0)
@@ -66,10 +75,12 @@ def foreground_box(labels: torch.Tensor) -> tuple[list[int], list[int]]:
     return lo, hi
 
 
-def random_centre(rng: torch.Generator, labels: torch.Tensor, size, centre_jitter: float = 1.0) -> list[float]:
-    """Crop centre: centre of the foreground box, shifted at random so that the crop stays inside the
-    box along axes where the box is larger than the crop."""
-    lo, hi = foreground_box(labels)
+def random_centre(rng: torch.Generator, labels: torch.Tensor, size, centre_jitter: float = 1.0,
+                  brain_lut: torch.Tensor | None = None) -> list[float]:
+    """Crop centre: centre of the brain's box (of the head's when the map has no brain labels),
+    shifted at random so that the crop stays inside the box along axes where the box is larger than
+    the crop."""
+    lo, hi = foreground_box(labels, brain_lut)
     c = []
     for ax in range(3):
         mid = 0.5 * (lo[ax] + hi[ax])

@@ -140,6 +140,8 @@ class LabelTable:
             "class_kinds": torch.tensor(kinds, dtype=torch.long),
             "class_t1_prior": torch.tensor(prior, dtype=torch.float32),  # (K, 4), NaN = no prior
             "swap": self.swap_lut(max_label, device),
+            # brain = one of the 33 classes except background and extra-cerebral CSF (crop centring)
+            "brain": torch.tensor([i not in (0, SEGMENTATION_LABELS.index(24)) for i in seg_l], device=device),
         }
         self._cache[key] = out
         return out
