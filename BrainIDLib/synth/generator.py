@@ -146,9 +146,9 @@ class SubjectGenerator:
         size = self.size
         labels = _to_tensor(labels, dev)
         if labels.is_floating_point():
-            labels = labels.round().to(torch.int32)
+            labels = torch.nan_to_num(labels).round().to(torch.int32)
         if t1 is not None:
-            t1 = _to_tensor(t1, dev, torch.float32)
+            t1 = torch.nan_to_num(_to_tensor(t1, dev, torch.float32))
             if t1.shape != labels.shape:
                 raise BrainIDError(f"T1 shape {tuple(t1.shape)} differs from the label map's {tuple(labels.shape)}")
         rng = torch.Generator().manual_seed(int(seed))
