@@ -430,3 +430,15 @@ def test_background_is_class_zero_in_any_table():
     t = LabelTable({5: 3, 6: 3, 9: 0})     # no label 0, and another label uses class id 0
     luts = t.luts(10, "cpu")
     assert luts["class"][0] == 0 and luts["class"][9] != 0 and luts["class"][5] == luts["class"][6]
+
+
+def test_dataset_curriculum_counts_items_as_steps(tmp_path, lab64):
+    nib = pytest.importorskip("nibabel")
+    from BrainIDLib.synth import LabelMapDataset
+
+    nib.save(nib.Nifti1Image(lab64.numpy(), np.eye(4)), str(tmp_path / "a.nii.gz"))
+    ds = LabelMapDataset(tmp_path, size=(16, 16, 16), length=10, cache=1, schedule="curriculum", curriculum_steps=20)
+    assert float(ds[0]["severity"].max()) == 0.0             # step 0: no severe sample yet
+    ds.set_epoch(3)                                           # steps 30..39: past the end of the curriculum
+    sev = torch.stack([ds[i]["severity"] for i in range(4)])
+    assert torch.equal(sev, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))
