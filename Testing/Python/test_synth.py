@@ -447,3 +447,21 @@ def test_dataset_curriculum_counts_items_as_steps(tmp_path, lab64):
     ds.set_epoch(3)                                           # steps 30..39: past the end of the curriculum
     sev = torch.stack([ds[i]["severity"] for i in range(4)])
     assert torch.equal(sev, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))
+
+
+def test_separable_resampling_matches_trilinear():
+    """The low-res grid of the resolution step: cell centres, linear upsampling == trilinear
+    interpolation with align_corners=False (what the generator calls)."""
+    import torch.nn.functional as F
+
+    from BrainIDLib.synth.filters import apply_along, downsample_matrix, upsample_matrix
+
+    y = torch.rand(7, 11, 5, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(y[None, None], size=(20, 33, 16), mode="trilinear", align_corners=False)[0, 0]
+    sep = y
+    for ax, n in enumerate((20, 33, 16)):
+        sep = apply_along(sep, upsample_matrix(n, y.shape[ax]), ax)
+    assert torch.allclose(sep, ref, atol=1e-5)
+    # the blur+downsample matrix keeps constants constant (no darkening at the borders)
+    M = downsample_matrix(40, 9, 2.0)
+    assert torch.allclose(M.sum(dim=1), torch.ones(9), atol=1e-6)
