@@ -42,10 +42,11 @@ class AdaptNet(nn.Module):
     A frozen backbone is kept outside the module's parameters (not checkpointed, not in DDP) and
     run under no_grad on its low-memory path."""
 
-    def __init__(self, model: BrainIDModel, tasks: list[str], fine_tune: bool):
+    def __init__(self, model: BrainIDModel, tasks: list[str], fine_tune: bool, low_memory: bool = True):
         super().__init__()
         self.tasks = list(tasks)
         self.fine_tune = fine_tune
+        self.low_memory = low_memory
         self.heads = nn.ModuleDict({t: model.heads[t] for t in tasks})
         if fine_tune:
             self.backbone = model.backbone
@@ -61,8 +62,9 @@ class AdaptNet(nn.Module):
         if self.fine_tune:
             feats = self.backbone(x)
         else:
+            backbone = self._frozen[0]
             with torch.no_grad():
-                feats = self._frozen[0].forward_low_memory(x)
+                feats = backbone.forward_low_memory(x) if self.low_memory else backbone(x)
         return {t: self.heads[t](feats, x) for t in self.tasks}
 
 
@@ -126,7 +128,7 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
     ac = cfg["adapt"]
     model = load_backbone(cfg)
     fine_tune = not ac["freeze_backbone"]
-    net = AdaptNet(model, ac["tasks"], fine_tune)
+    net = AdaptNet(model, ac["tasks"], fine_tune, bool(ac["low_memory_features"]))
     if not fine_tune:
         model.backbone.to(dist.device).eval()
     seed = int(cfg["run"]["seed"])

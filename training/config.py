@@ -77,6 +77,8 @@ DEFAULTS: dict = {
     "adapt": {
         "tasks": ["segmentation"],
         "freeze_backbone": True,
+        "low_memory_features": True,    # frozen backbone: the model's low-memory no_grad path (false: plain
+                                        # no_grad forward, faster on GPUs and tiny volumes, more memory)
         "corruption": "mild",           # mild | severe | none: corruption of real images
         "description": "",
         "heads": {},                    # task -> existing head file to continue from
