@@ -1,0 +1,72 @@
+"""Per-sample contrast: a Gaussian mixture with one (mean, std) per generation class, looked up by
+label; gamma; and optional CT-like / FLAIR-like class means and partial-volume blur of the means.
+
+Intensities live on the official 25-225 scale until the final normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .filters import gaussian_blur
+from .spatial import uniform
+from .tables import KIND_CODES
+
+
+def draw_gmm_params(rng: torch.Generator, n: int, n_classes: int, mean_range, std_range, bg_zero_prob: float,
+                    mode: str = "gmm", kinds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, n_classes) means and stds (CPU, float32). Class 0 is the background class.
+
+    mode "gmm": means U(mean_range), stds U(std_range); background mean 0 with p=bg_zero_prob.
+    mode "ct": CT-like: soft tissue compressed into a narrow band, CSF darker, bone-like extra-cerebral
+    classes bright, background (air) 0.
+    mode "flair": FLAIR-like: CSF dark, WM darker than GM, the rest random.
+    """
+    means = mean_range[0] + (mean_range[1] - mean_range[0]) * torch.rand((n, n_classes), generator=rng)
+    stds = std_range[0] + (std_range[1] - std_range[0]) * torch.rand((n, n_classes), generator=rng)
+    bg = torch.rand(n, generator=rng) < bg_zero_prob
+    if kinds is not None and mode in ("ct", "flair"):
+        k = kinds[:n_classes]
+        csf, gm, wm = k == KIND_CODES["csf"], k == KIND_CODES["gm"], k == KIND_CODES["wm"]
+        bone, extra = k == KIND_CODES["extra_dark"], k == KIND_CODES["extra"]
+        for i in range(n):
+            if mode == "ct":
+                base = uniform(rng, 60, 110)          # soft brain tissue, compressed contrast
+                spread = uniform(rng, 3, 12)
+                m = means[i]
+                m[gm] = base + spread + torch.rand(int(gm.sum()), generator=rng) * 4
+                m[wm] = base - spread + torch.rand(int(wm.sum()), generator=rng) * 4
+                m[csf] = uniform(rng, 25, 45)
+                m[extra] = base + (torch.rand(int(extra.sum()), generator=rng) - 0.6) * 60
+                m[bone] = uniform(rng, 190, 225)
+                stds[i] = torch.clamp(stds[i] * 0.4, min=2.0)
+                bg[i] = True
+            else:
+                m = means[i]
+                m[csf] = uniform(rng, 25, 45)
+                g = uniform(rng, 120, 200)
+                m[gm] = g + torch.rand(int(gm.sum()), generator=rng) * 10
+                m[wm] = g - uniform(rng, 20, 60) + torch.rand(int(wm.sum()), generator=rng) * 10
+    means[bg, 0] = 0.0
+    return means, stds
+
+
+def gmm_image(cls_map: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, noise_gen: torch.Generator,
+              pv_sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, *size) image: mean[class] + std[class] * N(0,1); means optionally blurred (partial volume)."""
+    n = means.shape[0]
+    dev = cls_map.device
+    flat = cls_map.reshape(-1)
+    means = means.to(dev)
+    stds = stds.to(dev)
+    mu = means[:, flat].view(n, *cls_map.shape)
+    if pv_sigma is not None and bool((pv_sigma > 0).any()):
+        mu = gaussian_blur(mu, pv_sigma.to(torch.float32))
+    noise = torch.randn((n, *cls_map.shape), generator=noise_gen, device=dev, dtype=torch.float32)
+    return mu.add_(noise.mul_(stds[:, flat].view(n, *cls_map.shape)))
+
+
+def apply_gamma(x: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
+    """x -> 300 * (x/300)^exp(log_gamma) per sample (x clamped at 0 first). In place."""
+    g = torch.exp(log_gamma.to(x.device, torch.float32)).view(-1, *([1] * (x.dim() - 1)))
+    return x.clamp_(min=0).div_(300.0).pow_(g).mul_(300.0)

@@ -1,0 +1,261 @@
+"""SubjectGenerator: one "subject draw" = N synthetic images of one anatomy sharing one spatial
+transform, plus aligned targets (deformed T1 or canonical T1 render, 33-class segmentation, bias
+fields, clean images).
+
+    gen = SubjectGenerator(preset="brainid", size=(128, 128, 128), device="cpu")
+    draw = gen(labels, t1=None, seed=0)
+
+Severity s in [0, 1] interpolates every (mild, severe) range of the preset linearly: a range
+(lo_m, hi_m) -> (lo_s, hi_s) becomes (lerp(lo_m, lo_s, s), lerp(hi_m, hi_s, s)), then a value is
+drawn uniformly. The official mix is 2 samples at s=0 and 2 at s=1; schedule="curriculum" makes the
+share and the strength of severe samples grow with the training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+
+from ..errors import BrainIDError
+from . import contrast as C
+from . import corruption as X
+from . import spatial as S
+from .tables import LabelTable, get_table
+
+# (mild, severe) pairs are interpolated by severity; scalars are shared.
+PRESETS: dict[str, dict] = {
+    "brainid": {
+        # spatial (shared by all samples)
+        "rotation": 15.0, "shear": 0.2, "scale": (0.8, 1.2),
+        "nonlin_points": (4, 8), "nonlin_std_max": 4.0, "flip_prob": 0.5,
+        # contrast
+        "mean_range": (25.0, 225.0), "std_range": (5.0, 25.0), "bg_zero_prob": 0.5,
+        "gamma_std": (0.01, 0.1),
+        # corruption: (mild range, severe range)
+        "bias_std": ((0.0, 0.02), (0.1, 0.6)),
+        "bias_scale": ((0.01, 0.02), (0.02, 0.04)),
+        "noise_std": ((0.0, 0.02), (5.0, 15.0)),
+        "resolution_probs": ((0.25, 0.25, 0.25, 0.25), (0.25, 0.25, 0.25, 0.25)),
+        "blur_factor": (0.85, 1.15),
+        # options beyond the official generator (off here)
+        "ct_prob": 0.0, "flair_prob": 0.0,
+        "motion_prob": (0.0, 0.0), "motion_strength": ((0.0, 0.0), (0.0, 0.0)),
+        "pv_prob": 0.0, "pv_sigma": (0.0, 0.0),
+        # sample mix
+        "n_mild": 2, "n_severe": 2,
+    },
+}
+PRESETS["brainid-extended"] = dict(
+    PRESETS["brainid"], ct_prob=0.1, flair_prob=0.1, motion_prob=(0.0, 0.3),
+    motion_strength=((0.0, 0.05), (0.05, 0.25)), pv_prob=0.5, pv_sigma=(0.3, 1.0))
+# data for downstream heads: mild corruption only (the official adaptation recipe) with the full
+# resolution mix
+PRESETS["mild"] = dict(PRESETS["brainid"], n_mild=4, n_severe=0)
+
+
+def _lerp(a: float, b: float, s: float) -> float:
+    return a + (b - a) * s
+
+
+def _range_at(pair, s: float) -> tuple[float, float]:
+    (lo0, hi0), (lo1, hi1) = pair
+    return _lerp(lo0, lo1, s), _lerp(hi0, hi1, s)
+
+
+def _to_tensor(x, device, dtype=None) -> torch.Tensor:
+    if hasattr(x, "get_fdata") or hasattr(x, "dataobj"):  # nibabel image
+        x = np.asarray(x.dataobj)
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not torch.is_tensor(x):
+        raise BrainIDError("labels/t1 must be a torch tensor, a numpy array or a nibabel image")
+    x = x.to(device)
+    if dtype is not None:
+        x = x.to(dtype)
+    while x.dim() > 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3:
+        raise BrainIDError(f"expected a 3D volume, got shape {tuple(x.shape)}")
+    return x
+
+
+class SubjectGenerator:
+    """Synthetic subject draws from a label map. See the module docstring.
+
+    preset: "brainid" (official steps and ranges), "brainid-extended" (+ CT-like / FLAIR-like
+    contrast, motion/ghosting, partial-volume blur), "mild" (4 mild samples); keyword overrides
+    replace single preset entries. schedule: "fixed" (n_mild at severity 0, n_severe at 1) or
+    "curriculum" (pass step=... to each call). label_table: None/"synthseg", a LabelTable, a JSON
+    path or a {label: class} dict. lr_axis: the left/right axis of the label maps (0 for RAS/LAS).
+    """
+
+    def __init__(self, preset: str = "brainid", size=(128, 128, 128), device="cpu", schedule: str = "fixed",
+                 curriculum_steps: int = 100_000, curriculum_start: tuple[float, float] = (0.0, 0.25),
+                 label_table=None, lr_axis: int = 0, **overrides):
+        if preset not in PRESETS:
+            raise BrainIDError(f"unknown generator preset {preset!r}; use one of {', '.join(PRESETS)}")
+        unknown = set(overrides) - set(PRESETS[preset])
+        if unknown:
+            raise BrainIDError(f"unknown generator option(s) {sorted(unknown)}; known: {sorted(PRESETS[preset])}")
+        if schedule not in ("fixed", "curriculum"):
+            raise BrainIDError("schedule must be 'fixed' or 'curriculum'")
+        self.preset = preset
+        self.cfg = copy.deepcopy(PRESETS[preset])
+        self.cfg.update(overrides)
+        if isinstance(size, int):
+            size = (size,) * 3
+        self.size = tuple(int(s) for s in size)
+        self.device = torch.device(device)
+        self.schedule = schedule
+        self.curriculum_steps = int(curriculum_steps)
+        self.curriculum_start = curriculum_start  # (severe share, severe strength) at step 0
+        self.table: LabelTable = get_table(label_table)
+        self.lr_axis = lr_axis
+        self.n_samples = int(self.cfg["n_mild"]) + int(self.cfg["n_severe"])
+
+    # ---------------------------------------------------------------- severities
+    def severities(self, rng: torch.Generator, step: int | None = None) -> torch.Tensor:
+        n_mild, n_severe = int(self.cfg["n_mild"]), int(self.cfg["n_severe"])
+        n = n_mild + n_severe
+        if self.schedule == "fixed" or step is None:
+            return torch.tensor([0.0] * n_mild + [1.0] * n_severe)
+        p = min(1.0, max(0.0, step / max(1, self.curriculum_steps)))
+        share0, strength0 = self.curriculum_start
+        share = _lerp(share0, n_severe / max(n, 1), p)
+        strength = _lerp(strength0, 1.0, p)
+        k = int(math.floor(share * n + float(torch.rand(1, generator=rng))))  # stochastic rounding
+        k = min(n, max(0, k))
+        sev = torch.zeros(n)
+        if k:
+            sev[n - k:] = strength * (0.75 + 0.25 * torch.rand(k, generator=rng))
+        return sev
+
+    # ---------------------------------------------------------------- main entry
+    @torch.no_grad()
+    def __call__(self, labels, t1=None, seed: int = 0, step: int | None = None,
+                 severity=None) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        dev = self.device
+        size = self.size
+        labels = _to_tensor(labels, dev)
+        if labels.is_floating_point():
+            labels = labels.round().to(torch.int32)
+        if t1 is not None:
+            t1 = _to_tensor(t1, dev, torch.float32)
+            if t1.shape != labels.shape:
+                raise BrainIDError(f"T1 shape {tuple(t1.shape)} differs from the label map's {tuple(labels.shape)}")
+        rng = torch.Generator().manual_seed(int(seed))
+        noise_gen = torch.Generator(device=dev).manual_seed(int(seed) * 2 + 1)
+
+        if severity is None:
+            sev = self.severities(rng, step)
+        else:
+            sev = torch.as_tensor(severity, dtype=torch.float32).flatten().clamp(0, 1)
+        n = sev.numel()
+
+        # ---- shared spatial transform: one grid, one resampling of labels (+ T1)
+        aff = S.random_affine(rng, cfg["rotation"], cfg["shear"], cfg["scale"])
+        disp = S.coarse_displacement(rng, cfg["nonlin_points"], cfg["nonlin_std_max"]) if cfg["nonlin_std_max"] > 0 else None
+        centre = S.random_centre(rng, labels, size)
+        flip = bool(torch.rand(1, generator=rng) < cfg["flip_prob"])
+        grid = S.sampling_grid(aff["A"], centre, disp, size, labels.shape, dev,
+                               mirror_axis=self.lr_axis if flip else None)
+        warped = S.warp_labels(labels, grid)
+        warped = warped.clamp_min_(0)
+        max_label = int(warped.max())
+        if flip:  # the partner of a label may have a larger id
+            max_label = max([max_label] + [b for a, b in self.table.pairs if a <= max_label])
+        luts = self.table.luts(max_label, dev)
+        if flip:
+            warped = self.table.swap_lut(max_label, dev)[warped]
+        seg = luts["seg"][warped]
+        cls_map = luts["class"][warped]
+
+        if t1 is not None:
+            target = S.warp_image(t1, grid)
+            wm = target[(warped == 2) | (warped == 41)]
+            scale = float(wm.median()) if wm.numel() > 10 else float(target.max())
+            target = target / max(scale, 1e-6)
+        else:
+            target = luts["t1"][warped]
+        del grid
+
+        # ---- per-sample contrast
+        n_classes = luts["n_classes"]
+        kinds = luts["class_kinds"]
+        means = torch.empty(n, n_classes)
+        stds = torch.empty(n, n_classes)
+        modes = []
+        for i in range(n):
+            u = float(torch.rand(1, generator=rng))
+            mode = "ct" if u < cfg["ct_prob"] else ("flair" if u < cfg["ct_prob"] + cfg["flair_prob"] else "gmm")
+            modes.append(mode)
+            m, s = C.draw_gmm_params(rng, 1, n_classes, cfg["mean_range"], cfg["std_range"], cfg["bg_zero_prob"],
+                                     mode, kinds)
+            means[i], stds[i] = m[0], s[0]
+        pv = None
+        if cfg["pv_prob"] > 0:
+            pv = torch.tensor([uniform_or_zero(rng, cfg["pv_prob"], cfg["pv_sigma"]) for _ in range(n)])
+        img = C.gmm_image(cls_map, means, stds, noise_gen, pv)
+        gstd = torch.tensor([_lerp(cfg["gamma_std"][0], cfg["gamma_std"][1], float(s)) for s in sev])
+        log_gamma = torch.randn(n, generator=rng) * gstd
+        img = C.apply_gamma(img, log_gamma)
+
+        # ---- bias field
+        b_std = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_std"], float(s))) for s in sev])
+        b_scale = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_scale"], float(s))) for s in sev])
+        bias = X.bias_field(rng, size, b_scale.tolist(), b_std.tolist(), dev)  # (n,1,*size)
+        img = img.mul_(bias[:, 0])
+
+        # ---- resolution, noise, artefacts, normalisation
+        noise = torch.tensor([S.uniform(rng, *_range_at(cfg["noise_std"], float(s))) for s in sev])
+        inputs = torch.empty((n, 1, *size), device=dev)
+        clean = torch.empty((n, 1, *size), device=dev)
+        spacing = torch.ones(n, 3)
+        thickness = torch.ones(n, 3)
+        regime = torch.zeros(n, dtype=torch.long)
+        motion = torch.zeros(n)
+        divisor = torch.ones(n)
+        for i in range(n):
+            s = float(sev[i])
+            probs = [_lerp(a, b, s) for a, b in zip(*cfg["resolution_probs"])]
+            res = X.draw_resolution(rng, probs, cfg["blur_factor"])
+            spacing[i] = torch.tensor(res["spacing"])
+            thickness[i] = torch.tensor(res["thickness"])
+            regime[i] = res["regime"]
+            x = X.degrade(img[i], res, float(noise[i]), noise_gen)
+            mp = _lerp(cfg["motion_prob"][0], cfg["motion_prob"][1], s)
+            if mp > 0 and float(torch.rand(1, generator=rng)) < mp:
+                motion[i] = S.uniform(rng, *_range_at(cfg["motion_strength"], s))
+                x = X.ghosting(x, rng, float(motion[i]))
+            top = float(x.max())
+            top = top if top > 0 else 1.0
+            divisor[i] = top
+            inputs[i, 0] = x.div_(top).clamp_(0, 1)
+            clean[i, 0] = img[i] / top
+        return {
+            "inputs": inputs,
+            "target_t1": target[None],
+            "segmentation": seg,
+            "labels": warped,
+            "bias_field": bias,
+            "clean": clean,
+            "severity": sev.to(dev),
+            "flipped": torch.tensor(flip),
+            "params": {
+                "scale": divisor,  # inputs and clean were divided by this (the input's max)
+                "gamma": torch.exp(log_gamma), "bias_std": b_std, "bias_scale": b_scale, "noise_std": noise,
+                "spacing": spacing, "thickness": thickness, "regime": regime, "motion": motion,
+                "ct": torch.tensor([m == "ct" for m in modes]), "flair": torch.tensor([m == "flair" for m in modes]),
+                "scales": aff["scales"].float(), "angles": aff["angles"].float(),
+            },
+        }
+
+
+def uniform_or_zero(rng: torch.Generator, p: float, rng_range) -> float:
+    if float(torch.rand(1, generator=rng)) < p:
+        return S.uniform(rng, rng_range[0], rng_range[1])
+    return 0.0

@@ -1,0 +1,179 @@
+"""Generation label tables: which labels share a contrast, left/right partners, segmentation mapping,
+and the canonical T1-like rendering of a label map (fixed per-class intensities, WM = 1).
+
+The default table is SynthSeg's full-head protocol (Resources/labels/synthseg_generation.json).
+Labels that a table does not know still work: each gets its own generation class (shared with its
+left/right partner), renders as 0 in the canonical T1 and maps to background in the 33-class
+segmentation unless it is one of the 33 labels itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+from ..labels import LEFT_RIGHT_PAIRS, SEGMENTATION_LABELS
+from ..resources import resource_path
+
+WM_LABELS = (2, 41)
+# relative T1 intensity (WM = 1) of labels that the SynthSeg table lacks but the 33-class set has
+_EXTRA_T1 = {77: 0.75, 31: 0.5, 63: 0.5}
+
+
+class LabelTable:
+    """Facts about generation labels, turned into lookup tables (LUTs) indexed by label id.
+
+    `classes`: {label: generation class}; labels of one class share a random intensity.
+    `pairs`: left/right partners (for flips, and right labels take the class of their left partner).
+    `t1`: {label: canonical T1 intensity, WM = 1}; labels not listed render as 0.
+    `kind`: {label: "background"|"csf"|"wm"|"gm"|"vessel"|"extra"|"extra_dark"} for CT/FLAIR options.
+    `seg_merge`: {label: label} applied before mapping to the 33-class segmentation.
+    """
+
+    def __init__(self, classes: dict[int, int], pairs=(), t1: dict[int, float] | None = None,
+                 kind: dict[int, str] | None = None, seg_merge: dict[int, int] | None = None,
+                 name: str = "custom"):
+        self.name = name
+        self.pairs = tuple(sorted({(int(a), int(b)) for a, b in list(pairs) + list(LEFT_RIGHT_PAIRS)}))
+        left_of = {b: a for a, b in self.pairs}
+        merged: dict[int, int] = {}
+        for lab, c in classes.items():
+            lab = int(lab)
+            partner = left_of.get(lab)
+            merged[lab] = int(classes[partner]) if partner in classes else int(c)
+        # compact class ids 0..K-1 (label 0 keeps class 0 if present)
+        uniq = sorted(set(merged.values()), key=lambda c: (c != merged.get(0, -1), c))
+        remap = {c: i for i, c in enumerate(uniq)}
+        self.classes = {lab: remap[c] for lab, c in merged.items()}
+        self.n_classes = len(uniq)
+        self.t1 = {int(k): float(v) for k, v in (t1 or {}).items()}
+        self.kind = {int(k): str(v) for k, v in (kind or {}).items()}
+        self.seg_merge = {int(k): int(v) for k, v in (seg_merge or {}).items()}
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "LabelTable":
+        """A JSON file with "labels", "generation_classes" and optionally "contrast_classes" +
+        "t1_prior_means", "left_right_pairs", "kind", "segmentation_merge", or a simple
+        {"classes": {label: class}} mapping."""
+        d = json.loads(open(path).read())
+        if "classes" in d:
+            classes = {int(k): int(v) for k, v in d["classes"].items()}
+            t1 = d.get("t1", {})
+        else:
+            labels = [int(v) for v in d["labels"]]
+            classes = dict(zip(labels, [int(v) for v in d["generation_classes"]]))
+            t1 = {}
+            if "contrast_classes" in d and "t1_prior_means" in d:
+                means = d["t1_prior_means"][0]
+                ccls = d["contrast_classes"]
+                wm = means[ccls[labels.index(2)]] if 2 in labels else max(means)
+                kinds = d.get("kind", {})
+                for lab, c in zip(labels, ccls):
+                    if lab == 0 or str(kinds.get(str(lab), "")).startswith("extra"):
+                        continue
+                    t1[lab] = means[c] / wm
+            for lab, v in _EXTRA_T1.items():
+                t1.setdefault(lab, v)
+        return cls(classes, d.get("left_right_pairs", ()), t1, d.get("kind"), d.get("segmentation_merge"),
+                   name=os.path.basename(str(path)))
+
+    @classmethod
+    def from_mapping(cls, classes: dict[int, int], **kw) -> "LabelTable":
+        return cls(classes, **kw)
+
+    # ------------------------------------------------------------------ lookups
+    def swap_lut(self, max_label: int, device) -> torch.Tensor:
+        lut = torch.arange(max_label + 1, dtype=torch.long)
+        for a, b in self.pairs:
+            if a <= max_label and b <= max_label:
+                lut[a], lut[b] = b, a
+            elif a <= max_label:  # partner missing from this map: leave the label as it is
+                pass
+        return lut.to(device)
+
+    def luts(self, max_label: int, device) -> dict[str, torch.Tensor]:
+        """LUTs over ids 0..max_label: class (generation class; unknown labels get their own class,
+        shared with their left partner), seg (index into SEGMENTATION_LABELS), t1 (canonical
+        intensity), kind_code (see KIND_CODES)."""
+        key = (max_label, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        n = max_label + 1
+        left_of = {b: a for a, b in self.pairs}
+        cls_lut = torch.empty(n, dtype=torch.long)
+        for lab in range(n):
+            src = lab if lab in self.classes or left_of.get(lab) is None else left_of[lab]
+            cls_lut[lab] = self.classes[src] if src in self.classes else self.n_classes + src
+        seg_index = {lab: i for i, lab in enumerate(SEGMENTATION_LABELS)}
+        seg_lut = torch.zeros(n, dtype=torch.long)
+        t1_lut = torch.zeros(n, dtype=torch.float32)
+        kind_lut = torch.zeros(n, dtype=torch.long)
+        for lab in range(n):
+            seg_lut[lab] = seg_index.get(self.seg_merge.get(lab, lab), 0)
+            t1_lut[lab] = self.t1.get(lab, 0.0)
+            kind_lut[lab] = KIND_CODES.get(self.kind.get(lab, _default_kind(lab)), KIND_CODES["gm"])
+        out = {
+            "class": cls_lut.to(device), "seg": seg_lut.to(device), "t1": t1_lut.to(device),
+            "kind": kind_lut.to(device), "n_classes": int(cls_lut.max()) + 1,
+        }
+        kinds = torch.full((out["n_classes"],), KIND_CODES["gm"], dtype=torch.long)
+        for lab in range(max_label, -1, -1):  # the smallest label of a class sets its kind
+            kinds[cls_lut[lab]] = kind_lut[lab]
+        out["class_kinds"] = kinds
+        self._cache[key] = out
+        return out
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_cache"] = {}
+        return d
+
+
+KIND_CODES = {"background": 0, "csf": 1, "gm": 2, "wm": 3, "vessel": 4, "extra": 5, "extra_dark": 6}
+
+
+def _default_kind(lab: int) -> str:
+    if lab == 0:
+        return "background"
+    if lab in (4, 5, 14, 15, 24, 43, 44, 72, 31, 63):
+        return "csf"
+    if lab in (2, 7, 16, 28, 41, 46, 60, 77, 85):
+        return "wm"
+    return "gm"
+
+
+@lru_cache(maxsize=None)
+def default_table() -> LabelTable:
+    """SynthSeg full-head protocol (54 generation labels), right merged onto left for contrast."""
+    return LabelTable.from_json(resource_path("labels", "synthseg_generation.json"))
+
+
+def get_table(table) -> LabelTable:
+    if table is None or table == "synthseg":
+        return default_table()
+    if isinstance(table, LabelTable):
+        return table
+    if isinstance(table, dict):
+        return LabelTable({int(k): int(v) for k, v in table.items()})
+    return LabelTable.from_json(table)
+
+
+def render_t1(labels: torch.Tensor, table: LabelTable | None = None) -> torch.Tensor:
+    """Canonical T1-like image of a label map (fixed per-class intensities, WM = 1, non-brain 0)."""
+    table = get_table(table)
+    lab = labels.long().clamp_min(0)
+    luts = table.luts(int(lab.max()), lab.device)
+    return luts["t1"][lab]
+
+
+def to_segmentation(labels: torch.Tensor, table: LabelTable | None = None) -> torch.Tensor:
+    """FreeSurfer ids -> indices 0..32 into SEGMENTATION_LABELS (merges per the table, others 0)."""
+    table = get_table(table)
+    lab = labels.long().clamp_min(0)
+    luts = table.luts(int(lab.max()), lab.device)
+    return luts["seg"][lab]
