@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -177,6 +178,20 @@ def parse_override(text: str) -> dict:
     return out
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _coerce_numbers(node):
+    """YAML 1.1 reads '3e-4' (no dot) as a string: make such values floats."""
+    if isinstance(node, dict):
+        return {k: _coerce_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_coerce_numbers(v) for v in node]
+    if isinstance(node, str) and _FLOAT.match(node.strip()):
+        return float(node)
+    return node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Defaults (or `base`, e.g. a run's saved config) <- YAML file <- overrides; then validated."""
     cfg = copy.deepcopy(base if base is not None else DEFAULTS)
@@ -192,7 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(cfg, data)
     for text in overrides or []:
         _merge(cfg, parse_override(text))
-    cfg = Config(cfg)
+    cfg = Config(_coerce_numbers(cfg))
     validate(cfg)
     return cfg
 

@@ -294,7 +294,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
             if ema is not None:
                 ema.update(net)
             step += 1
-            record = {"loss": float(loss), **parts}
+            record = {"loss": float(loss.detach()), **parts}
             record = distributed.mean_scalars(dist, record)
             record.update({"step": step, "lr": lr, "step_time": time.time() - t0})
             if grad_norm is not None:
