@@ -84,9 +84,17 @@ def ghosting(x: torch.Tensor, rng: torch.Generator, strength: float) -> torch.Te
     phase-encoding axis (amplitude ~ strength) plus a short translational smear along it."""
     ax = int(torch.randint(0, 3, (1,), generator=rng))
     amp = strength * uniform(rng, 0.5, 1.0)
-    n = x.shape[ax]
-    ghost = torch.roll(x, shifts=n // 2, dims=ax)
     shift = int(torch.randint(1, 4, (1,), generator=rng))
-    smear = 0.5 * (torch.roll(x, shifts=shift, dims=ax) + torch.roll(x, shifts=-shift, dims=ax))
     w = min(0.5, strength)
-    return (1 - w) * x + w * smear + amp * ghost
+    n = x.shape[ax]
+    out = x * (1 - w)
+    # smear: half the moving weight `shift` voxels each way (zero beyond the edge)
+    if shift < n:
+        out.narrow(ax, shift, n - shift).add_(x.narrow(ax, 0, n - shift), alpha=w / 2)
+        out.narrow(ax, 0, n - shift).add_(x.narrow(ax, shift, n - shift), alpha=w / 2)
+    # N/2 ghost, wrapping around the field of view
+    h = n // 2
+    if h:
+        out.narrow(ax, h, n - h).add_(x.narrow(ax, 0, n - h), alpha=amp)
+        out.narrow(ax, 0, h).add_(x.narrow(ax, n - h, h), alpha=amp)
+    return out

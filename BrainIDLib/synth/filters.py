@@ -22,25 +22,30 @@ def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 3.0) -> torch.Tenso
     return torch.where((s < 1e-3)[:, None], ident, k)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur (n, D, H, W) with per-sample sigma (n,) or (n, 3) in voxels; replicate borders."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, truncate: float = 3.0) -> torch.Tensor:
+    """Blur (n, D, H, W) with per-sample sigma (n,) or (n, 3) in voxels; replicate borders.
+    Weighted sums of shifted views (one fused multiply-add per tap): faster on CPU than a grouped
+    conv3d for the short kernels used here, and the same on GPU."""
     n = x.shape[0]
     sigma = sigma.to(x.device, torch.float32)
     if sigma.dim() == 1:
         sigma = sigma[:, None].expand(n, 3)
-    y = x[None]  # (1, n, D, H, W): samples as channels, grouped conv
+    y = x
     for ax in range(3):
         s = sigma[:, ax]
         if float(s.max()) < 1e-3:
             continue
-        k = gaussian_kernels(s)
+        k = gaussian_kernels(s, truncate).to(x.dtype)
         half = (k.shape[1] - 1) // 2
-        shape = [n, 1, 1, 1, 1]
-        shape[2 + ax] = k.shape[1]
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = half
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape).to(x.dtype), groups=n)
-    return y[0]
+        yp = F.pad(y[None], pad, mode="replicate")[0]
+        length = y.shape[ax + 1]
+        out = yp.narrow(ax + 1, 0, length) * k[:, 0].view(n, 1, 1, 1)
+        for j in range(1, k.shape[1]):
+            out.addcmul_(yp.narrow(ax + 1, j, length), k[:, j].view(n, 1, 1, 1))
+        y = out
+    return y
 
 
 def downsample_matrix(n: int, n_low: int, sigma: float, device=None) -> torch.Tensor:
@@ -71,6 +76,18 @@ def upsample_matrix(n: int, n_low: int, device=None) -> torch.Tensor:
 
 
 def apply_along(x: torch.Tensor, M: torch.Tensor, axis: int) -> torch.Tensor:
-    """Contract the (m, n) matrix M with axis `axis` of the 3D tensor x (size n there)."""
-    y = torch.tensordot(M, x, dims=([1], [axis]))  # new axis first
-    return y.movedim(0, axis)
+    """Contract the (m, n) matrix M with axis `axis` of the 3D tensor x (size n there); plain
+    (batched) matrix products that need no permuted copies; the result is contiguous."""
+    x = x.contiguous()
+    a, b, c = x.shape
+    m = M.shape[0]
+    if axis == 0:
+        return (M @ x.view(a, b * c)).view(m, b, c)
+    if axis == 1:
+        return torch.matmul(M, x)  # broadcast over the first axis
+    return (x.view(a * b, c) @ M.t().contiguous()).view(a, b, m)
+
+
+def lookup(lut: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """lut[index] for an integer volume (index_select: about twice as fast as advanced indexing)."""
+    return lut.index_select(0, index.reshape(-1)).view(index.shape)

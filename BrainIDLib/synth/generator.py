@@ -23,6 +23,7 @@ from ..errors import BrainIDError
 from . import contrast as C
 from . import corruption as X
 from . import spatial as S
+from .filters import lookup
 from .tables import LabelTable, get_table
 
 # (mild, severe) pairs are interpolated by severity; scalars are shared.
@@ -130,7 +131,8 @@ class SubjectGenerator:
         k = min(n, max(0, k))
         sev = torch.zeros(n)
         if k:
-            sev[n - k:] = strength * (0.75 + 0.25 * torch.rand(k, generator=rng))
+            # a little spread early on; exactly the official severe ranges at the end
+            sev[n - k:] = strength * (1 - 0.25 * (1 - p) * torch.rand(k, generator=rng))
         return sev
 
     # ---------------------------------------------------------------- main entry
@@ -161,26 +163,24 @@ class SubjectGenerator:
         disp = S.coarse_displacement(rng, cfg["nonlin_points"], cfg["nonlin_std_max"]) if cfg["nonlin_std_max"] > 0 else None
         centre = S.random_centre(rng, labels, size)
         flip = bool(torch.rand(1, generator=rng) < cfg["flip_prob"])
-        grid = S.sampling_grid(aff["A"], centre, disp, size, labels.shape, dev,
+        box = S.input_box(aff["A"], centre, disp, size, labels.shape)
+        sub = labels[tuple(slice(lo, hi) for lo, hi in box)]
+        grid = S.sampling_grid(aff["A"], [c - lo for c, (lo, _) in zip(centre, box)], disp, size, sub.shape, dev,
                                mirror_axis=self.lr_axis if flip else None)
-        warped = S.warp_labels(labels, grid)
-        warped = warped.clamp_min_(0)
-        max_label = int(warped.max())
-        if flip:  # the partner of a label may have a larger id
-            max_label = max([max_label] + [b for a, b in self.table.pairs if a <= max_label])
-        luts = self.table.luts(max_label, dev)
+        warped = S.warp_labels(sub, grid).clamp_min_(0)
+        luts = self.table.luts(int(warped.max()), dev)  # covers every label and its partner
         if flip:
-            warped = self.table.swap_lut(max_label, dev)[warped]
-        seg = luts["seg"][warped]
-        cls_map = luts["class"][warped]
+            warped = lookup(luts["swap"], warped)
+        seg = lookup(luts["seg"], warped)
+        cls_map = lookup(luts["class"], warped)
 
         if t1 is not None:
-            target = S.warp_image(t1, grid)
+            target = S.warp_image(t1[tuple(slice(lo, hi) for lo, hi in box)], grid)
             wm = target[(warped == 2) | (warped == 41)]
             scale = float(wm.median()) if wm.numel() > 10 else float(target.max())
             target = target / max(scale, 1e-6)
         else:
-            target = luts["t1"][warped]
+            target = lookup(luts["t1"], warped)
         del grid
 
         # ---- per-sample contrast
@@ -234,8 +234,8 @@ class SubjectGenerator:
             top = float(x.max())
             top = top if top > 0 else 1.0
             divisor[i] = top
-            inputs[i, 0] = x.div_(top).clamp_(0, 1)
-            clean[i, 0] = img[i] / top
+            torch.div(x, top, out=inputs[i, 0]).clamp_(0, 1)
+            torch.div(img[i], top, out=clean[i, 0])
         return {
             "inputs": inputs,
             "target_t1": target[None],

@@ -87,7 +87,7 @@ def sampling_grid(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_s
     if mirror_axis is not None:
         A[mirror_axis] *= -1
     A = A.to(dtype=torch.float32)
-    axes = [torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in size]
+    axes = [torch.arange(s, dtype=torch.float32, device=device) - (s - 1) / 2 for s in size]
     d = None
     if disp is not None:
         d = F.interpolate(disp[None].to(device), size=tuple(size), mode="trilinear", align_corners=True)[0]
@@ -97,13 +97,30 @@ def sampling_grid(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_s
     for k in range(3):
         # voxel index -> [-1, 1] (align_corners=True); grid_sample wants (x=W, y=H, z=D) order
         sc = 2.0 / max(in_shape[k] - 1, 1)
-        a01 = ((A[k, 0] * sc) * axes[0]).view(-1, 1, 1) + ((A[k, 1] * sc) * axes[1]).view(1, -1, 1)
-        a2 = ((A[k, 2] * sc) * axes[2] + (float(centre[k]) * sc - 1.0)).view(1, 1, -1)
-        plane = (a01 + a2).to(device)  # (D, H, W) affine part
+        a01 = (float(A[k, 0]) * sc * axes[0]).view(-1, 1, 1) + (float(A[k, 1]) * sc * axes[1]).view(1, -1, 1)
+        a2 = (float(A[k, 2]) * sc * axes[2] + (float(centre[k]) * sc - 1.0)).view(1, 1, -1)
+        plane = a01 + a2  # (D, H, W) affine part
         if d is not None:
             plane = plane.add_(d[k], alpha=sc)
         grid[..., 2 - k] = plane
     return grid[None]
+
+
+def input_box(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_shape) -> list[tuple[int, int]]:
+    """Index range [lo, hi) per axis of the input that the grid can touch: the transformed output
+    corners plus the largest displacement and a 2-voxel margin. Resampling only that sub-volume
+    saves converting a whole 256^3 map to float for every draw."""
+    half = torch.tensor([(s - 1) / 2 for s in size], dtype=torch.float64)
+    reach = (A.abs().to(torch.float64) @ half).tolist()  # max |A c| over the corners, per input axis
+    pad = (float(disp.abs().max()) if disp is not None else 0.0) + 2.0
+    box = []
+    for k in range(3):
+        lo = max(0, int(math.floor(centre[k] - reach[k] - pad)))
+        hi = min(in_shape[k], int(math.ceil(centre[k] + reach[k] + pad)) + 1)
+        if hi - lo < 2:  # nothing (or one slice) inside: keep the whole axis, the grid handles it
+            lo, hi = 0, in_shape[k]
+        box.append((lo, hi))
+    return box
 
 
 def warp_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ class LabelTable:
         self.t1 = {int(k): float(v) for k, v in (t1 or {}).items()}
         self.kind = {int(k): str(v) for k, v in (kind or {}).items()}
         self.seg_merge = {int(k): int(v) for k, v in (seg_merge or {}).items()}
+        self.max_known = max([0, *self.classes, *self.t1, *self.seg_merge, *(b for _, b in self.pairs)])
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ constructors
@@ -92,39 +93,40 @@ class LabelTable:
         for a, b in self.pairs:
             if a <= max_label and b <= max_label:
                 lut[a], lut[b] = b, a
-            elif a <= max_label:  # partner missing from this map: leave the label as it is
-                pass
         return lut.to(device)
 
     def luts(self, max_label: int, device) -> dict[str, torch.Tensor]:
         """LUTs over ids 0..max_label: class (generation class; unknown labels get their own class,
         shared with their left partner), seg (index into SEGMENTATION_LABELS), t1 (canonical
         intensity), kind_code (see KIND_CODES)."""
+        # one LUT size for every map of a protocol: no rebuild when a crop lacks the largest label
+        max_label = max(int(max_label), self.max_known)
         key = (max_label, str(device))
         if key in self._cache:
             return self._cache[key]
         n = max_label + 1
         left_of = {b: a for a, b in self.pairs}
-        cls_lut = torch.empty(n, dtype=torch.long)
+        seg_index = {lab: i for i, lab in enumerate(SEGMENTATION_LABELS)}
+        cls_l, seg_l, t1_l, kind_l = [], [], [], []
         for lab in range(n):
             src = lab if lab in self.classes or left_of.get(lab) is None else left_of[lab]
-            cls_lut[lab] = self.classes[src] if src in self.classes else self.n_classes + src
-        seg_index = {lab: i for i, lab in enumerate(SEGMENTATION_LABELS)}
-        seg_lut = torch.zeros(n, dtype=torch.long)
-        t1_lut = torch.zeros(n, dtype=torch.float32)
-        kind_lut = torch.zeros(n, dtype=torch.long)
-        for lab in range(n):
-            seg_lut[lab] = seg_index.get(self.seg_merge.get(lab, lab), 0)
-            t1_lut[lab] = self.t1.get(lab, 0.0)
-            kind_lut[lab] = KIND_CODES.get(self.kind.get(lab, _default_kind(lab)), KIND_CODES["gm"])
+            cls_l.append(self.classes[src] if src in self.classes else self.n_classes + src)
+            seg_l.append(seg_index.get(self.seg_merge.get(lab, lab), 0))
+            t1_l.append(self.t1.get(lab, 0.0))
+            kind_l.append(KIND_CODES.get(self.kind.get(lab, _default_kind(lab)), KIND_CODES["gm"]))
+        n_classes = max(cls_l) + 1
+        kinds = [KIND_CODES["gm"]] * n_classes
+        for lab in range(n - 1, -1, -1):  # the smallest label of a class sets its kind
+            kinds[cls_l[lab]] = kind_l[lab]
         out = {
-            "class": cls_lut.to(device), "seg": seg_lut.to(device), "t1": t1_lut.to(device),
-            "kind": kind_lut.to(device), "n_classes": int(cls_lut.max()) + 1,
+            "class": torch.tensor(cls_l, dtype=torch.long, device=device),
+            "seg": torch.tensor(seg_l, dtype=torch.long, device=device),
+            "t1": torch.tensor(t1_l, dtype=torch.float32, device=device),
+            "kind": torch.tensor(kind_l, dtype=torch.long, device=device),
+            "n_classes": n_classes,
+            "class_kinds": torch.tensor(kinds, dtype=torch.long),
+            "swap": self.swap_lut(max_label, device),
         }
-        kinds = torch.full((out["n_classes"],), KIND_CODES["gm"], dtype=torch.long)
-        for lab in range(max_label, -1, -1):  # the smallest label of a class sets its kind
-            kinds[cls_lut[lab]] = kind_lut[lab]
-        out["class_kinds"] = kinds
         self._cache[key] = out
         return out
 
