@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +22,7 @@ from BrainIDLib.model import BrainIDModel
 from BrainIDLib.weights import atomic_write, save_head, save_model
 
 from . import losses
-from .config import Config
+from .config import Config, size3
 from .data import GeneratorSteps, NiftiSteps, step_loader
 from .distributed import DistInfo
 from .engine import Job
@@ -124,11 +125,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def use_low_memory(cfg: Config, model: BrainIDModel) -> bool:
+    """adapt.low_memory_features: auto = the low-memory path only when a plain no_grad forward of
+    one step's inputs would need more than adapt.plain_forward_gb (the low-memory path is several
+    times slower, the plain forward keeps about a dozen feature-sized maps alive at its peak)."""
+    choice = cfg["adapt"]["low_memory_features"]
+    if choice != "auto":
+        return bool(choice)
+    d = cfg["data"]
+    samples = d["subjects_per_step"] * (max(1, d["mild"]) if d["source"] == "nifti" else d["mild"] + d["severe"])
+    voxels = int(np.prod(size3(d["size"])))
+    estimate_gb = 12 * voxels * model.arch.f_maps * 4 * samples / 1e9
+    return estimate_gb > float(cfg["adapt"]["plain_forward_gb"])
+
+
 def make_job(cfg: Config, dist: DistInfo) -> Job:
     ac = cfg["adapt"]
     model = load_backbone(cfg)
     fine_tune = not ac["freeze_backbone"]
-    net = AdaptNet(model, ac["tasks"], fine_tune, bool(ac["low_memory_features"]))
+    net = AdaptNet(model, ac["tasks"], fine_tune, use_low_memory(cfg, model))
     if not fine_tune:
         model.backbone.to(dist.device).eval()
     seed = int(cfg["run"]["seed"])
@@ -179,4 +194,4 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
 
     return Job(net=net, batches=lambda start: step_loader(data, start, int(cfg["run"]["max_steps"]), int(cfg["data"]["num_workers"])),
                loss=adapt_loss(cfg, dist), export=export, train_mode=train_mode,
-               info={"tasks": list(ac["tasks"]), "fine_tune": fine_tune, "architecture": model.arch.to_dict()})
+               info={"tasks": list(ac["tasks"]), "fine_tune": fine_tune, "low_memory_features": net.low_memory, "architecture": model.arch.to_dict()})

@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: <run>/evaluation)")
     p.add_argument("--print-config", action="store_true")
     p = sub.add_parser("synth-preview", help="PNG of synthetic samples drawn from one label map")
-    p.add_argument("labels", help="a label map (NIfTI, FreeSurfer ids)")
+    p.add_argument("labels", help="a label map (NIfTI, FreeSurfer ids), or a folder of them (see --index)")
     p.add_argument("out_png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs="+", default=None, help="crop size (one or three ints)")
+    p.add_argument("--preset", default="brainid", help="generator preset (brainid, brainid-extended, mild)")
+    p.add_argument("--index", type=int, default=0, help="which label map of a folder")
+    p.add_argument("--t1-dir", default=None, help="folder of T1s named like the label maps (the target)")
     return parser
 
 
@@ -89,7 +92,8 @@ def run_command(args) -> int:
         size = None
         if args.size:
             size = tuple(args.size * 3) if len(args.size) == 1 else tuple(args.size)
-        kwargs = {"seed": args.seed} | ({"size": size} if size else {})
+        kwargs = {"seed": args.seed, "preset": args.preset, "index": args.index, "t1_dir": args.t1_dir}
+        kwargs |= {"size": size} if size else {}
         out = write_preview(args.labels, args.out_png, **kwargs)
         print(out or args.out_png)
         return 0

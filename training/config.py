@@ -78,8 +78,10 @@ DEFAULTS: dict = {
     "adapt": {
         "tasks": ["segmentation"],
         "freeze_backbone": True,
-        "low_memory_features": True,    # frozen backbone: the model's low-memory no_grad path (false: plain
-                                        # no_grad forward, faster on GPUs and tiny volumes, more memory)
+        "low_memory_features": "auto",  # frozen backbone features: true = the model's low-memory no_grad path
+                                        # (slower), false = plain no_grad forward; auto: low-memory only when
+                                        # the plain forward would need more than adapt.plain_forward_gb
+        "plain_forward_gb": 4.0,
         "corruption": "mild",           # mild | severe | none: corruption of real images
         "description": "",
         "heads": {},                    # task -> existing head file to continue from
@@ -106,7 +108,7 @@ POSITIVE = {"run.max_steps", "run.log_every", "run.checkpoint_every", "data.subj
             "model.f_maps", "model.levels", "model.num_groups", "loss.contrastive_voxels", "evaluate.subjects"}
 NON_NEGATIVE = {"run.stop_at_step", "run.threads", "data.mild", "data.severe", "data.num_workers",
                 "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
-                "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation"}
+                "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "adapt.plain_forward_gb"}
 TASK_NAMES = ("anatomy", "segmentation", "super_resolution", "bias_field")
 
 
@@ -252,6 +254,10 @@ def validate(cfg: Config) -> None:
         if key == "data.size":
             size3(value)
             continue
+        if key == "adapt.low_memory_features":
+            if value not in ("auto", True, False):
+                raise ConfigError(f"adapt.low_memory_features must be auto, true or false, got {value!r}")
+            continue
         if not _type_ok(default, value):
             raise ConfigError(f"config key '{key}' must be a {type(default).__name__}, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
@@ -280,5 +286,10 @@ def validate(cfg: Config) -> None:
     bad = [t for t in tasks if t not in TASK_NAMES]
     if bad or not tasks:
         raise ConfigError(f"adapt.tasks must list some of {', '.join(TASK_NAMES)}, got {tasks!r}")
-    if cfg["model"]["f_maps"] % cfg["model"]["num_groups"] and cfg["model"]["f_maps"] >= cfg["model"]["num_groups"]:
-        raise ConfigError(f"model.f_maps ({cfg['model']['f_maps']}) must be a multiple of model.num_groups ({cfg['model']['num_groups']})")
+    f, g, levels = cfg["model"]["f_maps"], cfg["model"]["num_groups"], cfg["model"]["levels"]
+    widths = [f * 2**i for i in range(levels)]
+    normalised = [max(f // 2, 1), *widths] + [widths[i] + widths[i + 1] for i in range(levels - 1)]
+    bad = sorted({c for c in normalised if c >= g and c % g})
+    if bad:
+        raise ConfigError(f"model.f_maps={f} with model.num_groups={g}: GroupNorm cannot split {bad[0]} channels into "
+                          f"{g} groups; use f_maps a multiple of 2*num_groups (e.g. {2 * g}, {4 * g})")

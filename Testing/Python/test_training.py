@@ -157,11 +157,13 @@ def test_adapt_on_real_nifti(tmp_path):
     manifest.write_text(json.dumps([_write_real_subject(tmp_path, i) for i in range(2)]))
     run = tmp_path / "run"
     cfg = load_config("smoke", [f"run.dir={run}", "run.max_steps=2", f"model.init={init}", "data.source=nifti",
-                                f"data.subjects={manifest}", "adapt.tasks=[segmentation, anatomy, super_resolution, bias_field]"])
+                                f"data.subjects={manifest}", "adapt.tasks=[segmentation, anatomy, super_resolution, bias_field]",
+                                "adapt.low_memory_features=true"])
     from training.adapt import make_job
 
     summary = train(cfg, "adapt", make_job)
     assert summary["step"] == 2 and not summary["interrupted"]
+    assert json.loads((run / "config.json").read_text())["low_memory_features"] is True
     log = read_log(run)
     assert {"seg_ce", "anat_l1", "sr_l1", "bias_l2"} <= set(log[-1])
     loaded = bid.load_model(init, heads={t: run / f"{t}_head.safetensors" for t in ("segmentation", "super_resolution")})
