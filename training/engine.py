@@ -240,7 +240,11 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
+        rank_rng = ckpt_path.parent / f"rng_rank{dist.rank}.pt"
+        if dist.rank and rank_rng.is_file() and ckpt.get("world_size", 1) == dist.world_size:
+            set_rng_state(load_checkpoint(rank_rng)["rng"])  # this rank's own generators
+        else:
+            set_rng_state(ckpt["rng"])
         step, elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
         if ckpt.get("world_size", 1) != dist.world_size and dist.is_main:
             print(f"warning: checkpoint was written with {ckpt.get('world_size')} processes, resuming with "
@@ -260,6 +264,8 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
                 "net": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else {},
                 "world_size": dist.world_size, "elapsed_s": elapsed_before + (time.time() - t_start), "reason": reason})
+        elif dist.enabled:  # other ranks keep their own random-generator states beside it
+            save_checkpoint(ckpt_path.parent / f"rng_rank{dist.rank}.pt", {"step": step})
         distributed.barrier(dist)
 
     pbar = None

@@ -232,10 +232,15 @@ def test_ddp_gloo_two_processes(label_dir, tmp_path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port),
-           "-m", "training.cli", "pretrain", *smoke(label_dir, run, "--set", "run.max_steps=3")]
-    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "training.cli", "pretrain"]
+    # stop after 2 steps (rank 0 checkpoints, rank 1 keeps its RNG state beside), then resume on 2 ranks
+    done = subprocess.run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"),
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints" / "rng_rank1.pt").is_file() and not (run / "summary.json").exists()
+    done = subprocess.run(launch + ["--resume", str(run), "--set", "run.stop_at_step=0"],
+                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
