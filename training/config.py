@@ -17,9 +17,8 @@ from BrainIDLib.errors import BrainIDError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Keys whose value is free-form (a dict or list the code interprets itself).
-FREE_FORM = {"data.generator", "data.subjects", "adapt.heads", "evaluate.heads", "evaluate.families",
-             "evaluate.regimes", "optim.milestones", "data.size", "data.labels"}
+# Sections whose content is free-form (passed on as keyword arguments or {task: file}).
+FREE_FORM = {"data.generator", "adapt.heads", "evaluate.heads"}
 
 DEFAULTS: dict = {
     "run": {

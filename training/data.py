@@ -177,13 +177,8 @@ def make_generator(data_cfg: dict, size, device: str = "cpu"):
         raise BrainIDError(f"the synthetic generator (BrainIDLib.synth) is not available: {e}") from None
     kwargs = dict(data_cfg.get("generator") or {})
     kwargs.setdefault("preset", "brainid")
-    kwargs.update(_sample_counts(data_cfg))
+    kwargs.update(n_mild=int(data_cfg["mild"]), n_severe=int(data_cfg["severe"]))
     return SubjectGenerator(size=tuple(size), device=device, **kwargs)
-
-
-def _sample_counts(data_cfg: dict) -> dict:
-    """Mild/severe sample counts in the generator's keyword names (set by data.mild / data.severe)."""
-    return {"n_mild": int(data_cfg.get("mild", 2)), "n_severe": int(data_cfg.get("severe", 2))}
 
 
 def step_loader(dataset, start: int, stop: int, num_workers: int = 0):
@@ -191,7 +186,17 @@ def step_loader(dataset, start: int, stop: int, num_workers: int = 0):
     if num_workers <= 0:
         return (dataset[s] for s in range(start, stop))
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
-                                            num_workers=num_workers, prefetch_factor=2, persistent_workers=False))
+                                            num_workers=num_workers, prefetch_factor=2, persistent_workers=False,
+                                            worker_init_fn=_ignore_stop_signals))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave stopping to the main process, which
+    checkpoints first and then shuts them down."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- real images ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from BrainIDLib.devices import select_device
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 
-from .config import CONFIG_DIR, Config, load_config, size3
+from .config import Config, load_config, size3
 from .data import corrupt, degrade_to, list_files, make_generator, seed_for, _load_array
 from .engine import read_log
 
@@ -409,4 +409,4 @@ def evaluate_command(args) -> dict:
     return evaluate(cfg, model, out, run_dir, args.labels, name, heads)
 
 
-__all__ = ["evaluate", "evaluate_command", "FAMILIES", "REGIMES", "CONFIG_DIR"]
+__all__ = ["evaluate", "evaluate_command", "FAMILIES", "REGIMES"]
