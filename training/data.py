@@ -315,20 +315,26 @@ CORRUPTION = {  # the spec's mild / severe settings, intensities on a [0, 1] sca
 }
 
 
-def corrupt(x: torch.Tensor, level: str, rng: np.random.Generator, gen: torch.Generator) -> dict:
-    """Gamma, bias field, random resolution and noise on a (1,1,D,H,W) image in [0, 1].
+def corrupt(x: torch.Tensor, level: str, rng: np.random.Generator, gen: torch.Generator,
+            regime: str | None = None) -> dict:
+    """Gamma, bias field, resolution (random regime unless given) and noise on a (1,1,D,H,W) image
+    in [0, 1].
 
     Returns the corrupted input, the image before the resolution step (the super-resolution
     target) and the multiplicative bias field applied."""
     size = x.shape[2:]
     if level == "none":
-        return {"inputs": x, "clean": x, "bias_field": torch.ones_like(x), "regime": "1mm"}
+        low = x if regime is None else degrade_to(x, regime, rng)
+        return {"inputs": low, "clean": x, "bias_field": torch.ones_like(x), "regime": regime or "1mm"}
     p = CORRUPTION[level]
     x = x.clamp_min(0) ** float(np.exp(rng.normal(0, p["gamma"])))
     grid = int(rng.integers(3, 6))
     bias = torch.exp(_smooth_field(size, grid, float(rng.uniform(*p["bias"])), gen))[None, None]
     clean = (x * bias).clamp(0, None)
-    low, regime = degrade_resolution(clean, rng)
+    if regime is None:
+        low, regime = degrade_resolution(clean, rng)
+    else:
+        low = degrade_to(clean, regime, rng)
     noisy = (low + torch.randn(low.shape, generator=gen) * float(rng.uniform(*p["noise"]))).clamp_min(0)
     scale = noisy.max().clamp_min(1e-6)
     return {"inputs": noisy / scale, "clean": clean / scale, "bias_field": bias, "regime": regime}
@@ -364,7 +370,7 @@ class NiftiSteps(torch.utils.data.Dataset):
 
         return self._cache.get(index, load)
 
-    def draw(self, index: int, seed: int) -> dict:
+    def draw(self, index: int, seed: int, regime: str | None = None) -> dict:
         s = self._load(index)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -372,7 +378,7 @@ class NiftiSteps(torch.utils.data.Dataset):
         starts = _crop_start(mask, s["image"].shape, self.size, rng)
         image = crop_or_pad(minmax(torch.from_numpy(s["image"]), 0.5, 99.5), starts, self.size)[None, None]
         out = {}
-        samples = [corrupt(image, self.corruption, rng, gen) for _ in range(self.samples)]
+        samples = [corrupt(image, self.corruption, rng, gen, regime) for _ in range(self.samples)]
         for key in ("inputs", "clean", "bias_field"):
             out[key] = torch.cat([smp[key] for smp in samples])
         if "t1" in s:

@@ -32,7 +32,8 @@ from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 
 from .config import Config, load_config, size3
-from .data import corrupt, degrade_to, list_files, make_generator, seed_for, _load_array
+from .data import NiftiSteps, _load_array, corrupt, list_files, make_generator, seed_for
+from .adapt import NEEDS
 from .engine import read_log
 
 FAMILIES = ("t1", "t2", "flair", "ct", "gmm")
@@ -86,15 +87,13 @@ class ConditionSampler:
         if family == "t2":
             head = (draw["labels"] > 0)[None, None]
             render = torch.where(head, (1.05 - render).clamp(0, 1), torch.zeros_like(render))
-        rng = np.random.default_rng(seed % 2**32)
-        g = torch.Generator().manual_seed(seed % 2**63)
-        sample = corrupt(render, "mild", rng, g)
-        clean, bias = sample["clean"], sample["bias_field"]
-        inputs = degrade_to(clean, regime, rng)
-        noise = float(rng.uniform(0, 0.02 / 255))
-        inputs = (inputs + noise * torch.randn(inputs.shape, generator=g)).clamp_min(0)
-        top = inputs.max().clamp_min(1e-6)
-        return {**draw, "inputs": inputs / top, "clean": clean / top, "bias_field": bias}
+        sample = corrupt(render, "mild", np.random.default_rng(seed % 2**32), torch.Generator().manual_seed(seed % 2**63), regime)
+        return {**draw, "inputs": sample["inputs"], "clean": sample["clean"], "bias_field": sample["bias_field"]}
+
+
+def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
+    labels = torch.from_numpy(_load_array(path, np.int32))
+    return lambda family, regime: sampler.draw(labels, None, family, regime, draw_seed)
 
 
 def _model_and_heads(cfg: Config, args, run_dir: Path | None):
@@ -129,36 +128,48 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
     device = select_device(cfg["run"]["device"])
     model = model.to(device).eval()
     size = size3(cfg["data"]["size"])
-    files = list_files(labels_spec or cfg["data"]["labels"], "label maps to evaluate on (data.labels / --labels)")
-    files = files[: int(ec["subjects"])]
     families = [f for f in ec["families"] if f in FAMILIES]
     regimes = [r for r in ec["regimes"] if r in REGIMES]
     unknown = sorted(set(ec["families"]) - set(FAMILIES)) + sorted(set(ec["regimes"]) - set(REGIMES))
     if unknown or not families or not regimes:
         raise BrainIDError(f"evaluate.families must be among {', '.join(FAMILIES)} and evaluate.regimes among "
                            f"{', '.join(REGIMES)} (unknown: {', '.join(unknown) or 'none'})")
-    sampler = ConditionSampler(cfg, size)
+    seed = int(cfg["run"]["seed"])
+    if cfg["data"]["source"] == "nifti":  # real images: one family, each regime applied to the 1 mm image
+        real = NiftiSteps({**cfg["data"], "mild": 1}, seed, corruption=cfg["adapt"]["corruption"])
+        families = ["real"]
+        n = min(int(ec["subjects"]), len(real.subjects))
+        subjects = [(Path(real.subjects[i]["image"]).name,
+                     lambda family, regime, i=i: real.draw(i, seed_for(seed, 900_001, i) % 2**32, regime))
+                    for i in range(n)]
+        notes = [f"real images from data.subjects, {cfg['adapt']['corruption']} corruption, each regime simulated "
+                 "from the 1 mm image"]
+    else:
+        sampler = ConditionSampler(cfg, size)
+        files = list_files(labels_spec or cfg["data"]["labels"], "label maps to evaluate on (data.labels / --labels)")
+        subjects = [(p.name, _generator_subject(sampler, p, seed_for(seed, 900_001, i) % 2**62))
+                    for i, p in enumerate(files[: int(ec["subjects"])])]
+        notes = [FALLBACK_NOTE] if {"t1", "t2"} & set(families) else []
     tasks = model.tasks
-    notes = [FALLBACK_NOTE] if {"t1", "t2"} & set(families) else []
     rows, examples = [], {}
     structure_dice: dict[str, list] = {}
     feature_stats = {"per_subject": []}
     subject_feats = []
-    seed = int(cfg["run"]["seed"])
-    for si, path in enumerate(files):
-        labels = _load_array(path, np.int32)
-        t1 = None
-        draw_seed = seed_for(seed, 900_001, si) % 2**62
+    for si, (name, draw_fn) in enumerate(subjects):
         vox = None
         feats_conditions, cond_names, mask_k = [], [], None
         for family in families:
             for regime in regimes:
-                draw = sampler.draw(torch.from_numpy(labels), t1, family, regime, draw_seed)
+                draw = draw_fn(family, regime)
                 x = draw["inputs"][:1].to(device).float()
                 feats = model.features(x)
-                row = {"subject": path.name, "family": family, "regime": regime}
-                mask = (draw["segmentation"] > 0).to(device)
+                row = {"subject": name, "family": family, "regime": regime}
+                mask = draw["mask"] if "mask" in draw else (draw["segmentation"] > 0 if "segmentation" in draw
+                                                               else draw["inputs"][0, 0] > 0.05)
+                mask = mask.to(device)
                 for task in tasks:
+                    if NEEDS[task] not in draw:
+                        continue  # no reference for this task in this data
                     out = model.apply_head(task, feats, x)[0]
                     if task == "segmentation":
                         pred_ids = _to_ids(out.argmax(0))
@@ -188,7 +199,7 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
                         examples["target"] = draw["target_t1"][0].float().numpy()
                 if ec["features"]:
                     if vox is None:
-                        g = torch.Generator().manual_seed(draw_seed)
+                        g = torch.Generator().manual_seed(seed_for(seed, 900_002, si))
                         n = int(np.prod(size))
                         vox = torch.randperm(n, generator=g)[: min(FEATURE_VOXELS, n)].to(device)
                         mask_k = mask.reshape(-1)[vox].cpu()
@@ -197,7 +208,7 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
                 rows.append(row)
         if ec["features"] and len(feats_conditions) >= 2:
             stack = torch.stack(feats_conditions)  # (S, C, K)
-            fs = {"subject": path.name, "consistency_all": M.feature_consistency(stack, mask_k)}
+            fs = {"subject": name, "consistency_all": M.feature_consistency(stack, mask_k)}
             for family in families:
                 idx = [i for i, c in enumerate(cond_names) if c[0] == family]
                 if len(idx) >= 2:
@@ -222,8 +233,8 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
     summary = _summarise(rows, families, regimes)
     report = {
         "model": model_name, "heads": {k: str(v) for k, v in (head_files or {}).items()}, "tasks": tasks,
-        "label_maps": [p.name for p in files], "size": list(size), "families": families, "regimes": regimes,
-        "severity": sampler.severity, "notes": notes, "conditions": rows, "summary": summary,
+        "label_maps": [name for name, _ in subjects], "size": list(size), "families": families, "regimes": regimes,
+        "notes": notes, "conditions": rows, "summary": summary,
         "per_structure_dice": {k: _nanmean(v) for k, v in structure_dice.items()},
         "features": {k: v for k, v in feature_stats.items()},
         "psnr_cap_db": M.PSNR_CAP_DB,

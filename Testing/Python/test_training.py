@@ -172,6 +172,19 @@ def test_adapt_on_real_nifti(tmp_path):
     assert torch.equal(loaded.backbone.state_dict()["encoders.0.basic_module.SingleConv1.conv.weight"],
                        model.backbone.state_dict()["encoders.0.basic_module.SingleConv1.conv.weight"])
 
+    # evaluation on the real images, each resolution regime simulated from the 1 mm image
+    from training.evaluate import evaluate
+
+    loaded = bid.load_model(init, heads={t: run / f"{t}_head.safetensors"
+                                         for t in ("segmentation", "anatomy", "super_resolution", "bias_field")})
+    eval_cfg = load_config(None, ["evaluate.regimes=[1mm, thick_slice]"], base=cfg)
+    report = evaluate(eval_cfg, loaded, tmp_path / "eval", run)
+    assert report["families"] == ["real"] and len(report["conditions"]) == 4
+    row = report["summary"]["real"]["thick_slice"]
+    assert 0 <= row["dice_mean"] <= 1 and row["anatomy_psnr"] > 0 and row["bias_field_nl2"] >= 0
+    assert report["features"]["consistency"] > 0.5  # same anatomy, two regimes
+    assert (tmp_path / "eval" / "evaluation.md").is_file()
+
 
 # --- never lose work ------------------------------------------------------------------------
 
