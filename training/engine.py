@@ -318,7 +318,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
                     f"{k}={v:.4g}" for k, v in means.items()) + f" lr={lr:.3g}"
                 (pbar.write(line) if pbar is not None else print(line, file=sys.stderr))
                 interval.clear()
-            want_stop = stop.signal is not None or (run_cfg["stop_at_step"] and step >= int(run_cfg["stop_at_step"]) and step < max_steps)
+            want_stop = stop.signal is not None or (step == int(run_cfg["stop_at_step"]) and step < max_steps)
             if distributed.any_rank(dist, want_stop):
                 interrupted = stop.signal or f"stop_at_step {step}"
                 checkpoint("interrupted")
