@@ -70,7 +70,8 @@ def write_preview(labels_path_or_dir, out_png, seed: int = 0, size=(128, 128, 12
     for i in range(inputs.shape[0]):
         kind = "severe" if sev[i] >= 0.5 else "mild"
         sp = "x".join(f"{v:.1f}" for v in p["spacing"][i])
-        extra = " CT" if p["ct"][i] else (" FLAIR" if p["flair"][i] else "")
+        extra = next((f" {name}" for key, name in (("ct", "CT"), ("flair", "FLAIR"), ("t1", "T1"), ("t2", "T2"))
+                      if key in p and p[key][i]), "")
         title = (f"{kind} s={sev[i]:.2f}{extra}\n{REGIME_NAMES[int(p['regime'][i])]} {sp} mm\n"
                  f"noise {p['noise_std'][i]:.1f} bias {p['bias_std'][i]:.2f} gamma {p['gamma'][i]:.2f}")
         columns.append((title, _slices(inputs[i]), dict(cmap="gray", vmin=0, vmax=1)))

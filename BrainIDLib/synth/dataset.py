@@ -138,7 +138,9 @@ class LabelMapDataset(Dataset):
         self.epoch = int(epoch)
 
     def set_step(self, step: int | None) -> None:
-        """Training step for the curriculum schedule."""
+        """Training step for the curriculum schedule. Without it, item i of epoch e counts as step
+        e * len(dataset) + i (one draw per step), which also works inside DataLoader workers as long
+        as set_epoch() is called before each epoch's iterator is made."""
         self.step = step
 
     def t1_path(self, label_path: Path) -> Path | None:
@@ -169,8 +171,11 @@ class LabelMapDataset(Dataset):
         seed = self.item_seed(index)
         name = os.path.basename(str(self.files[index % len(self.files)]))
         if not self.generate:
-            return {"labels": labels, "t1": t1 if t1 is not None else torch.empty(0), "seed": seed, "name": name}
-        draw = self.generator(labels, t1=t1, seed=seed, step=self.step)
+            step = self.step if self.step is not None else self.epoch * self.length + int(index)
+            return {"labels": labels, "t1": t1 if t1 is not None else torch.empty(0), "seed": seed, "name": name,
+                    "step": step}
+        step = self.step if self.step is not None else self.epoch * self.length + int(index)
+        draw = self.generator(labels, t1=t1, seed=seed, step=step)
         draw["seed"] = torch.tensor(seed)
         draw["name"] = name
         return draw

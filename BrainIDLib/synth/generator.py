@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
         "resolution_probs": ((0.25, 0.25, 0.25, 0.25), (0.25, 0.25, 0.25, 0.25)),
         "blur_factor": (0.85, 1.15),
         # options beyond the official generator (off here)
-        "ct_prob": 0.0, "flair_prob": 0.0,
+        "ct_prob": 0.0, "flair_prob": 0.0, "t1_prob": 0.0, "t2_prob": 0.0,
         "motion_prob": (0.0, 0.0), "motion_strength": ((0.0, 0.0), (0.0, 0.0)),
         "pv_prob": 0.0, "pv_sigma": (0.0, 0.0),
         # sample mix
@@ -50,7 +50,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESETS["brainid-extended"] = dict(
-    PRESETS["brainid"], ct_prob=0.1, flair_prob=0.1, motion_prob=(0.0, 0.3),
+    PRESETS["brainid"], ct_prob=0.1, flair_prob=0.1, t1_prob=0.1, t2_prob=0.1, motion_prob=(0.0, 0.3),
     motion_strength=((0.0, 0.05), (0.05, 0.25)), pv_prob=0.5, pv_sigma=(0.3, 1.0))
 # data for downstream heads: mild corruption only (the official adaptation recipe) with the full
 # resolution mix
@@ -67,8 +67,10 @@ def _range_at(pair, s: float) -> tuple[float, float]:
 
 
 def _to_tensor(x, device, dtype=None) -> torch.Tensor:
-    if hasattr(x, "get_fdata") or hasattr(x, "dataobj"):  # nibabel image
-        x = np.asarray(x.dataobj)
+    if hasattr(x, "dataobj"):  # nibabel image: RAS-like axis order, so that axis 0 is left/right
+        import nibabel as nib
+
+        x = np.asarray(nib.as_closest_canonical(x).dataobj)
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not torch.is_tensor(x):
@@ -86,8 +88,8 @@ def _to_tensor(x, device, dtype=None) -> torch.Tensor:
 class SubjectGenerator:
     """Synthetic subject draws from a label map. See the module docstring.
 
-    preset: "brainid" (official steps and ranges), "brainid-extended" (+ CT-like / FLAIR-like
-    contrast, motion/ghosting, partial-volume blur), "mild" (4 mild samples); keyword overrides
+    preset: "brainid" (official steps and ranges), "brainid-extended" (+ CT-like / FLAIR-like /
+    T1-like (SynthSeg T1 priors) / T2-like contrast, motion/ghosting, partial-volume blur), "mild" (4 mild samples); keyword overrides
     replace single preset entries. schedule: "fixed" (n_mild at severity 0, n_severe at 1) or
     "curriculum" (pass step=... to each call). label_table: None/"synthseg", a LabelTable, a JSON
     path or a {label: class} dict. lr_axis: the left/right axis of the label maps (0 for RAS/LAS).
@@ -144,9 +146,9 @@ class SubjectGenerator:
         size = self.size
         labels = _to_tensor(labels, dev)
         if labels.is_floating_point():
-            labels = labels.round().to(torch.int32)
+            labels = torch.nan_to_num(labels).round().to(torch.int32)
         if t1 is not None:
-            t1 = _to_tensor(t1, dev, torch.float32)
+            t1 = torch.nan_to_num(_to_tensor(t1, dev, torch.float32))
             if t1.shape != labels.shape:
                 raise BrainIDError(f"T1 shape {tuple(t1.shape)} differs from the label map's {tuple(labels.shape)}")
         rng = torch.Generator().manual_seed(int(seed))
@@ -161,7 +163,7 @@ class SubjectGenerator:
         # ---- shared spatial transform: one grid, one resampling of labels (+ T1)
         aff = S.random_affine(rng, cfg["rotation"], cfg["shear"], cfg["scale"])
         disp = S.coarse_displacement(rng, cfg["nonlin_points"], cfg["nonlin_std_max"]) if cfg["nonlin_std_max"] > 0 else None
-        centre = S.random_centre(rng, labels, size)
+        centre = S.random_centre(rng, labels, size, brain_lut=self.table.luts(0, dev)["brain"])
         flip = bool(torch.rand(1, generator=rng) < cfg["flip_prob"])
         box = S.input_box(aff["A"], centre, disp, size, labels.shape)
         sub = labels[tuple(slice(lo, hi) for lo, hi in box)]
@@ -191,10 +193,15 @@ class SubjectGenerator:
         modes = []
         for i in range(n):
             u = float(torch.rand(1, generator=rng))
-            mode = "ct" if u < cfg["ct_prob"] else ("flair" if u < cfg["ct_prob"] + cfg["flair_prob"] else "gmm")
+            mode, acc = "gmm", 0.0
+            for name in ("ct", "flair", "t1", "t2"):
+                acc += cfg[name + "_prob"]
+                if u < acc:
+                    mode = name
+                    break
             modes.append(mode)
             m, s = C.draw_gmm_params(rng, 1, n_classes, cfg["mean_range"], cfg["std_range"], cfg["bg_zero_prob"],
-                                     mode, kinds)
+                                     mode, kinds, luts["class_t1_prior"])
             means[i], stds[i] = m[0], s[0]
         pv = None
         if cfg["pv_prob"] > 0:
@@ -202,7 +209,11 @@ class SubjectGenerator:
         img = C.gmm_image(cls_map, means, stds, noise_gen, pv)
         gstd = torch.tensor([_lerp(cfg["gamma_std"][0], cfg["gamma_std"][1], float(s)) for s in sev])
         log_gamma = torch.randn(n, generator=rng) * gstd
-        img = C.apply_gamma(img, log_gamma)
+        # the 300^(1-g) factor of the gamma is a per-sample scale: instead of a pass over the
+        # volume, the noise std is divided by it and the final divisor multiplied by it (outputs
+        # are divided by their max, so they are the same)
+        img = C.apply_gamma(img, log_gamma, rescale=False)
+        gfac = C.gamma_factor(log_gamma)
 
         # ---- bias field
         b_std = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_std"], float(s))) for s in sev])
@@ -226,15 +237,15 @@ class SubjectGenerator:
             spacing[i] = torch.tensor(res["spacing"])
             thickness[i] = torch.tensor(res["thickness"])
             regime[i] = res["regime"]
-            x = X.degrade(img[i], res, float(noise[i]), noise_gen)
+            x = X.degrade(img[i], res, float(noise[i]) / float(gfac[i]), noise_gen)
             mp = _lerp(cfg["motion_prob"][0], cfg["motion_prob"][1], s)
             if mp > 0 and float(torch.rand(1, generator=rng)) < mp:
                 motion[i] = S.uniform(rng, *_range_at(cfg["motion_strength"], s))
                 x = X.ghosting(x, rng, float(motion[i]))
             top = float(x.max())
             top = top if top > 0 else 1.0
-            divisor[i] = top
-            torch.div(x, top, out=inputs[i, 0]).clamp_(0, 1)
+            divisor[i] = top * float(gfac[i])  # on the official (gamma-rescaled) intensity scale
+            torch.div(x, top, out=inputs[i, 0])  # x >= 0 and x / max(x) <= 1 exactly
             torch.div(img[i], top, out=clean[i, 0])
         return {
             "inputs": inputs,
@@ -250,6 +261,7 @@ class SubjectGenerator:
                 "gamma": torch.exp(log_gamma), "bias_std": b_std, "bias_scale": b_scale, "noise_std": noise,
                 "spacing": spacing, "thickness": thickness, "regime": regime, "motion": motion,
                 "ct": torch.tensor([m == "ct" for m in modes]), "flair": torch.tensor([m == "flair" for m in modes]),
+                "t1": torch.tensor([m == "t1" for m in modes]), "t2": torch.tensor([m == "t2" for m in modes]),
                 "scales": aff["scales"].float(), "angles": aff["angles"].float(),
             },
         }

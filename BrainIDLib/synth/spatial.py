@@ -47,15 +47,24 @@ def coarse_displacement(rng: torch.Generator, points: tuple[int, int], std_max: 
     return torch.randn((3, n, n, n), generator=rng, dtype=torch.float32) * std
 
 
-def foreground_box(labels: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Inclusive min / max index of non-zero voxels per axis (whole volume when empty)."""
+def foreground_box(labels: torch.Tensor, brain_lut: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """Inclusive min / max index per axis of the brain (labels with brain_lut[label] true) or, when
+    there is none, of all non-zero voxels (whole volume when empty)."""
     # a 1-in-4 subsample is enough for a crop centre and 64x cheaper on a 256^3 map
     sub = 4 if min(labels.shape) >= 64 else 1
-    fg = labels[::sub, ::sub, ::sub] > 0
+    small = labels[::sub, ::sub, ::sub]
+    fg = small > 0
+    if brain_lut is not None:
+        ids = small.reshape(-1).long()
+        known = ids < brain_lut.numel()
+        brain = brain_lut.index_select(0, ids.clamp(0, brain_lut.numel() - 1)).view(small.shape)
+        brain &= fg & known.view(small.shape)
+        if bool(brain.any()):
+            fg = brain
     lo, hi = [], []
     for ax in range(3):
         other = tuple(a for a in range(3) if a != ax)
-        prof = fg.any(dim=other[1]).any(dim=other[0]) if fg.numel() else fg
+        prof = fg.any(dim=other[1]).any(dim=other[0])
         idx = torch.nonzero(prof).flatten()
         if idx.numel() == 0:
             lo.append(0)
@@ -66,10 +75,12 @@ def foreground_box(labels: torch.Tensor) -> tuple[list[int], list[int]]:
     return lo, hi
 
 
-def random_centre(rng: torch.Generator, labels: torch.Tensor, size, centre_jitter: float = 1.0) -> list[float]:
-    """Crop centre: centre of the foreground box, shifted at random so that the crop stays inside the
-    box along axes where the box is larger than the crop."""
-    lo, hi = foreground_box(labels)
+def random_centre(rng: torch.Generator, labels: torch.Tensor, size, centre_jitter: float = 1.0,
+                  brain_lut: torch.Tensor | None = None) -> list[float]:
+    """Crop centre: centre of the brain's box (of the head's when the map has no brain labels),
+    shifted at random so that the crop stays inside the box along axes where the box is larger than
+    the crop."""
+    lo, hi = foreground_box(labels, brain_lut)
     c = []
     for ax in range(3):
         mid = 0.5 * (lo[ax] + hi[ax])
@@ -88,22 +99,22 @@ def sampling_grid(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_s
         A[mirror_axis] *= -1
     A = A.to(dtype=torch.float32)
     axes = [torch.arange(s, dtype=torch.float32, device=device) - (s - 1) / 2 for s in size]
-    d = None
+    # voxel index -> [-1, 1] (align_corners=True), per input axis
+    scales = [2.0 / max(n - 1, 1) for n in in_shape]
+    # channels in grid_sample order (x=W, y=H, z=D): channel j holds input axis k = 2 - j
     if disp is not None:
-        d = F.interpolate(disp[None].to(device), size=tuple(size), mode="trilinear", align_corners=True)[0]
-        if mirror_axis is not None:
-            d[mirror_axis] *= -1
-    grid = torch.empty((*size, 3), device=device, dtype=torch.float32)
+        d = disp.to(torch.float32).clone()
+        for k in range(3):
+            d[k] *= scales[k] * (-1.0 if k == mirror_axis else 1.0)
+        g = F.interpolate(d.flip(0)[None].to(device), size=tuple(size), mode="trilinear", align_corners=True)
+    else:
+        g = torch.zeros((1, 3, *size), device=device, dtype=torch.float32)
     for k in range(3):
-        # voxel index -> [-1, 1] (align_corners=True); grid_sample wants (x=W, y=H, z=D) order
-        sc = 2.0 / max(in_shape[k] - 1, 1)
+        sc = scales[k]
         a01 = (float(A[k, 0]) * sc * axes[0]).view(-1, 1, 1) + (float(A[k, 1]) * sc * axes[1]).view(1, -1, 1)
         a2 = (float(A[k, 2]) * sc * axes[2] + (float(centre[k]) * sc - 1.0)).view(1, 1, -1)
-        plane = a01 + a2  # (D, H, W) affine part
-        if d is not None:
-            plane = plane.add_(d[k], alpha=sc)
-        grid[..., 2 - k] = plane
-    return grid[None]
+        g[0, 2 - k].add_(a01).add_(a2)
+    return g.permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3) view; grid_sample takes it as is
 
 
 def input_box(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_shape) -> list[tuple[int, int]]:

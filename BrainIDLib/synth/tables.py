@@ -35,8 +35,10 @@ class LabelTable:
 
     def __init__(self, classes: dict[int, int], pairs=(), t1: dict[int, float] | None = None,
                  kind: dict[int, str] | None = None, seg_merge: dict[int, int] | None = None,
-                 name: str = "custom"):
+                 name: str = "custom", t1_prior: dict[int, tuple] | None = None):
         self.name = name
+        # {label: (mean of the class mean, its spread, mean of the class std, its spread)}, 0-255 scale
+        self.t1_prior = {int(k): tuple(float(x) for x in v) for k, v in (t1_prior or {}).items()}
         self.pairs = tuple(sorted({(int(a), int(b)) for a, b in list(pairs) + list(LEFT_RIGHT_PAIRS)}))
         left_of = {b: a for a, b in self.pairs}
         merged: dict[int, int] = {}
@@ -44,8 +46,10 @@ class LabelTable:
             lab = int(lab)
             partner = left_of.get(lab)
             merged[lab] = int(classes[partner]) if partner in classes else int(c)
-        # compact class ids 0..K-1 (label 0 keeps class 0 if present)
-        uniq = sorted(set(merged.values()), key=lambda c: (c != merged.get(0, -1), c))
+        if 0 not in merged:  # background always has a class of its own, class 0
+            merged[0] = min(merged.values(), default=0) - 1
+        # compact class ids 0..K-1, label 0's class first
+        uniq = sorted(set(merged.values()), key=lambda c: (c != merged[0], c))
         remap = {c: i for i, c in enumerate(uniq)}
         self.classes = {lab: remap[c] for lab, c in merged.items()}
         self.n_classes = len(uniq)
@@ -69,9 +73,13 @@ class LabelTable:
             labels = [int(v) for v in d["labels"]]
             classes = dict(zip(labels, [int(v) for v in d["generation_classes"]]))
             t1 = {}
+            prior = {}
             if "contrast_classes" in d and "t1_prior_means" in d:
                 means = d["t1_prior_means"][0]
                 ccls = d["contrast_classes"]
+                if "t1_prior_stds" in d:
+                    pm, ps = d["t1_prior_means"], d["t1_prior_stds"]
+                    prior = {lab: (pm[0][c], pm[1][c], ps[0][c], ps[1][c]) for lab, c in zip(labels, ccls)}
                 wm = means[ccls[labels.index(2)]] if 2 in labels else max(means)
                 kinds = d.get("kind", {})
                 for lab, c in zip(labels, ccls):
@@ -80,6 +88,8 @@ class LabelTable:
                     t1[lab] = means[c] / wm
             for lab, v in _EXTRA_T1.items():
                 t1.setdefault(lab, v)
+            return cls(classes, d.get("left_right_pairs", ()), t1, d.get("kind"), d.get("segmentation_merge"),
+                       name=os.path.basename(str(path)), t1_prior=prior)
         return cls(classes, d.get("left_right_pairs", ()), t1, d.get("kind"), d.get("segmentation_merge"),
                    name=os.path.basename(str(path)))
 
@@ -116,8 +126,11 @@ class LabelTable:
             kind_l.append(KIND_CODES.get(self.kind.get(lab, _default_kind(lab)), KIND_CODES["gm"]))
         n_classes = max(cls_l) + 1
         kinds = [KIND_CODES["gm"]] * n_classes
-        for lab in range(n - 1, -1, -1):  # the smallest label of a class sets its kind
+        prior = [[float("nan")] * 4 for _ in range(n_classes)]
+        for lab in range(n - 1, -1, -1):  # the smallest label of a class sets its kind and prior
             kinds[cls_l[lab]] = kind_l[lab]
+            if lab in self.t1_prior:
+                prior[cls_l[lab]] = list(self.t1_prior[lab])
         out = {
             "class": torch.tensor(cls_l, dtype=torch.long, device=device),
             "seg": torch.tensor(seg_l, dtype=torch.long, device=device),
@@ -125,7 +138,10 @@ class LabelTable:
             "kind": torch.tensor(kind_l, dtype=torch.long, device=device),
             "n_classes": n_classes,
             "class_kinds": torch.tensor(kinds, dtype=torch.long),
+            "class_t1_prior": torch.tensor(prior, dtype=torch.float32),  # (K, 4), NaN = no prior
             "swap": self.swap_lut(max_label, device),
+            # brain = one of the 33 classes except background and extra-cerebral CSF (crop centring)
+            "brain": torch.tensor([i not in (0, SEGMENTATION_LABELS.index(24)) for i in seg_l], device=device),
         }
         self._cache[key] = out
         return out

@@ -120,6 +120,20 @@ def test_ct_like_bone_bright_flair_csf_dark(lab64):
         assert clean[(lab == 2) | (lab == 41)].mean() < clean[(lab == 3) | (lab == 42)].mean()
 
 
+def test_t1_like_and_t2_like_orderings(lab64):
+    one_mm = ((1, 0, 0, 0), (1, 0, 0, 0))
+    for key, expect_t1 in (("t1_prob", True), ("t2_prob", False)):
+        d = gen(resolution_probs=one_mm, **{key: 1.0})(lab64, seed=2)
+        lab = d["labels"]
+        assert d["params"][key[:2]].all()
+        for i in range(4):
+            x = d["clean"][i, 0] / d["bias_field"][i, 0]
+            wm = float(x[(lab == 2) | (lab == 41)].mean())
+            gm = float(x[(lab == 3) | (lab == 42)].mean())
+            csf = float(x[(lab == 4) | (lab == 43)].mean())
+            assert (wm > gm > csf) if expect_t1 else (csf > gm > wm), (key, wm, gm, csf)
+
+
 def test_seed_determinism(lab64):
     g = gen()
     a, b, c = g(lab64, seed=11), g(lab64, seed=11), g(lab64, seed=12)
@@ -408,3 +422,11 @@ def test_preview_png(tmp_path, lab64):
     out = write_preview(tmp_path, tmp_path / "p.png", seed=1, size=32)
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--labels", str(tmp_path / "missing"), "--out", str(tmp_path / "q.png")]) == 2
+
+
+def test_background_is_class_zero_in_any_table():
+    from BrainIDLib.synth import LabelTable
+
+    t = LabelTable({5: 3, 6: 3, 9: 0})     # no label 0, and another label uses class id 0
+    luts = t.luts(10, "cpu")
+    assert luts["class"][0] == 0 and luts["class"][9] != 0 and luts["class"][5] == luts["class"][6]
