@@ -150,11 +150,12 @@ class GeneratorSteps(torch.utils.data.Dataset):
         return self._gen
 
     def subject(self, index: int):
-        labels = self._cache.get(("lab", index), lambda: _load_array(self.label_files[index], np.int32))
-        t1 = None
-        if self.t1_files is not None:
-            t1 = self._cache.get(("t1", index), lambda: _load_array(self.t1_files[index], np.float32))
-        return labels, t1
+        """(labels, t1 or None) tensors, reoriented to RAS (the generator flips along axis 0) and
+        cropped to the head by the generator's own loader."""
+        from BrainIDLib.synth import load_label_map
+
+        t1_path = None if self.t1_files is None else self.t1_files[index]
+        return self._cache.get(index, lambda: load_label_map(self.label_files[index], t1_path)[:2])
 
     def __getitem__(self, step: int) -> dict:
         draws = []
@@ -162,8 +163,7 @@ class GeneratorSteps(torch.utils.data.Dataset):
             slot = (int(step) * self.world + self.rank) * self.per_step + b
             index = subject_slot(self.seed, slot, len(self.label_files))
             labels, t1 = self.subject(index)
-            draw = self.generator(torch.from_numpy(labels), t1=None if t1 is None else torch.from_numpy(t1),
-                                  seed=seed_for(self.seed, slot))
+            draw = self.generator(labels, t1=t1, seed=seed_for(self.seed, slot))
             draws.append({k: v for k, v in draw.items() if isinstance(v, torch.Tensor)})
         batch = collate_draws(draws)
         batch["step"] = int(step)

@@ -32,7 +32,7 @@ from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 
 from .config import Config, load_config, size3
-from .data import NiftiSteps, _load_array, corrupt, list_files, make_generator, seed_for
+from .data import NiftiSteps, corrupt, list_files, make_generator, seed_for
 from .adapt import NEEDS
 from .engine import read_log
 
@@ -92,7 +92,9 @@ class ConditionSampler:
 
 
 def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
-    labels = torch.from_numpy(_load_array(path, np.int32))
+    from BrainIDLib.synth import load_label_map
+
+    labels = load_label_map(path)[0]
     return lambda family, regime: sampler.draw(labels, None, family, regime, draw_seed)
 
 

@@ -59,6 +59,19 @@ def smoke(label_dir, run_dir, *extra):
     return ["--config", "smoke", "--set", f"data.labels={label_dir}", "--set", f"run.dir={run_dir}", *extra]
 
 
+def _run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    """Run a command in its own session; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])}... timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -215,17 +228,21 @@ def test_killed_run_resumes_exactly(label_dir, tmp_path):
     # 2. SIGTERM to a real process mid-run, then resume in another process
     cmd = [sys.executable, "-m", "training.cli", "pretrain", *smoke(label_dir, killed, *RESUME_ARGS)]
     cmd[cmd.index("run.max_steps=7")] = "run.max_steps=1000"
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_log(killed)) < 2 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 143, err
     step = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 2 <= step < 7, err
-    done = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--resume", str(killed),
-                           "--set", "run.max_steps=7"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = _run([sys.executable, "-m", "training.cli", "pretrain", "--resume", str(killed), "--set", "run.max_steps=7"])
     assert done.returncode == 0, done.stderr
 
     ref_w = _final_weights(ref)
@@ -248,12 +265,10 @@ def test_ddp_gloo_two_processes(label_dir, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(port), "-m", "training.cli", "pretrain"]
     # stop after 2 steps (rank 0 checkpoints, rank 1 keeps its RNG state beside), then resume on 2 ranks
-    done = subprocess.run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"),
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = _run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "rng_rank1.pt").is_file() and not (run / "summary.json").exists()
-    done = subprocess.run(launch + ["--resume", str(run), "--set", "run.stop_at_step=0"],
-                          env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = _run(launch + ["--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
