@@ -337,10 +337,14 @@ def _plots(out_dir: Path, report: dict, examples: dict, run_dir: Path | None) ->
     log = read_log(run_dir) if run_dir is not None else []
     if log:
         fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [r["step"] for r in log]
+        steps = np.array([r["step"] for r in log])
+        window = max(1, len(log) // 20)  # moving average over ~5% of the run: per-step losses are noisy
         for key in [k for k in log[0] if k not in ("step", "lr", "step_time", "grad_norm")]:
-            ax.plot(steps, [r.get(key, float("nan")) for r in log], label=key, lw=1)
-        ax.set_xlabel("step")
+            vals = np.array([r.get(key, float("nan")) for r in log], dtype=float)
+            if window > 1:
+                vals = np.convolve(vals, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], vals, label=key, lw=1)
+        ax.set_xlabel("step" + (f" (moving average of {window})" if window > 1 else ""))
         ax.set_ylabel("loss")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
