@@ -128,7 +128,8 @@ class GeneratorSteps(torch.utils.data.Dataset):
         self.t1_files = self._match_t1(self.cfg.get("t1"))
         self.size = size3(self.cfg["size"])
         self.per_step = int(self.cfg["subjects_per_step"])
-        self._gen = None
+        make_generator(self.cfg, self.size)  # bad generator options fail now, not in a worker later
+        self._gen = None  # each (worker) process builds its own
         self._cache = _LRU(int(self.cfg.get("cache_label_maps", 16)))
 
     def _match_t1(self, spec):

@@ -7,11 +7,10 @@ across conditions and the features of one subject can be compared voxel by voxel
 
 Contrast families
 - gmm: the official random Gaussian-mixture contrast (generator, CT/FLAIR options off).
-- ct, flair: the generator's CT-like / FLAIR-like class means (ct_prob / flair_prob = 1).
-- t1, t2: the generator has no T1/T2 family; as a fallback, T1-like is the generator's canonical
-  T1 render of the deformed labels (SynthSeg T1 priors) and T2-like its inversion inside the head
-  (CSF bright, white matter dark), both corrupted here with the mild gamma/bias/noise settings and
-  the condition's resolution regime (training.data). The report says so.
+- t1, t2, flair, ct: the generator's T1-/T2-/FLAIR-/CT-like class means (<family>_prob = 1).
+  Where a generator lacks t1 or t2, a fallback is used and the report says so: T1-like is the
+  canonical T1 render of the deformed labels (SynthSeg T1 priors), T2-like its inversion inside
+  the head, both corrupted here with the mild settings and the condition's regime (training.data).
 Resolution regimes (spec 3.6): 1mm, thick_slice, low_field, low_iso; the generator's own
 resolution draw is forced to the regime.
 """
@@ -38,13 +37,21 @@ from .engine import read_log
 
 FAMILIES = ("t1", "t2", "flair", "ct", "gmm")
 REGIMES = ("1mm", "thick_slice", "low_field", "low_iso")
-GENERATOR_FAMILY = {"gmm": {"ct_prob": 0.0, "flair_prob": 0.0}, "ct": {"ct_prob": 1.0, "flair_prob": 0.0},
-                    "flair": {"ct_prob": 0.0, "flair_prob": 1.0}}
-FALLBACK_NOTE = ("t1/t2 families: the generator has no T1/T2-like contrast option; T1-like = canonical T1 render "
-                 "of the deformed labels, T2-like = its inversion inside the head, corrupted with mild "
-                 "gamma/bias/noise and the regime's resolution by training.data")
+FALLBACK_NOTE = ("{families}: this generator has no such contrast option; T1-like = canonical T1 render of the "
+                 "deformed labels, T2-like = its inversion inside the head, corrupted with mild gamma/bias/noise and "
+                 "the regime's resolution by training.data")
 FEATURE_VOXELS = 20000
 _SEG_IDS = torch.tensor(SEGMENTATION_LABELS)
+
+
+def family_options(family: str) -> dict | None:
+    """Generator options that force a contrast family (None: the generator lacks it)."""
+    from BrainIDLib.synth import PRESETS
+
+    keys = [f"{f}_prob" for f in FAMILIES if f != "gmm" and f"{f}_prob" in PRESETS["brainid"]]
+    if family != "gmm" and f"{family}_prob" not in keys:
+        return None
+    return {k: 1.0 if k == f"{family}_prob" else 0.0 for k in keys}
 
 
 def _regime_probs(regime: str):
@@ -70,16 +77,16 @@ class ConditionSampler:
             options.setdefault("preset", "brainid")
             if options["preset"] not in ("brainid", "brainid-extended"):
                 options["preset"] = "brainid"
-            options.update(GENERATOR_FAMILY.get(family, GENERATOR_FAMILY["gmm"]))
+            options.update(family_options(family))
             options["resolution_probs"] = _regime_probs(regime)
             dc.update(generator=options, mild=1, severe=0)
             self._gens[key] = make_generator(dc, self.size)
         return self._gens[key]
 
     def draw(self, labels, t1, family: str, regime: str, seed: int) -> dict:
-        gen_family = family if family in GENERATOR_FAMILY else "gmm"
-        draw = self._gen(gen_family, regime)(labels, t1=t1, seed=seed, severity=[self.severity])
-        if family in GENERATOR_FAMILY:
+        native = family_options(family) is not None
+        draw = self._gen(family if native else "gmm", regime)(labels, t1=t1, seed=seed, severity=[self.severity])
+        if native:
             return draw
         # fallback T1-/T2-like: render of the deformed anatomy, corrupted here
         render = draw["target_t1"][None].float()  # (1,1,*size)
@@ -151,7 +158,8 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
         files = list_files(labels_spec or cfg["data"]["labels"], "label maps to evaluate on (data.labels / --labels)")
         subjects = [(p.name, _generator_subject(sampler, p, seed_for(seed, 900_001, i) % 2**62))
                     for i, p in enumerate(files[: int(ec["subjects"])])]
-        notes = [FALLBACK_NOTE] if {"t1", "t2"} & set(families) else []
+        missing = [f for f in families if family_options(f) is None]
+        notes = [FALLBACK_NOTE.format(families="/".join(missing))] if missing else []
     tasks = model.tasks
     rows, examples = [], {}
     structure_dice: dict[str, list] = {}
