@@ -78,7 +78,7 @@ DEFAULTS: dict = {
         "tasks": ["segmentation"],
         "freeze_backbone": True,
         "low_memory_features": "auto",  # frozen backbone features: true = the model's low-memory no_grad path
-                                        # (slower), false = plain no_grad forward; auto: low-memory only when
+                                        # (a little slower), false = plain no_grad forward; auto: low-memory when
                                         # the plain forward would need more than adapt.plain_forward_gb
         "plain_forward_gb": 4.0,
         "corruption": "mild",           # mild | severe | none: corruption of real images
