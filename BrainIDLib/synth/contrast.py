@@ -70,18 +70,22 @@ def draw_gmm_params(rng: torch.Generator, n: int, n_classes: int, mean_range, st
 
 
 def gmm_image(cls_map: torch.Tensor, means: torch.Tensor, stds: torch.Tensor, noise_gen: torch.Generator,
-              pv_sigma: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, *size) image: mean[class] + std[class] * N(0,1); means optionally blurred (partial volume)."""
+              pv_sigma: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, *size) image: mean[class] + std[class] * N(0,1); means optionally blurred (partial volume).
+    `out`: an (n, *size) float32 buffer to write into."""
     n = means.shape[0]
     dev = cls_map.device
     flat = cls_map.reshape(-1)
     means = means.to(dev)
     stds = stds.to(dev)
-    mu = means.index_select(1, flat).view(n, *cls_map.shape)
+    if out is None:
+        out = torch.empty((n, *cls_map.shape), device=dev, dtype=torch.float32)
+    torch.index_select(means, 1, flat, out=out.view(n, -1))
     if pv_sigma is not None and bool((pv_sigma > 0).any()):
-        mu = gaussian_blur(mu, pv_sigma.to(torch.float32), truncate=2.0)
+        out.copy_(gaussian_blur(out, pv_sigma.to(torch.float32), truncate=2.0))
     noise = torch.randn((n, *cls_map.shape), generator=noise_gen, device=dev, dtype=torch.float32)
-    return mu.addcmul_(noise, stds.index_select(1, flat).view(n, *cls_map.shape))
+    noise.view(n, -1).mul_(stds.index_select(1, flat))
+    return out.add_(noise)
 
 
 def apply_gamma(x: torch.Tensor, log_gamma: torch.Tensor, rescale: bool = True) -> torch.Tensor:

@@ -19,10 +19,11 @@ LN5_OVER_PI = math.log(5.0) / math.pi
 REGIMES = ("1mm", "thick_slice", "low_field", "isotropic_low")
 
 
-def bias_field(rng: torch.Generator, size, fractions, stds, device) -> torch.Tensor:
+def bias_field(rng: torch.Generator, size, fractions, stds, device, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n, 1, *size) multiplicative field exp(upsampled N(0, std)), the coarse grid having
     max(2, ceil(fraction * size)) points per axis (upsampled linearly, as the official code)."""
-    out = torch.empty((len(stds), 1, *size), device=device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty((len(stds), 1, *size), device=device, dtype=torch.float32)
     for i, (frac, std) in enumerate(zip(fractions, stds)):
         shape = [max(2, int(math.ceil(float(frac) * s))) for s in size]
         coarse = torch.randn(shape, generator=rng, dtype=torch.float32) * float(std)

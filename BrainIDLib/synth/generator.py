@@ -206,25 +206,21 @@ class SubjectGenerator:
         pv = None
         if cfg["pv_prob"] > 0:
             pv = torch.tensor([uniform_or_zero(rng, cfg["pv_prob"], cfg["pv_sigma"]) for _ in range(n)])
-        img = C.gmm_image(cls_map, means, stds, noise_gen, pv)
         gstd = torch.tensor([_lerp(cfg["gamma_std"][0], cfg["gamma_std"][1], float(s)) for s in sev])
         log_gamma = torch.randn(n, generator=rng) * gstd
         # the 300^(1-g) factor of the gamma is a per-sample scale: instead of a pass over the
         # volume, the noise std is divided by it and the final divisor multiplied by it (outputs
         # are divided by their max, so they are the same)
-        img = C.apply_gamma(img, log_gamma, rescale=False)
         gfac = C.gamma_factor(log_gamma)
-
-        # ---- bias field
         b_std = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_std"], float(s))) for s in sev])
         b_scale = torch.tensor([S.uniform(rng, *_range_at(cfg["bias_scale"], float(s))) for s in sev])
-        bias = X.bias_field(rng, size, b_scale.tolist(), b_std.tolist(), dev)  # (n,1,*size)
-        img = img.mul_(bias[:, 0])
-
-        # ---- resolution, noise, artefacts, normalisation
         noise = torch.tensor([S.uniform(rng, *_range_at(cfg["noise_std"], float(s))) for s in sev])
+
+        # ---- per sample (one sample at a time keeps the working set in cache): contrast, gamma,
+        # bias field, resolution + noise, artefacts, normalisation
         inputs = torch.empty((n, 1, *size), device=dev)
         clean = torch.empty((n, 1, *size), device=dev)
+        bias = torch.empty((n, 1, *size), device=dev)
         spacing = torch.ones(n, 3)
         thickness = torch.ones(n, 3)
         regime = torch.zeros(n, dtype=torch.long)
@@ -232,12 +228,18 @@ class SubjectGenerator:
         divisor = torch.ones(n)
         for i in range(n):
             s = float(sev[i])
+            img = clean[i]  # (1, *size): the clean image is built in place, divided at the end
+            C.gmm_image(cls_map, means[i:i + 1], stds[i:i + 1], noise_gen,
+                        None if pv is None else pv[i:i + 1], out=img)
+            C.apply_gamma(img, log_gamma[i:i + 1], rescale=False)
+            X.bias_field(rng, size, [float(b_scale[i])], [float(b_std[i])], dev, out=bias[i:i + 1])
+            img.mul_(bias[i])
             probs = [_lerp(a, b, s) for a, b in zip(*cfg["resolution_probs"])]
             res = X.draw_resolution(rng, probs, cfg["blur_factor"])
             spacing[i] = torch.tensor(res["spacing"])
             thickness[i] = torch.tensor(res["thickness"])
             regime[i] = res["regime"]
-            x = X.degrade(img[i], res, float(noise[i]) / float(gfac[i]), noise_gen)
+            x = X.degrade(img[0], res, float(noise[i]) / float(gfac[i]), noise_gen)
             mp = _lerp(cfg["motion_prob"][0], cfg["motion_prob"][1], s)
             if mp > 0 and float(torch.rand(1, generator=rng)) < mp:
                 motion[i] = S.uniform(rng, *_range_at(cfg["motion_strength"], s))
@@ -246,7 +248,7 @@ class SubjectGenerator:
             top = top if top > 0 else 1.0
             divisor[i] = top * float(gfac[i])  # on the official (gamma-rescaled) intensity scale
             torch.div(x, top, out=inputs[i, 0])  # x >= 0 and x / max(x) <= 1 exactly
-            torch.div(img[i], top, out=clean[i, 0])
+            img.div_(top)
         return {
             "inputs": inputs,
             "target_t1": target[None],
