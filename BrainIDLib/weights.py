@@ -108,10 +108,11 @@ def _sniff(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return "torch"
-    if head[:1] == b"\x80":  # legacy (non-zip) torch pickle
-        return "torch"
+    # safetensors before the legacy-pickle test: its 8-byte header length may start with 0x80
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] == b"\x80":  # legacy (non-zip) torch pickle
+        return "torch"
     return "unknown"
 
 

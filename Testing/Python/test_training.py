@@ -1,0 +1,285 @@
+"""Headless training: configs, smoke pretrain -> adapt -> evaluate, resume after a kill, DDP on gloo.
+
+Tiny everything: 32^3 phantom label maps (nested ellipsoids with FreeSurfer labels), 24^3 crops,
+a U-Net with f_maps 8 and 3 levels, a few steps.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import BrainIDLib as bid
+from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.weights import save_model
+from training.cli import main
+from training.config import CONFIG_DIR, ConfigError, load_config
+from training.engine import read_log, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def phantom(shape=(32, 32, 32), seed=0) -> np.ndarray:
+    """Nested ellipsoids: cortex around white matter around ventricles, CSF outside, split left/right
+    along axis 0, with FreeSurfer ids (slightly different radii per seed)."""
+    rng = np.random.default_rng(seed)
+    axes = [np.linspace(-1, 1, n) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    s = rng.uniform(0.9, 1.1, 3)
+    r = (x / (0.85 * s[0])) ** 2 + (y / (0.8 * s[1])) ** 2 + (z / (0.7 * s[2])) ** 2
+    left = x < 0
+    lab = np.zeros(shape, np.int16)
+    lab[r < 1.0] = 24
+    lab[r < 0.8] = np.where(left, 3, 42)[r < 0.8]
+    lab[r < 0.5] = np.where(left, 2, 41)[r < 0.5]
+    lab[r < 0.12] = np.where(left, 4, 43)[r < 0.12]
+    deep = (r < 0.3) & (np.abs(y) < 0.2) & (z < 0)
+    lab[deep] = np.where(left, 10, 49)[deep]  # thalami
+    return lab
+
+
+@pytest.fixture(scope="module")
+def label_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("labels")
+    for i in range(3):
+        nib.save(nib.Nifti1Image(phantom(seed=i), np.eye(4)), str(d / f"subject{i}.nii.gz"))
+    return d
+
+
+def smoke(label_dir, run_dir, *extra):
+    return ["--config", "smoke", "--set", f"data.labels={label_dir}", "--set", f"run.dir={run_dir}", *extra]
+
+
+def _run(cmd, timeout=300) -> subprocess.CompletedProcess:
+    """Run a command in its own session; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])}... timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    return env
+
+
+# --- configs --------------------------------------------------------------------------------
+
+def test_shipped_configs_load():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    for required in ("pretrain_brainid", "pretrain_lite_cpu", "smoke", "adapt_segmentation", "adapt_anatomy",
+                     "adapt_super_resolution", "adapt_bias_field"):
+        assert required in names
+    for name in names:
+        load_config(name)
+    official = load_config("pretrain_brainid")
+    assert (official.model.f_maps, official.model.levels) == (64, 5)
+    assert official.data.size == [128, 128, 128] and (official.data.mild, official.data.severe) == (2, 2)
+    assert official.optim.lr == 1e-4 and official.optim.weight_decay == 0.0 and official.optim.schedule == "multistep"
+
+
+def test_overrides_and_clear_errors(capsys):
+    cfg = load_config("smoke", ["optim.lr=3e-4", "data.size=[16,20,24]", "adapt.tasks=[anatomy, bias_field]"])
+    assert cfg.optim.lr == 3e-4 and cfg.data.size == [16, 20, 24] and cfg.adapt.tasks == ["anatomy", "bias_field"]
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config("smoke", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="run.max_steps' must be > 0"):
+        load_config("smoke", ["run.max_steps=0"])
+    with pytest.raises(ConfigError, match="run.amp' must be one of"):
+        load_config("smoke", ["run.amp=fp8"])
+    with pytest.raises(ConfigError, match="optim.lr' must be a float"):
+        load_config("smoke", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="adapt.tasks"):
+        load_config("smoke", ["adapt.tasks=[segmentation, colour]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_config")
+    assert main(["pretrain", "--config", "smoke", "--set", "data.size=4"]) == 2
+    assert "data.size" in capsys.readouterr().err
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smoke_pretrain_adapt_evaluate(label_dir, tmp_path):
+    pre, ada = tmp_path / "pre", tmp_path / "adapt"
+    assert main(["pretrain", *smoke(label_dir, pre, "--set", "run.max_steps=3")]) == 0
+    model_file = pre / "model.safetensors"
+    assert model_file.is_file()
+    record = json.loads((pre / "config.json").read_text())
+    assert record["versions"]["torch"] == torch.__version__ and record["config"]["model"]["f_maps"] == 8
+    assert len(read_log(pre)) == 3 and list((pre / "tensorboard").iterdir())
+    # the pretraining loop refuses to overwrite a run
+    assert main(["pretrain", *smoke(label_dir, pre)]) == 1
+
+    assert main(["adapt", *smoke(label_dir, ada, "--set", "run.max_steps=3", "--set", f"model.init={model_file}",
+                                 "--set", "adapt.tasks=[segmentation, bias_field]")]) == 0
+    head = ada / "segmentation_head.safetensors"
+    model = bid.load_model(model_file, heads={"segmentation": head, "bias_field": ada / "bias_field_head.safetensors"})
+    assert model.heads["segmentation"].out_channels == 33
+    assert model.metadata["heads"]["segmentation"]["labels"][:3] == [0, 14, 15]
+    entries = json.loads((ada / "models_json_entries.json").read_text())
+    assert {e["task"] for e in entries} == {"segmentation", "bias_field"} and all(len(e["sha256"]) == 64 for e in entries)
+    # frozen backbone: the checkpoint holds only the heads
+    ckpt = torch.load(ada / "checkpoints" / "last.pt", weights_only=True)
+    assert all(k.startswith("heads.") for k in ckpt["net"])
+
+    assert main(["evaluate", "--run", str(ada), "--set", "evaluate.regimes=[1mm, low_iso]"]) == 0
+    report = json.loads((ada / "evaluation" / "evaluation.json").read_text())
+    assert report["families"] == ["t1", "t2", "flair", "ct", "gmm"]
+    assert set(report["summary"]["ct"]) == {"1mm", "low_iso", "all"}
+    assert 0 <= report["summary"]["all"]["all"]["dice_mean"] <= 1
+    assert report["summary"]["all"]["all"]["bias_field_nl2"] >= 0
+    assert -1 <= report["features"]["consistency"] <= 1 and "distinctiveness" in report["features"]
+    for png in ("training_curves.png", "dice_per_structure.png", "examples.png"):
+        assert (ada / "evaluation" / png).stat().st_size > 1000
+    assert "| gmm | low_iso |" in (ada / "evaluation" / "evaluation.md").read_text()
+
+
+def _write_real_subject(d: Path, seed: int) -> dict:
+    lab = phantom((28, 30, 26), seed)
+    rng = np.random.default_rng(seed)
+    means = {0: 0, 24: 30, 3: 80, 42: 80, 2: 120, 41: 120, 4: 30, 43: 30, 10: 100, 49: 100}
+    img = np.vectorize(means.get)(lab).astype(np.float32) + rng.normal(0, 3, lab.shape).astype(np.float32)
+    paths = {}
+    for key, arr in (("image", img), ("labels", lab), ("t1", img)):
+        p = d / f"s{seed}_{key}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(p))
+        paths[key] = str(p)
+    return paths
+
+
+def test_adapt_on_real_nifti(tmp_path):
+    model = BrainIDModel(Architecture(f_maps=8, levels=3, num_groups=4), heads={"anatomy": 1})
+    init = save_model(model, tmp_path / "init.safetensors")
+    manifest = tmp_path / "subjects.json"
+    manifest.write_text(json.dumps([_write_real_subject(tmp_path, i) for i in range(2)]))
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [f"run.dir={run}", "run.max_steps=2", f"model.init={init}", "data.source=nifti",
+                                f"data.subjects={manifest}", "adapt.tasks=[segmentation, anatomy, super_resolution, bias_field]",
+                                "adapt.low_memory_features=true"])
+    from training.adapt import make_job
+
+    summary = train(cfg, "adapt", make_job)
+    assert summary["step"] == 2 and not summary["interrupted"]
+    assert json.loads((run / "config.json").read_text())["low_memory_features"] is True
+    log = read_log(run)
+    assert {"seg_ce", "anat_l1", "sr_l1", "bias_l2"} <= set(log[-1])
+    loaded = bid.load_model(init, heads={t: run / f"{t}_head.safetensors" for t in ("segmentation", "super_resolution")})
+    assert loaded.heads["super_resolution"].conv.in_channels == 9  # features + image
+    # the frozen backbone was not touched
+    assert torch.equal(loaded.backbone.state_dict()["encoders.0.basic_module.SingleConv1.conv.weight"],
+                       model.backbone.state_dict()["encoders.0.basic_module.SingleConv1.conv.weight"])
+
+    # evaluation on the real images, each resolution regime simulated from the 1 mm image
+    from training.evaluate import evaluate
+
+    loaded = bid.load_model(init, heads={t: run / f"{t}_head.safetensors"
+                                         for t in ("segmentation", "anatomy", "super_resolution", "bias_field")})
+    eval_cfg = load_config(None, ["evaluate.regimes=[1mm, thick_slice]"], base=cfg)
+    report = evaluate(eval_cfg, loaded, tmp_path / "eval", run)
+    assert report["families"] == ["real"] and len(report["conditions"]) == 4
+    row = report["summary"]["real"]["thick_slice"]
+    assert 0 <= row["dice_mean"] <= 1 and row["anatomy_psnr"] > 0 and row["bias_field_nl2"] >= 0
+    assert report["features"]["consistency"] > 0.5  # same anatomy, two regimes
+    assert (tmp_path / "eval" / "evaluation.md").is_file()
+
+
+# --- never lose work ------------------------------------------------------------------------
+
+RESUME_ARGS = ["--set", "run.max_steps=7", "--set", "optim.schedule=constant", "--set", "optim.ema=0.8",
+               "--set", "loss.contrastive=0.1", "--set", "loss.contrastive_voxels=32", "--set", "loss.segmentation=0.5",
+               "--set", "run.checkpoint_every=100", "--set", "run.threads=2"]  # same threads in every process
+
+
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(label_dir, tmp_path):
+    ref, stopped, killed = tmp_path / "ref", tmp_path / "stopped", tmp_path / "killed"
+    assert main(["pretrain", *smoke(label_dir, ref, *RESUME_ARGS)]) == 0
+    ref_losses = [r["loss"] for r in read_log(ref)]
+    assert len(ref_losses) == 7
+
+    # 1. a planned stop (the same path as a signal): checkpoint, exit, resume
+    assert main(["pretrain", *smoke(label_dir, stopped, *RESUME_ARGS, "--set", "run.stop_at_step=3")]) == 0
+    assert torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert not (stopped / "model.safetensors").exists()
+    assert main(["pretrain", "--resume", str(stopped)]) == 0  # (stop_at_step only stops at that very step)
+
+    # 2. SIGTERM to a real process mid-run, then resume in another process
+    cmd = [sys.executable, "-m", "training.cli", "pretrain", *smoke(label_dir, killed, *RESUME_ARGS)]
+    cmd[cmd.index("run.max_steps=7")] = "run.max_steps=1000"
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_log(killed)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 143, err
+    step = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 2 <= step < 7, err
+    done = _run([sys.executable, "-m", "training.cli", "pretrain", "--resume", str(killed), "--set", "run.max_steps=7"])
+    assert done.returncode == 0, done.stderr
+
+    ref_w = _final_weights(ref)
+    for run in (stopped, killed):
+        losses = [r["loss"] for r in read_log(run)]
+        assert [r["step"] for r in read_log(run)] == list(range(1, 8))
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, atol=1e-6)
+        for k, v in _final_weights(run).items():
+            torch.testing.assert_close(v, ref_w[k], rtol=1e-4, atol=1e-5)
+
+
+# --- multi-process --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes(label_dir, tmp_path):
+    run = tmp_path / "ddp"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "training.cli", "pretrain"]
+    # stop after 2 steps (rank 0 checkpoints, rank 1 keeps its RNG state beside), then resume on 2 ranks
+    done = _run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "checkpoints" / "rng_rank1.pt").is_file() and not (run / "summary.json").exists()
+    done = _run(launch + ["--resume", str(run)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    assert summary["max_rank_difference"] == 0.0  # both ranks hold identical weights
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert len(read_log(run)) == 3  # rank 0 alone writes the log
+    assert bid.load_model(run / "model.safetensors").arch.f_maps == 8
+
+
+def test_synth_preview_is_wired(label_dir, tmp_path):
+    pytest.importorskip("training.synth_preview")
+    out = tmp_path / "preview.png"
+    assert main(["synth-preview", str(label_dir / "subject0.nii.gz"), str(out), "--size", "24"]) == 0
+    assert out.stat().st_size > 1000

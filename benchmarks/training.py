@@ -1,0 +1,144 @@
+"""Training speed: optimizer steps per second of pretraining and head adaptation.
+
+CPU (2 threads): the lite config (pretrain_lite_cpu) — generator draw time and model step time
+(forward + backward + AdamW) measured separately, plus a frozen-backbone adaptation step with the
+low-memory feature path against the plain no_grad forward (the baseline). GPU (when present): the
+official config (128^3, 2 mild + 2 severe, f_maps 64) in float32 and with bf16 autocast, with
+peak memory.
+
+    flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/training.py --labels /data/labelmaps
+Without --labels a 96^3 phantom label map is used (numbers then reflect a small head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import load_config  # noqa: E402
+from training.distributed import DistInfo  # noqa: E402
+
+
+def phantom_dir() -> Path:
+    import nibabel as nib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing" / "Python"))
+    from test_training import phantom
+
+    d = Path(tempfile.mkdtemp(prefix="brainid-bench-"))
+    nib.save(nib.Nifti1Image(phantom((96, 112, 96)), np.eye(4)), str(d / "phantom.nii.gz"))
+    return d
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_pretrain(cfg, device, steps: int, amp_dtype=None) -> dict:
+    from training.pretrain import make_job
+
+    job = make_job(cfg, DistInfo(device=device))
+    net = job.net.to(device).train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    data_times, step_times = [], []
+    batches = job.batches(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 1):  # step 0 is warm-up
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = job.loss(net, batch, i)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i:
+            data_times.append(t1 - t0)
+            step_times.append(t2 - t1)
+    out = {"data_s": float(np.median(data_times)), "model_step_s": float(np.median(step_times))}
+    out["steps_per_s_model"] = 1 / out["model_step_s"]
+    out["steps_per_s_serial"] = 1 / (out["model_step_s"] + out["data_s"])
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def time_adapt(cfg, device, steps: int, low_memory: bool) -> dict:
+    from BrainIDLib.model import Architecture, BrainIDModel
+    from BrainIDLib.weights import save_model
+    from training.adapt import make_job
+
+    tmp = Path(tempfile.mkdtemp(prefix="brainid-bench-"))
+    arch = Architecture(cfg["model"]["f_maps"], cfg["model"]["levels"], cfg["model"]["num_groups"])
+    init = save_model(BrainIDModel(arch, heads={"anatomy": 1}), tmp / "init.safetensors")
+    cfg = load_config(None, [f"model.init={init}", f"adapt.low_memory_features={str(low_memory).lower()}"], base=cfg)
+    job = make_job(cfg, DistInfo(device=device))
+    net = job.net.to(device)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    batches = job.batches(0)
+    batch_list = [next(batches) for _ in range(steps + 1)]
+    times = []
+    for i, batch in enumerate(batch_list):
+        t0 = time.perf_counter()
+        job.train_mode(net)
+        opt.zero_grad(set_to_none=True)
+        loss, _ = job.loss(net, batch, i)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"model_step_s": float(np.median(times)), "steps_per_s_model": 1 / float(np.median(times))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", help="folder/glob of label maps (default: a phantom)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-gpu", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    labels = args.labels or str(phantom_dir())
+    results = {"torch": torch.__version__, "threads": args.threads, "labels": labels}
+
+    cpu = torch.device("cpu")
+    lite = load_config("pretrain_lite_cpu", [f"data.labels={labels}", "data.num_workers=0"])
+    results["cpu_pretrain_lite"] = time_pretrain(lite, cpu, args.steps)
+    print("cpu pretrain (lite, %s^3, %d+%d samples):" % (lite.data.size[0], lite.data.mild, lite.data.severe),
+          json.dumps(results["cpu_pretrain_lite"]), flush=True)
+    adapt_cfg = load_config("pretrain_lite_cpu", [f"data.labels={labels}", "adapt.tasks=[segmentation]",
+                                                  "data.mild=1", "data.severe=0"])
+    for low in (True, False):
+        key = "cpu_adapt_lite_" + ("low_memory" if low else "plain_nograd_baseline")
+        results[key] = time_adapt(adapt_cfg, cpu, args.steps, low)
+        print(f"cpu adapt segmentation head (lite, frozen, {'low-memory' if low else 'plain no_grad'} features):",
+              json.dumps(results[key]), flush=True)
+
+    if torch.cuda.is_available() and not args.skip_gpu:
+        gpu = torch.device("cuda")
+        full = load_config("pretrain_brainid", [f"data.labels={labels}", "data.num_workers=0"])
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            results[f"gpu_pretrain_official_{name}"] = r = time_pretrain(full, gpu, args.steps, dtype)
+            print(f"gpu pretrain (official, 128^3, 2+2 samples, {name}):", json.dumps(r), flush=True)
+        results["gpu_name"] = torch.cuda.get_device_name()
+    else:
+        results["gpu"] = "no CUDA GPU here: official-config figures need one"
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Brain-ID pretraining: generator -> U-Net -> anatomy loss (+ optional contrastive / segmentation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from BrainIDLib.labels import SEGMENTATION_LABELS
+from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.weights import save_model
+
+from . import losses
+from .config import Config
+from .data import GeneratorSteps, seed_for, step_loader
+from .distributed import DistInfo
+from .engine import Job
+
+
+class PretrainNet(nn.Module):
+    """Backbone + heads in one forward (what DDP wraps): returns (features, {task: output})."""
+
+    def __init__(self, model: BrainIDModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        feats = self.model.backbone(x)
+        return feats, {t: self.model.apply_head(t, feats, x) for t in self.model.tasks}
+
+
+def build_model(cfg: Config) -> BrainIDModel:
+    m = cfg["model"]
+    if m["init"]:
+        import BrainIDLib
+
+        model = BrainIDLib.load_model(m["init"])
+        if "anatomy" not in model.heads:
+            model.add_head("anatomy", 1)
+    else:
+        arch = Architecture(f_maps=int(m["f_maps"]), levels=int(m["levels"]), num_groups=int(m["num_groups"]))
+        model = BrainIDModel(arch, heads={"anatomy": 1})
+    if cfg["loss"]["segmentation"] > 0 and "segmentation" not in model.heads:
+        model.add_head("segmentation", len(SEGMENTATION_LABELS))
+    return model
+
+
+def pretrain_loss(cfg: Config, dist: DistInfo):
+    lc = cfg["loss"]
+    seed = int(cfg["run"]["seed"])
+
+    def loss_fn(module: nn.Module, batch: dict, step: int):
+        device = dist.device
+        inputs = batch["inputs"].to(device, non_blocking=True).float()
+        subjects = int(batch["subjects"])
+        per = inputs.shape[0] // subjects
+        feats, outs = module(inputs)
+        target = batch["target_t1"].to(device).float().repeat_interleave(per, dim=0)
+        total, parts = losses.anatomy_loss(outs["anatomy"], target, lc["anatomy_l1"], lc["anatomy_grad"])
+        if lc["segmentation"] > 0:
+            seg = batch["segmentation"].to(device).repeat_interleave(per, dim=0)
+            l_seg, p = losses.segmentation_loss(outs["segmentation"], seg)
+            total = total + lc["segmentation"] * l_seg
+            parts.update(p)
+        if lc["contrastive"] > 0:
+            mask = (batch["segmentation"] > 0).to(device)
+            gen = torch.Generator().manual_seed(seed_for(seed, step, dist.rank, 7) % 2**63)
+            l_con, p = losses.contrastive_loss(feats, subjects, mask, int(lc["contrastive_voxels"]),
+                                               float(lc["contrastive_temperature"]), gen)
+            total = total + lc["contrastive"] * l_con
+            parts.update(p)
+        return total, parts
+
+    return loss_fn
+
+
+def make_job(cfg: Config, dist: DistInfo) -> Job:
+    model = build_model(cfg)
+    data = GeneratorSteps(cfg["data"], int(cfg["run"]["seed"]), dist.rank, dist.world_size)
+    net = PretrainNet(model)
+
+    def export(net: PretrainNet, run_dir: Path) -> dict:
+        model = net.model
+        model.metadata = {
+            "name": cfg["run"]["name"],
+            "description": f"Brain-ID backbone pretrained on synthetic data ({cfg['run']['max_steps']} steps)",
+            "heads": {t: {"out_channels": model.heads[t].out_channels,
+                          **({"labels": list(SEGMENTATION_LABELS)} if t == "segmentation" else {})} for t in model.tasks},
+            "training": {"command": "pretrain", "steps": cfg["run"]["max_steps"], "size": cfg["data"]["size"],
+                         "mild": cfg["data"]["mild"], "severe": cfg["data"]["severe"], "loss": cfg["loss"]},
+        }
+        return {"model": save_model(model.cpu(), run_dir / "model.safetensors")}
+
+    return Job(net=net, batches=lambda start: step_loader(data, start, int(cfg["run"]["max_steps"]), int(cfg["data"]["num_workers"])),
+               loss=pretrain_loss(cfg, dist), export=export,
+               info={"architecture": model.arch.to_dict(), "label_maps": len(data.label_files)})
