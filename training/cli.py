@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 -m training.cli pretrain --config pretrain_brainid --set data.labels=...
     brainid-train adapt --config adapt_segmentation --set model.init=runs/lite/model.safetensors
     brainid-train evaluate --run runs/seg                          # or --weights/--head/--labels
-    brainid-train synth-preview labels.nii.gz preview.png
+    brainid-train synth-preview --labels labels.nii.gz --out preview.png
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: <run>/evaluation)")
     p.add_argument("--print-config", action="store_true")
     p = sub.add_parser("synth-preview", help="PNG of synthetic samples drawn from one label map")
-    p.add_argument("labels", help="a label map (NIfTI, FreeSurfer ids), or a folder of them (see --index)")
-    p.add_argument("out_png")
+    p.add_argument("labels_pos", nargs="?", metavar="LABELS", help="same as --labels")
+    p.add_argument("out_pos", nargs="?", metavar="OUT_PNG", help="same as --out")
+    p.add_argument("--labels", help="a label map (NIfTI, FreeSurfer ids), or a folder of them (see --index)")
+    p.add_argument("--out", help="the PNG to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, nargs="+", default=None, help="crop size (one or three ints)")
     p.add_argument("--preset", default="brainid", help="generator preset (brainid, brainid-extended, mild)")
@@ -89,13 +91,17 @@ def run_command(args) -> int:
     if args.command == "synth-preview":
         from .synth_preview import write_preview
 
+        labels, out_png = args.labels or args.labels_pos, args.out or args.out_pos
+        if not labels or not out_png:
+            raise ConfigError("synth-preview needs --labels FILE_OR_DIR and --out preview.png")
+
         size = None
         if args.size:
             size = tuple(args.size * 3) if len(args.size) == 1 else tuple(args.size)
         kwargs = {"seed": args.seed, "preset": args.preset, "index": args.index, "t1_dir": args.t1_dir}
         kwargs |= {"size": size} if size else {}
-        out = write_preview(args.labels, args.out_png, **kwargs)
-        print(out or args.out_png)
+        out = write_preview(labels, out_png, **kwargs)
+        print(out or out_png)
         return 0
     if args.command == "evaluate":
         from .evaluate import evaluate_command

@@ -279,7 +279,10 @@ def test_ddp_gloo_two_processes(label_dir, tmp_path):
 
 
 def test_synth_preview_is_wired(label_dir, tmp_path):
-    pytest.importorskip("training.synth_preview")
     out = tmp_path / "preview.png"
-    assert main(["synth-preview", str(label_dir / "subject0.nii.gz"), str(out), "--size", "24"]) == 0
-    assert out.stat().st_size > 1000
+    assert main(["synth-preview", "--labels", str(label_dir), "--out", str(out), "--size", "24", "--seed", "1"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+    positional = tmp_path / "positional.png"
+    assert main(["synth-preview", str(label_dir / "subject0.nii.gz"), str(positional), "--size", "24"]) == 0
+    assert positional.stat().st_size > 1000
+    assert main(["synth-preview", "--labels", str(label_dir)]) != 0  # no output named: a clear error
