@@ -39,6 +39,7 @@ SLAB_OVERHEAD_BYTES = 3 * 4 * SLAB_ELEMENTS  # input slab, its padded copy and t
 RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensors around a run
 DEFAULT_OVERLAP_FRACTION = 0.25
 MIN_WINDOW = 64
+GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
 OUTPUT_TASKS = TASKS + ("bias_corrected",)
 
 
@@ -176,13 +177,25 @@ def plan_mode(model: BrainIDModel, padded_shape, device: torch.device, budget_by
     fixed = _weights_bytes(model) + RUNTIME_BYTES
     if estimate_forward_bytes(model, padded_shape, device, out_channels) + fixed <= budget_bytes:
         return "whole", None
-    return "tiled", choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels),
-                                  out_channels, multiple)
+    return "tiled", tile_plan(model, padded_shape, device, budget_bytes, out_channels, multiple)[0]
 
 
-def _accumulator_bytes(shape, out_channels: int) -> int:
-    """The blended outputs (float32) and the weight sum of a tiled run, on the CPU."""
-    return (out_channels + 1) * int(np.prod(shape)) * 4
+def tile_plan(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple[tuple, torch.dtype]:
+    """(window, accumulator dtype) for a tiled run: float32 accumulators unless half-precision ones
+    leave room for a larger window while float32 ones would force windows under GOOD_WINDOW."""
+    fixed = _weights_bytes(model) + RUNTIME_BYTES
+    w32 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 4),
+                        out_channels, multiple)
+    if min(w32) >= min(GOOD_WINDOW, *padded_shape):
+        return w32, torch.float32
+    w16 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 2),
+                        out_channels, multiple)
+    return (w16, torch.float16) if np.prod(w16) > np.prod(w32) else (w32, torch.float32)
+
+
+def _accumulator_bytes(shape, out_channels: int, value_bytes: int = 4) -> int:
+    """The blended outputs and the (float32) weight sum of a tiled run, on the CPU."""
+    return (out_channels * value_bytes + 4) * int(np.prod(shape))
 
 
 def choose_window(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple:
@@ -245,7 +258,8 @@ def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tens
     return w.clamp_min(1e-3)
 
 
-def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress) -> torch.Tensor:
+def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress,
+                   acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Blend overlapping windows with raised-cosine weights (each window normalises on its own)."""
     shape = tuple(x.shape[2:])
     window = tuple(min(w, s) for w, s in zip(window, shape))
@@ -262,7 +276,7 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
             prof.append(_ramp(w, ramp, st > 0, st + w < shape[d]))
         wt = prof[0].view(-1, 1, 1) * prof[1].view(1, -1, 1) * prof[2].view(1, 1, -1)
         if acc is None:
-            acc = torch.zeros((out.shape[0],) + shape, dtype=torch.float32)
+            acc = torch.zeros((out.shape[0],) + shape, dtype=acc_dtype)
             wsum = torch.zeros(shape, dtype=torch.float32)
         acc[(slice(None),) + sl].add_(out.mul_(wt))
         wsum[sl].add_(wt)
@@ -287,8 +301,12 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
     elif mode == "auto":
         mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
     elif mode == "tiled":
-        fixed = _weights_bytes(model) + RUNTIME_BYTES + _accumulator_bytes(shape, out_channels)
-        window = choose_window(model, shape, device, budget_bytes - fixed, out_channels, multiple)
+        window = tile_plan(model, shape, device, budget_bytes, out_channels, multiple)[0]
+    acc_dtype = torch.float32
+    if mode == "tiled":  # half-precision blending only where float32 accumulators would not fit
+        acc_bytes = _weights_bytes(model) + RUNTIME_BYTES + _accumulator_bytes(shape, out_channels, 4)
+        if acc_bytes + estimate_forward_bytes(model, window, device, out_channels) > budget_bytes:
+            acc_dtype = torch.float16
     attempts = 0
     while True:
         attempts += 1
@@ -301,7 +319,7 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
                 return out, mode, None, device
             overlap = max(multiple, int(round(min(window) * DEFAULT_OVERLAP_FRACTION / multiple)) * multiple)
             return (_forward_tiled(model, prep.tensor, heads, want_features, device, window, overlap, multiple,
-                                   progress), "tiled", window, device)
+                                   progress, acc_dtype), "tiled", window, device)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
             if not _is_oom(e) or device.type == "cpu":
                 if _is_oom(e):
@@ -401,6 +419,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         post(i / n_steps, f"mapping {task} back to the input grid")
         c = model.heads[task].out_channels
         chunk = raw[offset : offset + c]
+        if task != "segmentation":  # (its softmax runs in place, in the blending precision)
+            chunk = chunk.float()
         offset += c
         _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
     if keep_features:
