@@ -132,7 +132,9 @@ def _autocast(device: torch.device):
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
 
 
 def available_memory_bytes(device: torch.device) -> int:

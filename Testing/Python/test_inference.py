@@ -379,3 +379,13 @@ def test_half_precision_blending_when_memory_is_tight():
     pred = inf.predict(img, "segmentation", model=m, device="cpu", mode="tiled", memory_budget_gb=1e-4)
     assert pred.mode == "tiled"
     np.testing.assert_array_equal(np.asarray(pred.outputs["segmentation"].dataobj), np.array([0, 17, 53])[lab])
+
+
+def test_cpu_out_of_memory_is_a_clear_error(monkeypatch):
+    def fake(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+
+    monkeypatch.setattr(inf, "_forward_window", fake)
+    img = nib.Nifti1Image(smooth_image((16, 16, 16)), np.eye(4))
+    with pytest.raises(BrainIDError, match="out of memory"):
+        inf.predict(img, "anatomy", model=random_model(), device="cpu")
