@@ -280,11 +280,16 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
         if acc is None:
             acc = torch.zeros((out.shape[0],) + shape, dtype=acc_dtype)
             wsum = torch.zeros(shape, dtype=torch.float32)
-        acc[(slice(None),) + sl].add_(out.mul_(wt))
+        out.mul_(wt)
+        acc[(slice(None),) + sl].add_(out if out.dtype == acc_dtype else out.to(acc_dtype))
         wsum[sl].add_(wt)
         del out
     progress(1.0, "tiles blended")
-    return acc.div_(wsum)
+    if acc.dtype == torch.float32:
+        return acc.div_(wsum)
+    for c in range(acc.shape[0]):  # channel by channel: no full-size float32 temporary
+        acc[c] = acc[c].float().div_(wsum)
+    return acc
 
 
 def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,

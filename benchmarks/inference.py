@@ -111,7 +111,16 @@ def run_case(name: str, threads: int, budget_gb: float) -> dict:
         m = _model(seg_head=True)
         base = _peak_gb()
         t0, c0 = time.perf_counter(), time.process_time()
-        pred = predict(img, tasks=["segmentation"], model=m, device="cpu", mode="tiled", memory_budget_gb=budget_gb)
+        stages = []
+
+        def trace(fraction, message):  # peak memory so far at each step (to find what sets the peak)
+            if not stages or stages[-1][1].split(" ")[0] != message.split(" ")[0]:
+                stages.append((round(fraction, 3), message, round(_peak_gb(), 2)))
+
+        pred = predict(img, tasks=["segmentation"], model=m, device="cpu", mode="tiled", memory_budget_gb=budget_gb,
+                       progress=trace)
+        stages.append((1.0, "returned", round(_peak_gb(), 2)))
+        result["stages"] = stages
         result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, peak_gb=_peak_gb(), idle_gb=base, source=source,
                       shape=list(img.shape), window=list(pred.window or []), mode=pred.mode)
     elif name == "agreement":
@@ -178,6 +187,8 @@ def main(argv=None) -> int:
                   f"per channel median {r['corr_channel_median']:.4f} min {r['corr_channel_min']:.4f}; "
                   f"whole {r['whole_seconds']:.1f} s, tiled {r['tiled_seconds']:.1f} s", flush=True)
         else:
+            if "stages" in r:
+                print("               peak by step: " + "; ".join(f"{m} {g} GB" for _, m, g in r["stages"]), flush=True)
             extra = f"  [{r.get('source', '')}, {'x'.join(map(str, r['shape']))}, windows {'x'.join(map(str, r['window']))}]" if case == "head-tiled" else ""
             print(f"{case:14s} {r['seconds']:7.1f} s (cpu {r['cpu_seconds']:6.1f} s)   peak {r['peak_gb']:5.2f} GB (idle process {r['idle_gb']:.2f} GB){extra}", flush=True)
     for n in (96, 160):
