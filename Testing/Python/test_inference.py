@@ -172,6 +172,8 @@ def test_tiling_blends_constant_fields_exactly():
 
 
 def test_tiled_features_agree_with_whole_volume():
+    """Each window normalises (GroupNorm) on its own content and sees less context, so tiles are not
+    exact; with random weights and windows 3/4 of the volume the correlation is ~0.97."""
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((64, 64, 64), seed=2), np.eye(4))
     whole = inf.features(img, m, device="cpu", mode="whole").get_fdata()
