@@ -52,10 +52,12 @@ def _head_image():
     import nibabel as nib
     import numpy as np
 
-    try:
-        from nilearn.datasets import load_mni152_template
+    try:  # nilearn's packaged MNI152 2009a template, read without importing nilearn (and its ~150 MB)
+        import importlib.util
 
-        img = load_mni152_template(resolution=1)
+        spec = importlib.util.find_spec("nilearn")
+        path = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+        img = nib.load(path)
         return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine), "MNI152 2009a 1 mm (nilearn)"
     except Exception:  # noqa: BLE001 - fall back to a synthetic head
         z, y, x = np.mgrid[:192, :224, :192].astype(np.float32)
