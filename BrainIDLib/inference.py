@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .devices import release_memory, select_device
 from .errors import BrainIDError, Cancelled
