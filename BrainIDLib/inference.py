@@ -21,20 +21,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .devices import release_memory, select_device
 from .errors import BrainIDError, Cancelled
-from .model import CONTRAST_DEPENDENT, TASKS, BrainIDModel
+from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, TASKS, BrainIDModel
 from .volume import Prepared, Volume, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
 
-# Peak bytes of the low-memory forward ~ PEAK_UNITS x (f_maps x voxels x bytes per value), on top of
-# the weights: measured with benchmarks/inference.py (see estimate_forward_bytes).
-PEAK_UNITS = {"cpu": 3.0, "cuda": 3.5, "mps": 4.0}
+# Peak bytes of the low-memory forward ~ PEAK_UNITS x (f_maps x voxels x bytes per value) plus the
+# slab buffers of its convolutions, on top of the weights and the runtime. Measured on the CPU with
+# benchmarks/inference.py (full network: 160^3 peaks 1.9 units above the idle process, 96^3 3.3
+# units, the difference being the fixed slab buffers); GPU figures are a conservative guess.
+PEAK_UNITS = {"cpu": 1.8, "cuda": 2.5, "mps": 2.5}
+SLAB_OVERHEAD_BYTES = 3 * 4 * SLAB_ELEMENTS  # input slab, its padded copy and the output slab
+RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensors around a run
 DEFAULT_OVERLAP_FRACTION = 0.25
 MIN_WINDOW = 64
+GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
 OUTPUT_TASKS = TASKS + ("bias_corrected",)
 
 
@@ -121,7 +125,9 @@ def _autocast(device: torch.device):
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -153,7 +159,7 @@ def estimate_forward_bytes(model: BrainIDModel, shape, device: torch.device | st
     value_bytes = 2 if dev == "cuda" else 4
     voxels = int(np.prod(shape))
     unit = model.arch.f_maps * voxels * value_bytes
-    return int(PEAK_UNITS.get(dev, 4.0) * unit + (out_channels + 2) * voxels * 4)
+    return int(PEAK_UNITS.get(dev, 2.5) * unit + SLAB_OVERHEAD_BYTES + (out_channels + 2) * voxels * 4)
 
 
 def _weights_bytes(model: BrainIDModel) -> int:
@@ -163,10 +169,28 @@ def _weights_bytes(model: BrainIDModel) -> int:
 def plan_mode(model: BrainIDModel, padded_shape, device: torch.device, budget_bytes: int, out_channels: int,
               multiple: int) -> tuple[str, tuple | None]:
     """('whole', None) when the whole volume fits the budget, else ('tiled', window)."""
-    fixed = _weights_bytes(model) + 2 * out_channels * int(np.prod(padded_shape)) * 4  # accumulators
+    fixed = _weights_bytes(model) + RUNTIME_BYTES
     if estimate_forward_bytes(model, padded_shape, device, out_channels) + fixed <= budget_bytes:
         return "whole", None
-    return "tiled", choose_window(model, padded_shape, device, budget_bytes - fixed, out_channels, multiple)
+    return "tiled", tile_plan(model, padded_shape, device, budget_bytes, out_channels, multiple)[0]
+
+
+def tile_plan(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple[tuple, torch.dtype]:
+    """(window, accumulator dtype) for a tiled run: float32 accumulators unless half-precision ones
+    leave room for a larger window while float32 ones would force windows under GOOD_WINDOW."""
+    fixed = _weights_bytes(model) + RUNTIME_BYTES
+    w32 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 4),
+                        out_channels, multiple)
+    if min(w32) >= min(GOOD_WINDOW, *padded_shape):
+        return w32, torch.float32
+    w16 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 2),
+                        out_channels, multiple)
+    return (w16, torch.float16) if np.prod(w16) > np.prod(w32) else (w32, torch.float32)
+
+
+def _accumulator_bytes(shape, out_channels: int, value_bytes: int = 4) -> int:
+    """The blended outputs and the (float32) weight sum of a tiled run, on the CPU."""
+    return (out_channels * value_bytes + 4) * int(np.prod(shape))
 
 
 def choose_window(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple:
@@ -229,29 +253,36 @@ def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tens
     return w.clamp_min(1e-3)
 
 
-def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress) -> torch.Tensor:
+def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress,
+                   acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Blend overlapping windows with raised-cosine weights (each window normalises on its own)."""
     shape = tuple(x.shape[2:])
     window = tuple(min(w, s) for w, s in zip(window, shape))
     starts = [_starts(s, w, overlap, multiple) for s, w in zip(shape, window)]
     tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     acc = wsum = None
-    for k, (a, b, c) in enumerate(tiles):
+    for k, origin in enumerate(tiles):
         progress(k / len(tiles), f"tile {k + 1}/{len(tiles)}")
-        sl = (slice(a, a + window[0]), slice(b, b + window[1]), slice(c, c + window[2]))
+        sl = tuple(slice(o, o + w) for o, w in zip(origin, window))
         out = _forward_window(model, x[(Ellipsis,) + sl], heads, want_features, device, progress.check)
         prof = []
-        for d, (st, w) in enumerate(zip((a, b, c), window)):
+        for d, (st, w) in enumerate(zip(origin, window)):
             ramp = min(overlap, w // 2)
             prof.append(_ramp(w, ramp, st > 0, st + w < shape[d]))
         wt = prof[0].view(-1, 1, 1) * prof[1].view(1, -1, 1) * prof[2].view(1, 1, -1)
         if acc is None:
-            acc = torch.zeros((out.shape[0],) + tuple(shape), dtype=torch.float32)
-            wsum = torch.zeros(tuple(shape), dtype=torch.float32)
-        acc[(slice(None),) + sl].add_(out.mul_(wt))
+            acc = torch.zeros((out.shape[0],) + shape, dtype=acc_dtype)
+            wsum = torch.zeros(shape, dtype=torch.float32)
+        out.mul_(wt)
+        acc[(slice(None),) + sl].add_(out if out.dtype == acc_dtype else out.to(acc_dtype))
         wsum[sl].add_(wt)
         del out
     progress(1.0, "tiles blended")
-    return acc.div_(wsum)
+    if acc.dtype == torch.float32:
+        return acc.div_(wsum)
+    for c in range(acc.shape[0]):  # channel by channel: no full-size float32 temporary
+        acc[c] = acc[c].float().div_(wsum)
+    return acc
 
 
 def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
@@ -270,8 +301,12 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
     elif mode == "auto":
         mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
     elif mode == "tiled":
-        fixed = _weights_bytes(model) + 2 * out_channels * int(np.prod(shape)) * 4
-        window = choose_window(model, shape, device, budget_bytes - fixed, out_channels, multiple)
+        window = tile_plan(model, shape, device, budget_bytes, out_channels, multiple)[0]
+    acc_dtype = torch.float32
+    if mode == "tiled":  # half-precision blending only where float32 accumulators would not fit
+        acc_bytes = _weights_bytes(model) + RUNTIME_BYTES + _accumulator_bytes(shape, out_channels, 4)
+        if acc_bytes + estimate_forward_bytes(model, window, device, out_channels) > budget_bytes:
+            acc_dtype = torch.float16
     attempts = 0
     while True:
         attempts += 1
@@ -284,7 +319,7 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
                 return out, mode, None, device
             overlap = max(multiple, int(round(min(window) * DEFAULT_OVERLAP_FRACTION / multiple)) * multiple)
             return (_forward_tiled(model, prep.tensor, heads, want_features, device, window, overlap, multiple,
-                                   progress), "tiled", window, device)
+                                   progress, acc_dtype), "tiled", window, device)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
             if not _is_oom(e) or device.type == "cpu":
                 if _is_oom(e):
@@ -384,6 +419,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         post(i / n_steps, f"mapping {task} back to the input grid")
         c = model.heads[task].out_channels
         chunk = raw[offset : offset + c]
+        if task != "segmentation":  # (its softmax runs in place, in the blending precision)
+            chunk = chunk.float()
         offset += c
         _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
     if keep_features:

@@ -59,7 +59,7 @@ def test_orientation_round_trip_is_exact_without_resampling(name):
     vol = Volume(np.random.default_rng(0).random((13, 11, 9)).astype(np.float32), affine)
     prep = prepare(vol, spacing_mm=[1, 1, 1], normalisation=NORM, multiple=4)
     # resample at the input's own spacing (in RAS order): the round trip must be exact
-    ras_spacing = voxel_sizes(affine @ __import__("nibabel").orientations.inv_ornt_aff(prep.ornt, vol.shape))
+    ras_spacing = voxel_sizes(affine @ nib.orientations.inv_ornt_aff(prep.ornt, vol.shape))
     prep = prepare(vol, spacing_mm=ras_spacing, normalisation=NORM, multiple=4)
     assert all(p % 4 == 0 for p in prep.tensor.shape[2:])
     back = prep.to_input_grid(prep.tensor[0])[0].numpy()
