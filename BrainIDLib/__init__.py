@@ -36,7 +36,11 @@ def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on fi
         from .volumes import volumes_table
 
         return volumes_table
+    if name in ("Volume", "load_volume"):
+        from . import volume
+
+        return getattr(volume, name)
     raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
 
 
-__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table", "__version__"]
+__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table", "Volume", "load_volume", "__version__"]
