@@ -24,14 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-# task id -> (label in the GUI, node name suffix)
-TASKS = {
-    "segmentation": ("Segmentation", "segmentation"),
-    "anatomy": ("T1 synthesis", "synthetic T1"),
-    "super_resolution": ("Super-resolution", "super-resolved"),
-    "bias_field": ("Bias-field correction", "bias field"),
-    "features_pca": ("Feature PCA (RGB)", "features PCA"),
-}
+# Tasks the module offers: the engine's four heads plus the feature PCA view.
+TASKS = ("segmentation", "anatomy", "super_resolution", "bias_field", "features_pca")
 ENGINE_TASKS = ("segmentation", "anatomy", "super_resolution", "bias_field")
 OUTPUT_NAMES = {
     "segmentation": "segmentation",
