@@ -19,20 +19,24 @@ from .model import TASKS, Architecture, BrainIDModel  # noqa: E402
 def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> BrainIDModel:
     """A ready model from a registry name or a weights file, plus optional {task: head file}."""
     from .devices import select_device
-    from .registry import resolve_weights
+    from .registry import resolve_model
     from .weights import build_model, read_checkpoint
 
-    path = resolve_weights(weights)
-    model = build_model(read_checkpoint(path), heads)
+    path, registry_heads, _ = resolve_model(weights)
+    model = build_model(read_checkpoint(path), {**registry_heads, **(heads or {})})
     return model.to(select_device(device))
 
 
 def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on first use
-    if name == "predict":
-        from .inference import predict
+    if name in ("predict", "features"):
+        from . import inference
 
-        return predict
+        return getattr(inference, name)
+    if name == "volumes_table":
+        from .volumes import volumes_table
+
+        return volumes_table
     raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
 
 
-__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "__version__"]
+__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table", "__version__"]

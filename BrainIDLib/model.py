@@ -8,6 +8,7 @@ channel concatenation and normalises in place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,7 +54,9 @@ class Architecture:
 
 
 def _groups(channels: int, num_groups: int) -> int:
-    return 1 if channels < num_groups else num_groups
+    """Official rule (one group below `num_groups` channels); widths the official code cannot split
+    evenly (e.g. 12 channels, 8 groups) use the largest common divisor instead of failing."""
+    return 1 if channels < num_groups else math.gcd(channels, num_groups)
 
 
 class SingleConv(nn.Sequential):
@@ -61,8 +64,6 @@ class SingleConv(nn.Sequential):
 
     def __init__(self, in_ch: int, out_ch: int, num_groups: int):
         groups = _groups(in_ch, num_groups)
-        if in_ch % groups:
-            raise ValueError(f"{in_ch} channels cannot be split into {groups} groups")
         super().__init__()
         self.add_module("groupnorm", nn.GroupNorm(groups, in_ch))
         self.add_module("conv", nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False))
@@ -144,33 +145,66 @@ class UNet3D(nn.Module):
         return x
 
 
+# Input elements per convolution slab of the low-memory path: convolutions run on depth slabs
+# (with a one-voxel halo) written into a preallocated output, so no full-size temporaries exist.
+SLAB_ELEMENTS = 1 << 25
+
+
 class _Upsampled:
-    """A lazily nearest-upsampled tensor, materialised a few channels at a time."""
+    """A lazily nearest-upsampled tensor, materialised one depth slab at a time."""
 
     def __init__(self, low_res: torch.Tensor):
         self.low_res = low_res
-        self.size = None  # set to the skip's spatial size by the caller
+        self.index: list[torch.Tensor] | None = None
 
     @property
     def channels(self) -> int:
         return self.low_res.shape[1]
 
-    def chunk(self, start: int, stop: int) -> torch.Tensor:
-        return F.interpolate(self.low_res[:, start:stop], size=self.size, mode="nearest")
+    def set_size(self, size) -> None:
+        """Nearest-neighbour source index per output voxel, exactly as F.interpolate computes it."""
+        self.index = []
+        for n_in, n_out in zip(self.low_res.shape[2:], size):
+            src = torch.arange(n_in, dtype=torch.float32).view(1, 1, -1)
+            idx = F.interpolate(src, size=int(n_out), mode="nearest").view(-1).long()
+            self.index.append(idx.to(self.low_res.device))
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and mean of squares of the upsampled tensor (float64), from the low-res one."""
+        counts = [torch.bincount(i, minlength=n).double() for i, n in zip(self.index, self.low_res.shape[2:])]
+        if all(bool((c == c[0]).all()) for c in counts):  # every voxel repeated equally: plain stats
+            return _plain_stats(self.low_res)
+        w = counts[0].view(-1, 1, 1) * counts[1].view(1, -1, 1) * counts[2].view(1, 1, -1)
+        total = w.sum()
+        means, sqs = [], []
+        for c0 in range(0, self.channels, 8):
+            t = self.low_res[0, c0 : c0 + 8].double()
+            means.append((t * w).sum((1, 2, 3)) / total)
+            sqs.append((t * t * w).sum((1, 2, 3)) / total)
+        return torch.cat(means), torch.cat(sqs)
+
+    def normalise_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        view = (1, -1, 1, 1, 1)
+        self.low_res.mul_(scale.view(view).to(self.low_res.dtype)).add_(shift.view(view).to(self.low_res.dtype))
+
+    def slab(self, lo: int, hi: int) -> torch.Tensor:
+        # gather the depth rows, then nearest-upsample in-plane (depth size unchanged: identity)
+        rows = self.index[0][lo:hi].tolist()
+        t = torch.stack([self.low_res[:, :, i] for i in rows], dim=2)  # faster than index_select
+        return F.interpolate(t, size=(hi - lo, len(self.index[1]), len(self.index[2])), mode="nearest")
 
 
-def _channel_count(part) -> int:
-    return part.channels if isinstance(part, _Upsampled) else part.shape[1]
-
-
-def _chunks(part, chunk_channels: int):
-    """Yield (first_channel, tensor) pieces of a part, upsampling lazily where needed."""
-    n = _channel_count(part)
-    if not isinstance(part, _Upsampled):
-        yield 0, part
-        return
-    for start in range(0, n, chunk_channels):
-        yield start, part.chunk(start, min(n, start + chunk_channels))
+def _plain_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and mean of squares (float64) of a (1, C, ...) tensor."""
+    c = t.shape[1]
+    step = c if t.dtype == torch.float32 else max(1, c // 8)  # bound the float32 copy of half tensors
+    means, sqs = [], []
+    for c0 in range(0, c, step):
+        flat = t[0, c0 : c0 + step].reshape(min(step, c - c0), -1)
+        var, mean = torch.var_mean(flat.float(), dim=1, correction=0)
+        means.append(mean.double())
+        sqs.append(var.double() + mean.double() ** 2)
+    return torch.cat(means), torch.cat(sqs)
 
 
 def _double_conv_low_memory(module: DoubleConv, parts: list) -> torch.Tensor:
@@ -179,55 +213,87 @@ def _double_conv_low_memory(module: DoubleConv, parts: list) -> torch.Tensor:
 
 
 def _single_conv_low_memory(layer: SingleConv, parts: list) -> torch.Tensor:
-    """GroupNorm + conv over the channel concatenation of `parts` without building it.
+    """GroupNorm + conv + LeakyReLU over the channel concatenation of `parts` without building it.
 
-    GroupNorm statistics are gathered per channel and pooled per group; each part is then
-    normalised in place (plain tensors are consumed: the caller must not reuse them) and convolved
-    with its slice of the weight, the partial results summed.
+    GroupNorm statistics are gathered per channel and pooled per group; each part is normalised in
+    place (plain tensors are consumed: the caller must not reuse them), then the convolution runs
+    on depth slabs of the concatenation, written into one preallocated output.
     """
     gn, conv = layer.groupnorm, layer.conv
-    spatial = next(p for p in parts if not isinstance(p, _Upsampled)).shape[2:]
+    plain = [p for p in parts if not isinstance(p, _Upsampled)]
+    spatial = tuple(plain[0].shape[2:])
     for p in parts:
         if isinstance(p, _Upsampled):
-            p.size = spatial
-    chunk_channels = max(1, parts[0].shape[1])  # keep each lazy chunk no larger than the skip
+            p.set_size(spatial)
 
     # Per-channel mean and mean of squares, in float64 for a stable pooled variance.
-    means, sq_means = [], []
-    for p in parts:
-        for _, t in _chunks(p, chunk_channels):
-            flat = t.transpose(0, 1).reshape(t.shape[1], -1)
-            var, mean = torch.var_mean(flat.float(), dim=1, correction=0)
-            means.append(mean.double())
-            sq_means.append(var.double() + mean.double() ** 2)
-    mean_c, sq_c = torch.cat(means), torch.cat(sq_means)
+    stats = [p.stats() if isinstance(p, _Upsampled) else _plain_stats(p) for p in parts]
+    mean_c = torch.cat([m for m, _ in stats])
+    sq_c = torch.cat([s for _, s in stats])
     groups = gn.num_groups
     per_group = mean_c.numel() // groups
     g_mean = mean_c.view(groups, per_group).mean(1)
     g_var = (sq_c.view(groups, per_group).mean(1) - g_mean**2).clamp_min(0)
     rstd = torch.rsqrt(g_var + gn.eps).repeat_interleave(per_group)
     g_mean = g_mean.repeat_interleave(per_group)
-    scale = (gn.weight.double() * rstd).to(conv.weight.dtype)
-    shift = (gn.bias.double() - g_mean * gn.weight.double() * rstd).to(conv.weight.dtype)
+    scale = gn.weight.double() * rstd
+    shift = gn.bias.double() - g_mean * gn.weight.double() * rstd
 
-    out = None
     offset = 0
     for p in parts:
-        for start, t in _chunks(p, chunk_channels):
-            c0, c1 = offset + start, offset + start + t.shape[1]
-            view = (1, -1) + (1,) * (t.dim() - 2)
-            t.mul_(scale[c0:c1].view(view)).add_(shift[c0:c1].view(view))
-            partial = F.conv3d(t, conv.weight[:, c0:c1], padding=1)
-            del t
-            if out is None:
-                out = partial
+        n = _channel_count(p)
+        if isinstance(p, _Upsampled):
+            p.normalise_(scale[offset : offset + n], shift[offset : offset + n])
+        else:
+            view = (1, -1, 1, 1, 1)
+            p.mul_(scale[offset : offset + n].to(p.dtype).view(view)).add_(shift[offset : offset + n].to(p.dtype).view(view))
+        offset += n
+
+    # When the first part has as many channels as the output (and the same dtype), the output
+    # overwrites it slab by slab; the one input row the next slab still needs is kept aside.
+    target = parts[0] if not isinstance(parts[0], _Upsampled) and parts[0].shape[1] == conv.out_channels else None
+    depth = spatial[0]
+    plane = spatial[1] * spatial[2]
+    slab = max(1, min(depth, SLAB_ELEMENTS // max(1, offset * plane)))
+    out, halo = None, None
+    for d0 in range(0, depth, slab):
+        d1 = min(depth, d0 + slab)
+        lo, hi = max(0, d0 - 1), min(depth, d1 + 1)
+        pieces = []
+        for p in parts:
+            if isinstance(p, _Upsampled):
+                pieces.append(p.slab(lo, hi))
+            elif p is out and halo is not None:  # rows before d0 already hold outputs
+                pieces.append(torch.cat([halo, p[:, :, d0:hi]], dim=2))
             else:
-                out.add_(partial)
-                del partial
-        offset += _channel_count(p)
-        if not isinstance(p, _Upsampled):
+                pieces.append(p[:, :, lo:hi])
+        if len(pieces) > 1:
+            dtype = pieces[0].dtype
+            xs = torch.cat([q.to(dtype) for q in pieces], dim=1)
+        else:
+            xs = pieces[0]
+        del pieces
+        if d0 == 0 or d1 == depth:
+            xs = F.pad(xs, (0, 0, 0, 0, 1 if d0 == 0 else 0, 1 if d1 == depth else 0))
+        r = F.leaky_relu_(F.conv3d(xs, conv.weight, padding=(0, 1, 1)), LEAKY_SLOPE)
+        del xs
+        if out is None:
+            if target is not None and target.dtype == r.dtype:
+                out = target
+            else:
+                out = torch.empty((1, r.shape[1]) + spatial, dtype=r.dtype, device=r.device)
+        if out is target:
+            halo = out[:, :, d1 - 1 : d1].clone()
+        out[:, :, d0:d1] = r
+        del r
+    for p in plain:
+        if p is not out:
             p.resize_(0)  # the caller handed this tensor over; free it now
-    return F.leaky_relu_(out, LEAKY_SLOPE)
+    return out
+
+
+def _channel_count(part) -> int:
+    return part.channels if isinstance(part, _Upsampled) else part.shape[1]
 
 
 class TaskHead(nn.Module):

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import BrainIDError
+from .files import atomic_write
 from .labels import SEGMENTATION_LABELS
 from .model import HEAD_KEYS, TASKS, Architecture, BrainIDModel, UNet3D
 
@@ -259,26 +259,33 @@ def read_head(path: str | os.PathLike, task: str, features: int) -> tuple[dict[s
     return state, meta
 
 
+def _install_head(model: BrainIDModel, task: str, state: dict[str, torch.Tensor], info: dict) -> None:
+    """Add one strictly loaded head and record its description (labels default to the 33 classes)."""
+    out_channels = state[f"{HEAD_KEYS[task]}.bias"].shape[0]
+    model.add_head(task, out_channels).load_state_dict(state, strict=True)
+    info = {**info, "out_channels": int(out_channels)}
+    if task == "segmentation" and "labels" not in info:
+        info["labels"] = list(SEGMENTATION_LABELS) if out_channels == len(SEGMENTATION_LABELS) else list(range(out_channels))
+    model.metadata.setdefault("heads", {})[task] = info
+
+
+def add_head_file(model: BrainIDModel, task: str, path: str | os.PathLike) -> None:
+    """Attach a head file (official `final_conv_<name>.*` or BrainID safetensors) to a model."""
+    state, head_meta = read_head(path, task, model.arch.f_maps)
+    _install_head(model, task, state, dict(head_meta.get("heads", {}).get(task, {})))
+
+
 def build_model(ckpt: Checkpoint, heads: dict[str, str | os.PathLike] | None = None) -> BrainIDModel:
     """A model on the CPU with the checkpoint's heads plus any extra head files, all strict."""
     model = BrainIDModel(ckpt.arch)
     model.backbone.load_state_dict(ckpt.backbone, strict=True)
-    meta = json.loads(json.dumps(ckpt.metadata))  # private copy
-    meta.setdefault("input", DEFAULT_INPUT)
-    meta.setdefault("heads", {})
-    head_states = dict(ckpt.heads)
+    model.metadata = json.loads(json.dumps(ckpt.metadata))  # private copy
+    model.metadata.setdefault("input", DEFAULT_INPUT)
+    described = model.metadata.get("heads", {})
+    for task, state in ckpt.heads.items():
+        _install_head(model, task, state, dict(described.get(task, {})))
     for task, file in (heads or {}).items():
-        state, head_meta = read_head(file, task, ckpt.arch.f_maps)
-        head_states[task] = state
-        meta["heads"][task] = dict(head_meta.get("heads", {}).get(task, {}))
-    for task, state in head_states.items():
-        out_channels = state[f"{HEAD_KEYS[task]}.bias"].shape[0]
-        model.add_head(task, out_channels).load_state_dict(state, strict=True)
-        info = meta["heads"].setdefault(task, {})
-        info["out_channels"] = int(out_channels)
-        if task == "segmentation" and "labels" not in info:
-            info["labels"] = list(SEGMENTATION_LABELS) if out_channels == len(SEGMENTATION_LABELS) else list(range(out_channels))
-    model.metadata = meta
+        add_head_file(model, task, file)
     return model.eval()
 
 
@@ -291,20 +298,6 @@ def _metadata_for(model: BrainIDModel, kind: str, extra: dict | None) -> dict:
                  "kind": kind, "architecture": model.arch.to_dict()})
     meta.setdefault("input", DEFAULT_INPUT)
     return meta
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: BrainIDModel, path: str | os.PathLike, metadata: dict | None = None) -> Path:

@@ -1,0 +1,504 @@
+"""`brainid`: run Brain-ID from the command line.
+
+    brainid predict INPUT --task segmentation --task anatomy --output OUTDIR_OR_PREFIX [--model NAME_OR_PATH]
+    brainid predict --sample --model NAME --output out/
+    brainid features INPUT --output feats.nii.gz [--pca 3]
+    brainid models
+    brainid download NAME
+
+Every user-fixable problem (a BrainIDError) prints `brainid: error: <message>` on one line and
+exits with status 2; Ctrl-C (or SIGTERM) exits with 130 and leaves no half-written file.
+`--progress-format machine` prints `PROGRESS <fraction> <message>` lines (flushed, on stdout) and
+`OUTPUT <kind> <path>` for every file written, for front ends such as the Slicer module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import BrainIDError
+from .files import save_nifti
+
+PROG = "brainid"
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+TASK_ALIASES = {
+    "anatomy": "anatomy", "anat": "anatomy", "t1": "anatomy", "synthesis": "anatomy", "reconstruction": "anatomy",
+    "segmentation": "segmentation", "seg": "segmentation",
+    "super_resolution": "super_resolution", "super-resolution": "super_resolution", "sr": "super_resolution",
+    "superresolution": "super_resolution",
+    "bias_field": "bias_field", "bias-field": "bias_field", "bias": "bias_field", "bf": "bias_field",
+    "bias_corrected": "bias_corrected", "bias-corrected": "bias_corrected",
+}
+
+
+# ------------------------------------------------------------------------------------- parsing
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes on one line, like every other error."""
+
+    def error(self, message):
+        raise BrainIDError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="registered model name (see `brainid models`) or a weights file (.safetensors or official .pth)")
+    p.add_argument("--head", action="append", default=[], metavar="TASK=FILE",
+                   help="add or replace a task head from a head file (official final_conv_*.pth or BrainID head); repeatable")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--mode", default="auto", choices=("auto", "whole", "tiled"),
+                   help="whole-volume or tiled (overlapping windows) inference; auto picks from the memory budget")
+    p.add_argument("--memory-gb", type=float, default=None, metavar="X",
+                   help="memory budget in GB for choosing whole-volume vs tiled inference")
+    p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"),
+                   help="bar: progress bars on stderr; machine: 'PROGRESS <fraction> <message>' lines on stdout")
+    p.add_argument("--sample", action="store_true", help="use the sample volume shipped with BrainID as INPUT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Brain-ID: contrast-agnostic brain MRI features, segmentation, "
+                     "T1 synthesis, super-resolution and bias field estimation.")
+    parser.add_argument("--version", action="version", version=f"brainid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("predict", help="run task heads on a scan and write one NIfTI per output",
+                       description="Run task heads on a NIfTI scan. Outputs lie on the input's exact grid.")
+    p.add_argument("input", nargs="?", metavar="INPUT", help="a NIfTI scan (.nii/.nii.gz), or 'sample'")
+    p.add_argument("--task", action="append", default=[], metavar="TASK",
+                   help="segmentation, anatomy, super_resolution or bias_field; repeatable or comma-separated "
+                        "(default: every task the model has)")
+    p.add_argument("--output", "-o", required=True, metavar="OUTDIR_OR_PREFIX",
+                   help="a folder (existing, or ending in '/'), a prefix (PREFIX_<task>.nii.gz) or, for one "
+                        "output, a .nii.gz file name")
+    p.add_argument("--on-1mm", action="store_true", help="also write the outputs on the model's 1 mm RAS grid")
+    p.add_argument("--no-volumes", action="store_true", help="do not write the structure volumes CSV")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("features", help="write the Brain-ID feature maps (or a PCA of them) as a NIfTI",
+                       description="Write the backbone's features on the input grid; --pca K keeps K principal "
+                                   "components (3 gives a colour view).")
+    p.add_argument("input", nargs="?", metavar="INPUT", help="a NIfTI scan, or 'sample'")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="output .nii.gz (4D: one volume per channel)")
+    p.add_argument("--pca", type=int, default=None, metavar="K", help="keep K principal components (e.g. 3)")
+    _add_common(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("models", help="list registered models and whether they are available here",
+                       description="List the model registry and the cache status of each model.")
+    p.add_argument("--check", action="store_true", help="also hash the files present (verified / corrupt)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("download", help="download a registered model into the cache (or say where to place it)",
+                       description="Download a registered model (resumable, SHA-256 checked) into the cache.")
+    p.add_argument("name", metavar="NAME", help="registered model name (see `brainid models`)")
+    p.add_argument("--force", action="store_true", help="download again even if the file is cached")
+    p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"))
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ progress
+class Reporter:
+    """Progress to tqdm bars on stderr, machine-readable lines on stdout, or nothing."""
+
+    def __init__(self, fmt: str = "bar"):
+        self.fmt = fmt
+        self._bar = None
+        self._bytes_bar = None
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        message = " ".join(str(message).split())
+        if self.fmt == "machine":
+            print(f"PROGRESS {fraction:.3f} {message}".rstrip(), flush=True)
+        elif self.fmt == "bar":
+            from tqdm import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=100, file=sys.stderr, unit="%", dynamic_ncols=True, mininterval=0.2,
+                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+            self._bar.set_description_str(message or "working", refresh=False)
+            self._bar.n = round(100 * fraction, 1)
+            self._bar.refresh()
+
+    def download(self, done: int, total: int | None, name: str) -> None:
+        if self.fmt == "machine":
+            if total:
+                print(f"PROGRESS {done / total:.3f} downloading {name}", flush=True)
+        elif self.fmt == "bar":
+            from tqdm import tqdm
+
+            if self._bytes_bar is None:
+                self._bytes_bar = tqdm(total=total, file=sys.stderr, unit="B", unit_scale=True,
+                                       unit_divisor=1024, desc=f"downloading {name}", initial=done)
+            self._bytes_bar.n = done
+            self._bytes_bar.refresh()
+
+    def info(self, message: str) -> None:
+        if self.fmt == "machine":
+            print(f"INFO {message}", flush=True)
+        elif self.fmt == "bar":
+            self._write(message)
+
+    def output(self, kind: str, path: Path) -> None:
+        if self.fmt == "machine":
+            print(f"OUTPUT {kind} {path}", flush=True)
+        else:
+            print(f"wrote {kind}: {path}", flush=True)
+
+    def _write(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        for bar in (self._bar, self._bytes_bar):
+            if bar is not None:
+                bar.close()
+        self._bar = self._bytes_bar = None
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _parse_tasks(values: list[str]) -> list[str]:
+    from .model import TASKS
+
+    choices = TASKS + ("bias_corrected",)
+    tasks: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            task = TASK_ALIASES.get(item.lower())
+            if task is None:
+                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(choices)}")
+            if task not in tasks:
+                tasks.append(task)
+    return tasks
+
+
+def _parse_heads(values: list[str]) -> dict[str, Path]:
+    heads = {}
+    for value in values:
+        task, sep, file = value.partition("=")
+        if not sep or not file:
+            raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
+        (task,) = _parse_tasks([task])
+        if task == "bias_corrected":
+            task = "bias_field"
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise BrainIDError(f"head file not found: {path}")
+        heads[task] = path
+    return heads
+
+
+def _input_path(args) -> Path:
+    from .samples import sample_path
+
+    if args.sample or (args.input in ("sample", "SAMPLE") and not Path(args.input).exists()):
+        if args.sample and args.input and args.input.lower() != "sample":
+            raise BrainIDError("give either INPUT or --sample, not both")
+        return sample_path()
+    if not args.input:
+        raise BrainIDError("no input: give a NIfTI file (or --sample for the shipped sample volume)")
+    path = Path(args.input).expanduser()
+    if not path.exists():
+        raise BrainIDError(f"input image not found: {path}")
+    if path.is_dir():
+        raise BrainIDError(f"{path} is a folder; give one NIfTI file (convert DICOM series with dcm2niix)")
+    return path
+
+
+def _load_model(args, reporter: Reporter):
+    """(model, description) from --model / the registry default / --head; never random weights."""
+    from .registry import default_model, how_to_get_weights, resolve_model
+    from .weights import build_model, read_checkpoint
+
+    name = args.model
+    if not name:
+        entry = default_model()
+        if entry is None:
+            raise BrainIDError(how_to_get_weights())
+        name = entry.name
+    path, heads, entry = resolve_model(name, progress=reporter.download)
+    heads = {**heads, **_parse_heads(args.head)}
+    model = build_model(read_checkpoint(path), heads)
+    label = entry.name if entry else path.name
+    return model, label
+
+
+def _call(fn, **kwargs):
+    """Call fn with the keyword arguments its signature accepts (engine versions may differ)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mgz", ".gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[str, Path], Path]:
+    """({output key: NIfTI path}, volumes CSV path) from --output (folder, prefix or file)."""
+    out = Path(os.path.expanduser(output))
+    is_file = output.lower().endswith((".nii", ".nii.gz"))
+    if output.endswith(("/", os.sep)) or out.is_dir():
+        base = out / _nifti_stem(input_path)
+    elif is_file and len(keys) == 1:
+        return {keys[0]: out}, out.with_name(_nifti_stem(out) + "_volumes.csv")
+    elif is_file:
+        base = out.with_name(_nifti_stem(out))
+    else:
+        base = out
+    paths = {k: base.with_name(f"{base.name}_{k}.nii.gz") for k in keys}
+    return paths, base.with_name(f"{base.name}_volumes.csv")
+
+
+def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
+    """Structure volumes (label, FreeSurfer name, voxels, mL; background excluded), written atomically."""
+    from .volumes import volumes_table, write_volumes_csv as write_rows
+
+    return write_rows(volumes_table(seg_img, labels=labels), path)
+
+
+def _check_memory(args) -> None:
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise BrainIDError(f"--memory-gb must be a positive number of gigabytes, got {args.memory_gb}")
+
+
+def _describe(model, label: str) -> str:
+    arch = model.arch
+    return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_predict(args) -> int:
+    from .devices import select_device
+
+    tasks = _parse_tasks(args.task)
+    _check_memory(args)
+    input_path = _input_path(args)
+    device = select_device(args.device)  # fail early on a missing GPU
+    _parse_heads(args.head)  # fail early on bad --head values
+    reporter = Reporter(args.progress_format)
+    try:
+        model, label = _load_model(args, reporter)
+        if not tasks:
+            tasks = list(model.tasks)
+            if not tasks:
+                raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
+        needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+        missing = [t for t in needed if t not in model.tasks]
+        if missing:
+            raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
+                               f"add one with --head {missing[0]}=FILE or choose another --model")
+        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        from .inference import predict
+
+        pred = _call(predict, image=str(input_path), tasks=tuple(tasks), model=model, device=str(device),
+                     on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
+    finally:
+        reporter.close()
+    for message in getattr(pred, "messages", None) or []:
+        reporter.info(str(message))
+
+    outputs = dict(pred.outputs)
+    if args.on_1mm:
+        outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
+    paths, csv_path = output_paths(args.output, input_path, list(outputs))
+    for key, img in outputs.items():
+        reporter.output(key, save_nifti(img, paths[key]))
+    if "segmentation" in outputs and not args.no_volumes:
+        labels = list(getattr(pred, "labels", None) or ()) or \
+            model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
+        reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels))
+    return 0
+
+
+def cmd_features(args) -> int:
+    from .devices import select_device
+
+    _check_memory(args)
+    input_path = _input_path(args)
+    device = select_device(args.device)
+    if args.pca is not None and args.pca < 1:
+        raise BrainIDError("--pca needs a positive number of components (e.g. 3)")
+    out = Path(os.path.expanduser(args.output))
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise BrainIDError(f"--output must be a .nii or .nii.gz file name, got {args.output!r}")
+    reporter = Reporter(args.progress_format)
+    try:
+        model, label = _load_model(args, reporter)
+        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        from . import inference
+
+        features = getattr(inference, "features", None)
+        if features is None:
+            raise BrainIDError("this BrainID build has no feature export; update BrainID")
+        img = _call(features, image=str(input_path), model=model, device=str(device), pca=args.pca,
+                    mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
+    finally:
+        reporter.close()
+    reporter.output("features", save_nifti(img, out))
+    return 0
+
+
+def _size_text(size: int | None) -> str:
+    if not size:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return "?"
+
+
+def cmd_models(args) -> int:
+    from .registry import cache_dir, file_path, file_status, load_registry, model_status
+
+    registry = load_registry()
+    rows = []
+    for m in registry.models:
+        files = [{"filename": f.filename, "role": f.role, "path": str(file_path(m, f)),
+                  "status": file_status(m, f, args.check), "sha256": f.sha256, "size": f.size,
+                  "shipped": f.shipped, "downloadable": bool(f.urls), "verify": f.verify} for f in m.files]
+        rows.append({"name": m.name, "default": m.name == registry.default, "status": model_status(m, args.check),
+                     "tasks": list(m.tasks), "architecture": m.architecture, "description": m.description,
+                     "licence": m.licence, "source": m.source, "verified": m.verified, "files": files})
+    if args.json:
+        print(json.dumps({"registry": str(registry.source), "cache": str(cache_dir()), "default": registry.default,
+                          "models": rows}, indent=2))
+        return 0
+    print(f"registry: {registry.source}")
+    print(f"cache:    {cache_dir()}  (set BRAINID_CACHE to change)")
+    header = ("NAME", "STATUS", "TASKS", "ARCH", "SIZE", "CHECKSUM")
+    table = [header]
+    for r in rows:
+        arch = r["architecture"]
+        arch_text = f"{arch.get('f_maps', '?')}x{arch.get('levels', '?')}" if arch else "?"
+        size = sum(f["size"] or 0 for f in r["files"]) or None
+        table.append((r["name"] + (" (default)" if r["default"] else ""), r["status"], ",".join(r["tasks"]) or "-",
+                      arch_text, _size_text(size), "sha256" if r["verified"] else "NONE (unverified)"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print()
+    for r, m in zip(rows, registry.models):
+        print(f"{r['name']}: {r['description']}")
+        for f in r["files"]:
+            how = "shipped" if f["shipped"] else ("downloadable" if f["downloadable"] else "manual placement")
+            print(f"  {f['role']}: {f['path']} [{f['status']}; {how}]")
+        if not r["verified"]:
+            print("  no published SHA-256: BrainID cannot verify this file (it is still loaded safely: "
+                  "tensors only, strict key/shape checks)")
+        if any(f["status"] in ("missing", "partial") for f in r["files"]):
+            manual = not all(f["downloadable"] or f["shipped"] for f in r["files"])
+            print(f"  get it: brainid download {r['name']}" + ("  (prints where to save it by hand)" if manual else ""))
+        print(f"  licence: {r['licence']}")
+    if registry.default is None:
+        print("\nno default model ships yet: pass --model NAME_OR_PATH to `brainid predict`")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .registry import (ManualDownloadRequired, file_path, file_status, load_registry, manual_instructions,
+                           sha256_of)
+
+    registry = load_registry()
+    entry = registry.get(args.name)
+    if entry is None:
+        raise BrainIDError(f"no registered model named {args.name!r}; known models: {', '.join(registry.names())}")
+    reporter = Reporter(args.progress_format)
+    from .registry import download
+
+    try:
+        path = download(entry.name, progress=reporter.download, registry=registry, force=args.force)
+    except ManualDownloadRequired:
+        reporter.close()
+        missing = [f for f in entry.files if file_status(entry, f) in ("missing", "partial")]
+        for f in missing or entry.files:
+            print(manual_instructions(entry, f), file=sys.stderr)
+        raise
+    finally:
+        reporter.close()
+    for f in entry.files:
+        p = file_path(entry, f)
+        if f.verify and f.sha256:
+            print(f"{entry.name}: {p} (SHA-256 verified)")
+        else:
+            print(f"{entry.name}: {p} (no published checksum; this file's SHA-256 is {sha256_of(p)})")
+    if args.progress_format == "machine":
+        print(f"OUTPUT model {path}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `brainid` console script; returns the exit status."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _terminate(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except (ValueError, OSError):
+            previous = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_ERROR
+        return int(args.func(args) or 0)
+    except BrainIDError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; try --mode tiled with a smaller --memory-gb, or --device cpu",
+              file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except Exception as e:
+        import torch
+
+        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                      getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+        if oom_types and isinstance(e, oom_types):
+            print(f"{PROG}: error: the GPU ran out of memory; try --mode tiled with a smaller --memory-gb, "
+                  "or --device cpu", file=sys.stderr, flush=True)
+            return EXIT_ERROR
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Writing files so that a crash or Ctrl-C never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".part") -> Path:
+    """Call `write(tmp)` on a temporary file in the same folder, then rename it onto `path`.
+
+    `suffix` ends the temporary name, for writers that pick the format from it (`.part.nii.gz`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_nifti(img, path: str | os.PathLike) -> Path:
+    """A nibabel image written atomically (the temporary keeps the .nii / .nii.gz suffix)."""
+    import nibabel as nib
+
+    suffix = ".part.nii.gz" if str(path).lower().endswith(".nii.gz") else ".part.nii"
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)

@@ -1,0 +1,501 @@
+"""Running Brain-ID on a scan: features and task outputs mapped back onto the input's grid.
+
+    pred = predict("t1.nii.gz", tasks=["segmentation"], model="weights.safetensors")
+    pred.outputs["segmentation"]            # int16 FreeSurfer ids, same shape/affine as the input
+
+Whole-volume or tiled (overlapping windows at multiples of 2**(levels-1), blended with a smooth
+cosine ramp), chosen from a memory budget; half precision on CUDA; CUDA out-of-memory falls back to
+tiling, then to the CPU, with a warning instead of a traceback. Task heads are 1x1x1 convolutions,
+i.e. linear in the features, so blending raw head outputs equals applying the heads to blended
+features; softmax / exp come after blending.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .devices import release_memory, select_device
+from .errors import BrainIDError, Cancelled
+from .model import CONTRAST_DEPENDENT, TASKS, BrainIDModel
+from .volume import Prepared, Volume, load_volume, make_nifti, prepare
+
+log = logging.getLogger("BrainIDLib")
+
+# Peak bytes of the low-memory forward ~ PEAK_UNITS x (f_maps x voxels x bytes per value), on top of
+# the weights: measured with benchmarks/inference.py (see estimate_forward_bytes).
+PEAK_UNITS = {"cpu": 3.0, "cuda": 3.5, "mps": 4.0}
+DEFAULT_OVERLAP_FRACTION = 0.25
+MIN_WINDOW = 64
+OUTPUT_TASKS = TASKS + ("bias_corrected",)
+
+
+@dataclass
+class Prediction:
+    """Outputs on the input's exact grid (same shape and affine), plus optional extras."""
+
+    outputs: dict = field(default_factory=dict)  # task -> nibabel.Nifti1Image
+    probabilities: object | None = None  # 4D Nifti1Image (X,Y,Z,classes) when asked
+    outputs_1mm: dict = field(default_factory=dict)  # task -> image on the model grid (on_1mm=True)
+    features_1mm: object | None = None  # 4D image on the model grid when keep_features=True
+    labels: tuple = ()  # FreeSurfer id of each segmentation class
+    device: str = "cpu"
+    mode: str = "whole"
+    window: tuple | None = None
+    messages: list = field(default_factory=list)
+
+
+class _Progress:
+    """Monotonic progress in [0, 1] over weighted stages, plus cancellation checks."""
+
+    def __init__(self, callback: Callable | None, cancel: Callable | None):
+        self.callback, self.cancel, self.last = callback, cancel, 0.0
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        self.check()
+        self.last = max(self.last, min(1.0, float(fraction)))
+        if self.callback is not None:
+            self.callback(self.last, message)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("cancelled by the user")
+
+
+# ------------------------------------------------------------------------------- model / device
+def _resolve_model(model, heads: dict | None) -> tuple[BrainIDModel, bool]:
+    """(model, owned): `owned` models were loaded here and can be dropped after the run."""
+    from . import load_model, registry
+
+    if isinstance(model, BrainIDModel):
+        if heads:
+            from .weights import add_head_file
+
+            for task, path in heads.items():
+                add_head_file(model, task, path)
+        return model, False
+    if model is None:
+        entry = registry.default_model()
+        if entry is None:
+            raise BrainIDError(registry.how_to_get_weights())
+        model = entry.name
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, heads=heads, device="cpu"), True
+    raise BrainIDError(f"model must be a BrainIDModel, a weights file or a registry name, not {type(model).__name__}")
+
+
+def _check_tasks(model: BrainIDModel, tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(dict.fromkeys(tasks or ()))
+    if not tasks:
+        raise BrainIDError(f"no task given; choose one or more of {', '.join(OUTPUT_TASKS)}")
+    for t in tasks:
+        if t not in OUTPUT_TASKS:
+            raise BrainIDError(f"unknown task {t!r}; choose from {', '.join(OUTPUT_TASKS)}")
+    heads = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+    missing = [t for t in heads if t not in model.heads]
+    if missing:
+        have = ", ".join(model.tasks) or "none"
+        raise BrainIDError(
+            f"the model has no {', '.join(missing)} head (it has: {have}); add one with "
+            f"heads={{'{missing[0]}': FILE}} (CLI: --head {missing[0]}=FILE) or pick a model that has it"
+        )
+    return heads
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory the run may use: free GPU memory, or available RAM on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil  # type: ignore
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return 8 << 30
+
+
+def estimate_forward_bytes(model: BrainIDModel, shape, device: torch.device | str = "cpu", out_channels: int = 0) -> int:
+    """Peak bytes of one low-memory forward on a window of `shape` (weights not included).
+
+    ~PEAK_UNITS full-resolution tensors of f_maps channels, plus the features and head outputs.
+    """
+    dev = torch.device(device).type
+    value_bytes = 2 if dev == "cuda" else 4
+    voxels = int(np.prod(shape))
+    unit = model.arch.f_maps * voxels * value_bytes
+    return int(PEAK_UNITS.get(dev, 4.0) * unit + (out_channels + 2) * voxels * 4)
+
+
+def _weights_bytes(model: BrainIDModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def plan_mode(model: BrainIDModel, padded_shape, device: torch.device, budget_bytes: int, out_channels: int,
+              multiple: int) -> tuple[str, tuple | None]:
+    """('whole', None) when the whole volume fits the budget, else ('tiled', window)."""
+    fixed = _weights_bytes(model) + 2 * out_channels * int(np.prod(padded_shape)) * 4  # accumulators
+    if estimate_forward_bytes(model, padded_shape, device, out_channels) + fixed <= budget_bytes:
+        return "whole", None
+    return "tiled", choose_window(model, padded_shape, device, budget_bytes - fixed, out_channels, multiple)
+
+
+def choose_window(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple:
+    """The largest cubic-ish window (multiple of `multiple`, <= the volume) whose forward fits."""
+    smallest = max(multiple, min(MIN_WINDOW, max(padded_shape)))
+    best = None
+    w = max(padded_shape)
+    while w >= smallest:
+        win = tuple(min(w, s) for s in padded_shape)
+        if estimate_forward_bytes(model, win, device, out_channels) <= budget_bytes:
+            best = win
+            break
+        w -= multiple
+    if best is None:
+        best = tuple(min(smallest, s) for s in padded_shape)
+    return tuple(int(math.ceil(b / multiple) * multiple) for b in best)
+
+
+# ------------------------------------------------------------------------------- forward passes
+def _raw_heads(model: BrainIDModel, feats: torch.Tensor, image: torch.Tensor, heads: list[str]) -> list[torch.Tensor]:
+    outs = []
+    for t in heads:
+        outs.append(model.apply_head(t, feats, image if t in CONTRAST_DEPENDENT else None))
+    return outs
+
+
+def _forward_window(model, x, heads, want_features, device, progress_check) -> torch.Tensor:
+    """(channels, *window) float32 on the CPU: raw head outputs, then features if asked."""
+    xd = x.to(device)
+    with torch.no_grad(), _autocast(device):
+        feats = model.features(xd)
+        progress_check()
+        parts = _raw_heads(model, feats, xd, heads)
+        if want_features:
+            parts.append(feats)
+        out = torch.cat([p.float() for p in parts], dim=1) if len(parts) > 1 else parts[0].float()
+    del feats, parts, xd
+    return out[0].cpu() if out.device.type != "cpu" else out[0]
+
+
+def _starts(size: int, window: int, overlap: int, multiple: int) -> list[int]:
+    if window >= size:
+        return [0]
+    step = max(multiple, window - overlap)
+    n = int(math.ceil((size - window) / step)) + 1
+    last = size - window
+    starts = sorted({int(round(i * last / (n - 1) / multiple)) * multiple for i in range(n)})
+    return starts
+
+
+def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tensor:
+    """1 in the middle, a raised-cosine ramp of `ramp` voxels at interior edges (never exactly 0)."""
+    w = torch.ones(length, dtype=torch.float32)
+    if ramp > 0:
+        r = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp)
+        if low_edge:
+            w[:ramp] = r
+        if high_edge:
+            w[length - ramp :] = torch.minimum(w[length - ramp :], r.flip(0))
+    return w.clamp_min(1e-3)
+
+
+def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress) -> torch.Tensor:
+    shape = tuple(x.shape[2:])
+    window = tuple(min(w, s) for w, s in zip(window, shape))
+    starts = [_starts(s, w, overlap, multiple) for s, w in zip(shape, window)]
+    tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    acc = wsum = None
+    for k, (a, b, c) in enumerate(tiles):
+        progress(k / len(tiles), f"tile {k + 1}/{len(tiles)}")
+        sl = (slice(a, a + window[0]), slice(b, b + window[1]), slice(c, c + window[2]))
+        out = _forward_window(model, x[(Ellipsis,) + sl], heads, want_features, device, progress.check)
+        prof = []
+        for d, (st, w) in enumerate(zip((a, b, c), window)):
+            ramp = min(overlap, w // 2)
+            prof.append(_ramp(w, ramp, st > 0, st + w < shape[d]))
+        wt = prof[0].view(-1, 1, 1) * prof[1].view(1, -1, 1) * prof[2].view(1, 1, -1)
+        if acc is None:
+            acc = torch.zeros((out.shape[0],) + tuple(shape), dtype=torch.float32)
+            wsum = torch.zeros(tuple(shape), dtype=torch.float32)
+        acc[(slice(None),) + sl].add_(out.mul_(wt))
+        wsum[sl].add_(wt)
+        del out
+    progress(1.0, "tiles blended")
+    return acc.div_(wsum)
+
+
+def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
+                 window=None):
+    """Raw outputs (channels, *padded) on the CPU, with OOM fallbacks: tiled, smaller tiles, CPU."""
+    multiple = 2 ** (model.arch.levels - 1)
+    out_channels = sum(model.heads[t].out_channels for t in heads) + (model.arch.f_maps if want_features else 0)
+    shape = tuple(prep.tensor.shape[2:])
+    if mode not in ("auto", "whole", "tiled"):
+        raise BrainIDError(f"unknown mode {mode!r}; use auto, whole or tiled")
+    if budget_bytes is None:
+        budget_bytes = int(0.8 * available_memory_bytes(device))
+    if window is not None:  # an explicit window (tests, benchmarks): tiled at that size
+        mode = "tiled"
+        window = tuple(int(math.ceil(min(w, s) / multiple) * multiple) for w, s in zip(np.broadcast_to(window, 3), shape))
+    elif mode == "auto":
+        mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
+    elif mode == "tiled":
+        fixed = _weights_bytes(model) + 2 * out_channels * int(np.prod(shape)) * 4
+        window = choose_window(model, shape, device, budget_bytes - fixed, out_channels, multiple)
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            model.to(device)
+            if mode == "whole":
+                progress(0.0, "running the network on the whole volume")
+                out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check)
+                progress(1.0, "network done")
+                return out, mode, None, device
+            overlap = max(multiple, int(round(min(window) * DEFAULT_OVERLAP_FRACTION / multiple)) * multiple)
+            return (_forward_tiled(model, prep.tensor, heads, want_features, device, window, overlap, multiple,
+                                   progress), "tiled", window, device)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
+            if not _is_oom(e) or device.type == "cpu":
+                if _is_oom(e):
+                    raise BrainIDError(
+                        "out of memory on the CPU; close other programs, or pass a smaller memory budget "
+                        "(memory_budget_gb / --memory-gb) so BrainID tiles the volume"
+                    ) from None
+                raise
+            release_memory(device)
+            current = window if mode == "tiled" else shape
+            floor = max(2 * multiple, min(MIN_WINDOW, max(shape)))
+            smaller = tuple(min(s, max(floor, int(w * 0.7) // multiple * multiple)) for w, s in zip(current, shape))
+            if smaller != tuple(current) and attempts < 5:
+                window, mode = smaller, "tiled"
+                msg = f"GPU out of memory; retrying tiled with {'x'.join(map(str, window))} windows"
+            else:
+                msg = "GPU out of memory even when tiled; falling back to the CPU (slower)"
+                model.to("cpu")
+                device = torch.device("cpu")
+                budget_bytes = int(0.8 * available_memory_bytes(device))
+                mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            log.warning(msg)
+            messages.append(msg)
+
+
+class _Span:
+    def __init__(self, parent: _Progress, start: float, stop: float):
+        self.parent, self.start, self.stop = parent, start, stop
+
+    def __call__(self, f, msg=""):
+        self.parent(self.start + (self.stop - self.start) * f, msg)
+
+    def check(self):
+        self.parent.check()
+
+
+# ------------------------------------------------------------------------------- public calls
+def _model_input(model: BrainIDModel) -> tuple[list, dict]:
+    inp = (model.metadata or {}).get("input", {})
+    return inp.get("spacing_mm", [1.0, 1.0, 1.0]), inp.get("normalisation", {"method": "minmax", "percentiles": [0.0, 100.0]})
+
+
+def _prepare(image, model, progress: _Progress) -> tuple[Volume, Prepared]:
+    progress(0.0, "reading the image")
+    vol = load_volume(image)
+    progress.check()
+    spacing, norm = _model_input(model)
+    prep = prepare(vol, spacing, norm, multiple=2 ** (model.arch.levels - 1))
+    progress(0.08, "image resampled to the model grid")
+    return vol, prep
+
+
+def _segmentation_labels(model: BrainIDModel) -> list[int]:
+    info = model.metadata.get("heads", {}).get("segmentation", {})
+    labels = info.get("labels")
+    n = model.heads["segmentation"].out_channels
+    if not labels or len(labels) != n:
+        from .labels import SEGMENTATION_LABELS
+
+        labels = list(SEGMENTATION_LABELS) if n == len(SEGMENTATION_LABELS) else list(range(n))
+    return [int(v) for v in labels]
+
+
+def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
+            memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
+            window=None) -> Prediction:
+    """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
+
+    tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
+    model: BrainIDModel, weights file or registry name (None: the registry's default model).
+    progress(fraction, message) and cancel() -> bool are called between steps and tiles.
+    window: force tiling with this window size (voxels on the model grid; int or 3 ints).
+    """
+    prog = _Progress(progress, cancel)
+    model, owned = _resolve_model(model, heads)
+    head_tasks = _check_tasks(model, tasks)
+    wanted = [t for t in dict.fromkeys(tasks if not isinstance(tasks, str) else [tasks])]
+    if "bias_field" in head_tasks and "bias_corrected" not in wanted and "bias_field" in wanted:
+        wanted.append("bias_corrected")
+    dev = select_device(device)
+    vol, prep = _prepare(image, model, prog)
+    budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
+    result = Prediction(device=str(dev))
+    try:
+        raw, result.mode, result.window, used = _run_network(
+            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, 0.85), result.messages, window)
+        result.device = str(used)
+    finally:
+        if owned:
+            model.to("cpu")
+        release_memory(dev)
+    post = _Span(prog, 0.85, 1.0)
+    offset = 0
+    n_steps = len(head_tasks) + 1
+    for i, task in enumerate(head_tasks):
+        post(i / n_steps, f"mapping {task} back to the input grid")
+        c = model.heads[task].out_channels
+        chunk = raw[offset : offset + c]
+        offset += c
+        _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
+    if keep_features:
+        result.features_1mm = make_nifti(np.moveaxis(prep.crop(raw[offset:]).numpy(), 0, -1), prep.grid_affine)
+    del raw
+    prog(1.0, "done")
+    return result
+
+
+def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result):
+    affine = vol.affine
+    if task == "segmentation":
+        labels = _segmentation_labels(model)
+        result.labels = tuple(labels)
+        probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
+        probs.sub_(probs.amax(0, keepdim=True)).exp_()
+        probs.div_(probs.sum(0, keepdim=True))
+        lut = torch.tensor(labels, dtype=torch.int16)
+        idx = prep.argmax_on_input_grid(probs)
+        result.outputs["segmentation"] = make_nifti(lut[idx].numpy(), affine, np.int16)
+        if want_probs:
+            p = prep.to_input_grid(probs)
+            result.probabilities = make_nifti(np.moveaxis(p.numpy(), 0, -1), affine)
+        if on_1mm:
+            result.outputs_1mm["segmentation"] = make_nifti(lut[prep.crop(probs).argmax(0)].numpy(), prep.grid_affine, np.int16)
+        return
+    if task == "bias_field":
+        log_bias = prep.to_input_grid(chunk)[0]
+        bias = torch.exp(log_bias.clamp(-20, 20))
+        if "bias_field" in wanted:
+            result.outputs["bias_field"] = make_nifti(bias.numpy(), affine)
+        if "bias_corrected" in wanted:
+            result.outputs["bias_corrected"] = make_nifti(vol.array / bias.numpy(), affine)
+        if on_1mm:
+            b1 = torch.exp(prep.crop(chunk)[0].clamp(-20, 20))
+            if "bias_field" in wanted:
+                result.outputs_1mm["bias_field"] = make_nifti(b1.numpy(), prep.grid_affine)
+            if "bias_corrected" in wanted:
+                # the input on the model grid, back in its own intensity units
+                lo, hi = prep.intensity_range
+                img = prep.crop(prep.tensor[0])[0] * (hi - lo) + lo
+                result.outputs_1mm["bias_corrected"] = make_nifti((img / b1).numpy(), prep.grid_affine)
+        return
+    img = prep.to_input_grid(chunk)[0]
+    result.outputs[task] = make_nifti(img.numpy(), affine)
+    if on_1mm:
+        result.outputs_1mm[task] = make_nifti(prep.crop(chunk)[0].numpy(), prep.grid_affine)
+
+
+def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """Project (C, *spatial) features on their first k principal components, each scaled to [0, 1]
+    by its 1st-99th percentiles (for viewing as RGB). Components are fitted on a voxel sample."""
+    c = feats.shape[0]
+    if not 1 <= k <= c:
+        raise BrainIDError(f"pca must be between 1 and {c} (the number of feature channels), got {k}")
+    flat = feats.reshape(c, -1)
+    g = torch.Generator().manual_seed(seed)
+    n = flat.shape[1]
+    idx = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
+    x = flat[:, idx].T.double()
+    mean = x.mean(0)
+    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = v[:k].float()  # (k, C)
+    # sign convention: make each component's largest loading positive (stable colours)
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True))).clamp_min(0) * 2 - 1
+    comps = comps * signs
+    out = torch.empty(k, n, dtype=torch.float32)
+    step = 1 << 20
+    for s in range(0, n, step):
+        out[:, s : s + step] = comps @ (flat[:, s : s + step].float() - mean.float()[:, None])
+    sample_proj = out[:, idx] if n > sample else out
+    lo = torch.quantile(sample_proj, 0.01, dim=1)
+    hi = torch.quantile(sample_proj, 0.99, dim=1)
+    out = ((out - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]).clamp_(0, 1)
+    return out.reshape((k,) + tuple(feats.shape[1:]))
+
+
+def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
+             progress=None, cancel=None, window=None):
+    """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
+
+    On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
+    """
+    prog = _Progress(progress, cancel)
+    model, owned = _resolve_model(model, None)
+    dev = select_device(device)
+    vol, prep = _prepare(image, model, prog)
+    budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
+    messages: list = []
+    try:
+        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.1, 0.85), messages, window)
+    finally:
+        if owned:
+            model.to("cpu")
+        release_memory(dev)
+    feats = prep.crop(raw)
+    del raw
+    if pca:
+        prog(0.87, "principal components")
+        feats = pca_channels(feats, int(pca))
+    prog(0.92, "mapping features back")
+    if on_1mm:
+        img = make_nifti(np.moveaxis(feats.numpy(), 0, -1), prep.grid_affine)
+    else:
+        pad = _unpadded(prep)
+        img = make_nifti(np.moveaxis(pad.to_input_grid(feats).numpy(), 0, -1), vol.affine)
+    prog(1.0, "done")
+    return img
+
+
+def _unpadded(prep: Prepared) -> Prepared:
+    """The same mapping for tensors already cropped to the model grid."""
+    from dataclasses import replace
+
+    return replace(prep, pad_before=(0, 0, 0))

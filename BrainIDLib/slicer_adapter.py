@@ -1,0 +1,398 @@
+"""The one bridge between MRML (3D Slicer, or the Qt-free `slicer-core` wheel) and BrainIDLib.
+
+BrainIDLib works on numpy arrays in (i, j, k) order with a 4x4 voxel-to-RAS affine, exactly what
+nibabel calls `img.affine`. A Slicer volume node stores its voxels in (k, j, i) order and its
+geometry as an IJKToRAS matrix (also RAS; files on disk are LPS, but the storage node converts).
+So, in memory:
+
+    array_ijk = arrayFromVolume(node).transpose(2, 1, 0)        affine = node IJKToRAS
+
+Volumes move between the two as arrays + matrices, never through files, so no NIfTI qform/sform
+ambiguity can creep in. Where a file must be written (to run the engine in another process),
+`volume_to_nifti` stores the node's matrix as BOTH qform and sform (code 1), so ITK/Slicer and
+nibabel read back the same geometry. Note for users: for a file whose qform and sform differ,
+Slicer (ITK) uses the sform only when sform_code is 1 (scanner) and it is consistent with the
+voxel sizes, else the qform; nibabel always uses the sform when sform_code > 0. Inside Slicer,
+BrainID follows what Slicer shows (the node's IJKToRAS), so results always overlay the input.
+
+Every result is created on the input's exact grid (its IJKToRAS, and its parent transform if
+any), in the input's subject-hierarchy folder (study).
+
+Nothing else in BrainIDLib imports `slicer`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import slicer
+import vtk
+
+from .errors import BrainIDError
+
+RGB_COMPONENTS = 3
+
+# Terminology used for segments (Slicer's "TerminologyEntry" tag):
+# context~category~type~typeModifier~anatomicContext~region~regionModifier, codes "scheme^value^meaning".
+TERMINOLOGY_CONTEXT = "BrainID - FreeSurfer labels"
+ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
+LATERALITY = {"Left": ("SCT", "7771000", "Left"), "Right": ("SCT", "24028007", "Right")}
+FREESURFER_SCHEME = "FreeSurferColorLUT"
+
+
+# ---------------------------------------------------------------- scene / logics
+
+
+def scene():
+    s = getattr(slicer, "mrmlScene", None)
+    if s is None:
+        raise BrainIDError("no MRML scene: run inside 3D Slicer, or call slicer_adapter.init_headless_scene()")
+    return s
+
+
+def has_gui() -> bool:
+    app = getattr(slicer, "app", None)
+    return app is not None and hasattr(app, "layoutManager") and app.layoutManager() is not None
+
+
+def init_headless_scene():
+    """A fresh MRML scene with the module logics Slicer would create (for slicer-core, tests, scripts)."""
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    logics = []
+    for cls in (slicer.vtkSlicerColorLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic, slicer.vtkSlicerVolumesLogic,
+                slicer.vtkSlicerSegmentationsModuleLogic):
+        logic = cls()
+        logic.SetMRMLScene(s)
+        logics.append(logic)
+    s._brainid_logics = logics  # keep them alive with the scene
+    return s
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def set_ijk_to_ras(node, affine: np.ndarray) -> None:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(affine[r, c]))
+    node.SetIJKToRASMatrix(m)
+
+
+def world_ijk_to_ras(node) -> np.ndarray:
+    """IJK -> world RAS, including a linear parent transform; non-linear transforms must be hardened first."""
+    affine = ijk_to_ras(node)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return affine
+    if not parent.IsTransformToWorldLinear():
+        raise BrainIDError(
+            f"'{node.GetName()}' is under a non-linear transform; harden the transform "
+            "(Data module: right-click > Harden transform) and run BrainID again"
+        )
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    to_world = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return to_world @ affine
+
+
+def array_from_volume(node, world: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(array in (i, j, k) order, float32 copy; 4x4 IJK->RAS) from a scalar volume node."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise BrainIDError("select a scalar volume (an image) as input")
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise BrainIDError(f"'{node.GetName()}' holds no voxels; load an image first")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise BrainIDError(f"'{node.GetName()}' has {image.GetNumberOfScalarComponents()} components; "
+                           "BrainID needs a single-channel (grey-scale) image")
+    kji = slicer.util.arrayFromVolume(node)
+    array = np.ascontiguousarray(kji.transpose(2, 1, 0), dtype=np.float32)
+    affine = world_ijk_to_ras(node) if world else ijk_to_ras(node)
+    return array, affine
+
+
+def volume_to_nifti(node, world: bool = True):
+    """An in-memory NIfTI (RAS affine in both qform and sform, code 1) of a scalar volume node."""
+    import nibabel as nib
+
+    array, affine = array_from_volume(node, world=world)
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _copy_placement(node, reference) -> None:
+    if reference is None:
+        return
+    parent = reference.GetParentTransformNode()
+    if parent is not None:
+        node.SetAndObserveTransformNodeID(parent.GetID())
+    place_in_study(node, reference)
+
+
+def _check_grid(array_ijk: np.ndarray, reference, what: str) -> None:
+    if reference is None:
+        return
+    dims = reference.GetImageData().GetDimensions()
+    if tuple(array_ijk.shape[:3]) != tuple(dims):
+        raise BrainIDError(f"{what} has shape {tuple(array_ijk.shape[:3])} but the input has {tuple(dims)}; "
+                           "results must be on the input grid")
+
+
+def add_scalar_volume(array_ijk: np.ndarray, name: str, reference=None, affine: np.ndarray | None = None,
+                      class_name: str = "vtkMRMLScalarVolumeNode", node=None):
+    """A volume node from an (i, j, k[, c]) array on the reference's exact geometry (or `affine`)."""
+    array_ijk = np.asarray(array_ijk)
+    _check_grid(array_ijk, reference, name)
+    if array_ijk.ndim == 4:
+        kji = np.ascontiguousarray(array_ijk.transpose(2, 1, 0, 3))
+    elif array_ijk.ndim == 3:
+        kji = np.ascontiguousarray(array_ijk.transpose(2, 1, 0))
+    else:
+        raise BrainIDError(f"{name}: expected a 3D or 4D array, got shape {array_ijk.shape}")
+    if kji.dtype == np.float64:
+        kji = kji.astype(np.float32)
+    if kji.dtype == np.int64:
+        kji = kji.astype(np.int32)
+    if node is None:
+        node = scene().AddNewNodeByClass(class_name, scene().GenerateUniqueName(name))
+    geometry = ijk_to_ras(reference) if reference is not None else (affine if affine is not None else np.eye(4))
+    set_ijk_to_ras(node, geometry)
+    slicer.util.updateVolumeFromArray(node, kji)
+    node.CreateDefaultDisplayNodes()
+    _copy_placement(node, reference)
+    return node
+
+
+def add_rgb_volume(rgb_ijk: np.ndarray, name: str, reference=None):
+    """A vector (RGB, uint8) volume node, e.g. a 3-component feature PCA."""
+    rgb_ijk = np.asarray(rgb_ijk)
+    if rgb_ijk.ndim != 4 or rgb_ijk.shape[3] != RGB_COMPONENTS:
+        raise BrainIDError(f"{name}: an RGB volume needs shape (I, J, K, 3), got {rgb_ijk.shape}")
+    return add_scalar_volume(rgb_ijk.astype(np.uint8), name, reference, class_name="vtkMRMLVectorVolumeNode")
+
+
+def pca_to_rgb(pca: np.ndarray, percentiles=(1.0, 99.0)) -> np.ndarray:
+    """(I, J, K, >=3) float components -> (I, J, K, 3) uint8, each channel stretched between percentiles."""
+    out = np.zeros(pca.shape[:3] + (3,), np.uint8)
+    for c in range(min(3, pca.shape[3])):
+        ch = pca[..., c].astype(np.float32)
+        lo, hi = np.percentile(ch, percentiles)
+        out[..., c] = np.clip((ch - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return out
+
+
+# ---------------------------------------------------------------- subject hierarchy
+
+
+def place_in_study(node, reference) -> None:
+    """Put `node` in the same subject-hierarchy folder (study) as `reference`."""
+    sh = scene().GetSubjectHierarchyNode()
+    if sh is None:
+        return
+    ref_item = sh.GetItemByDataNode(reference)
+    if not ref_item:
+        return
+    parent = sh.GetItemParent(ref_item)
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        sh.CreateItem(parent, node)
+    else:
+        sh.SetItemParent(item, parent)
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def terminology_entry(label: int, name: str) -> str:
+    """Slicer terminology string for a FreeSurfer label (category: anatomical structure, type: FS id)."""
+    cat = "^".join(ANATOMICAL_STRUCTURE)
+    typ = f"{FREESURFER_SCHEME}^{int(label)}^{name}"
+    side = next((LATERALITY[s] for s in LATERALITY if name.startswith(s + "-")), None)
+    modifier = "^".join(side) if side else "^^"
+    return f"{TERMINOLOGY_CONTEXT}~{cat}~{typ}~{modifier}~Anatomic codes - DICOM master list~^^~^^"
+
+
+def label_table(labels) -> list[tuple[int, str, tuple[int, int, int]]]:
+    from .labels import label_color, label_name
+
+    return [(int(v), label_name(v), tuple(label_color(v))) for v in labels]
+
+
+def add_segmentation(label_ijk: np.ndarray, name: str, reference, labels=None):
+    """A segmentation node (one segment per non-zero label present) named, coloured and coded
+    from FreeSurfer's table, with the reference volume's geometry.
+
+    Segment ids are the FreeSurfer names; `labels` restricts/orders the segments (default: all
+    non-zero values present, ascending).
+    """
+    label_ijk = np.asarray(label_ijk)
+    _check_grid(label_ijk, reference, name)
+    present = [int(v) for v in np.unique(label_ijk) if v != 0]
+    wanted = present if labels is None else [int(v) for v in labels if int(v) in set(present)]
+    table = label_table(wanted)
+
+    colors = scene().AddNewNodeByClass("vtkMRMLColorTableNode", scene().GenerateUniqueName(name + " colors"))
+    colors.SetTypeToUser()
+    colors.SetHideFromEditors(True)
+    colors.SetNumberOfColors(max(wanted, default=0) + 1)
+    for i in range(colors.GetNumberOfColors()):
+        colors.SetColor(i, "", 0.0, 0.0, 0.0, 0.0)
+    for value, label_name_, rgb in table:
+        colors.SetColor(value, label_name_, rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0, 1.0)
+
+    kept = np.where(np.isin(label_ijk, wanted), label_ijk, 0).astype(np.int16)
+    labelmap = add_scalar_volume(kept, name + " labelmap", reference, class_name="vtkMRMLLabelMapVolumeNode")
+    labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+
+    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", scene().GenerateUniqueName(name))
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference if reference is not None else labelmap)
+    if reference is not None and reference.GetParentTransformNode() is not None:
+        seg.SetAndObserveTransformNodeID(reference.GetParentTransformNode().GetID())  # like the labelmap
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg)
+    scene().RemoveNode(labelmap)
+    scene().RemoveNode(colors)
+    if not ok:
+        raise BrainIDError("could not import the label map into a segmentation")
+
+    segmentation = seg.GetSegmentation()
+    by_value = {value: (n, rgb) for value, n, rgb in table}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        value = int(segment.GetLabelValue())
+        if value not in by_value:
+            continue
+        seg_name, rgb = by_value[value]
+        segment.SetName(seg_name)
+        segment.SetColor(rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0)
+        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(value, seg_name))
+        segment.SetTag("FreeSurferLabel", str(value))
+    if reference is not None:
+        place_in_study(seg, reference)
+    return seg
+
+
+def segment_tag(segment, tag: str) -> str | None:
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(tag, value) else None
+
+
+def segmentation_to_labels(seg, reference) -> np.ndarray:
+    """Back to an (i, j, k) array of FreeSurfer ids on the reference grid (uses each segment's tag)."""
+    labelmap = scene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ids = vtk.vtkStringArray()
+        seg.GetSegmentation().GetSegmentIDs(ids)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, reference)
+        if not ok:
+            raise BrainIDError("could not export the segmentation to a label map")
+        index = slicer.util.arrayFromVolume(labelmap).transpose(2, 1, 0)
+        out = np.zeros(index.shape, np.int16)
+        for i in range(ids.GetNumberOfValues()):
+            segment = seg.GetSegmentation().GetSegment(ids.GetValue(i))
+            tag = segment_tag(segment, "FreeSurferLabel")
+            value = int(tag) if tag else i + 1
+            out[index == i + 1] = value
+        return out
+    finally:
+        scene().RemoveNode(labelmap)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def add_volumes_table(rows, name: str, reference=None):
+    """A table node with one row per structure: Label, Structure, Volume [mL]."""
+    table = scene().AddNewNodeByClass("vtkMRMLTableNode", scene().GenerateUniqueName(name))
+    t = table.GetTable()
+    cols = (vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray())
+    for col, title in zip(cols, ("Label", "Structure", "Volume [mL]")):
+        col.SetName(title)
+        t.AddColumn(col)
+    for label, struct, ml in rows:
+        r = table.AddEmptyRow()
+        t.SetValue(r, 0, vtk.vtkVariant(int(label)))
+        t.SetValue(r, 1, vtk.vtkVariant(str(struct)))
+        t.SetValue(r, 2, vtk.vtkVariant(float(ml)))
+    table.Modified()
+    if reference is not None:
+        place_in_study(table, reference)
+    return table
+
+
+def table_rows(table) -> list[tuple[int, str, float]]:
+    t = table.GetTable()
+    return [(int(t.GetValue(r, 0).ToInt()), t.GetValue(r, 1).ToString(), float(t.GetValue(r, 2).ToDouble()))
+            for r in range(t.GetNumberOfRows())]
+
+
+# ---------------------------------------------------------------- files (storage nodes)
+
+
+def load_volume_file(path, name: str | None = None):
+    node = scene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "")
+    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene().RemoveNode(node)
+        scene().RemoveNode(storage)
+        raise BrainIDError(f"Slicer could not read {path}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def save_volume_file(node, path) -> None:
+    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    try:
+        if not storage.WriteData(node):
+            raise BrainIDError(f"Slicer could not write {path}")
+    finally:
+        scene().RemoveNode(storage)
+
+
+def save_segmentation_file(seg, path) -> None:
+    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    try:
+        if not storage.WriteData(seg):
+            raise BrainIDError(f"Slicer could not write {path}")
+    finally:
+        scene().RemoveNode(storage)
+
+
+def load_segmentation_file(path, name: str = "Segmentation"):
+    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(seg):
+        raise BrainIDError(f"Slicer could not read the segmentation {path}")
+    seg.SetAndObserveStorageNodeID(storage.GetID())
+    seg.CreateDefaultDisplayNodes()
+    return seg
+
+
+# ---------------------------------------------------------------- views
+
+
+def show_results(background, segmentation=None) -> bool:
+    """Input in the slice views with the segmentation overlaid; False (and nothing done) without a GUI."""
+    if segmentation is not None and segmentation.GetDisplayNode() is not None:
+        segmentation.GetDisplayNode().SetVisibility(True)
+        segmentation.GetDisplayNode().SetOpacity2DFill(0.5)
+    if not has_gui():
+        return False
+    slicer.util.setSliceViewerLayers(background=background, foreground=None, label=None, fit=True)
+    return True
