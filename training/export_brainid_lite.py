@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         "licence": "Apache-2.0",
         "source": "Trained by the BrainID project (training/train_brainid_lite.sh, training/export_brainid_lite.py); "
                   "evaluation in docs/model-card.md",
-        "notes": "Shipped inside BrainID; runs offline. Lower accuracy than the official Brain-ID model (see the model card).",
+        "notes": "Shipped inside BrainID; runs offline. Accuracy (and its limits) in docs/model-card.md.",
         "files": [{"filename": out.name, "role": "model", "path": f"Models/{out.name}", "sha256": sha, "size": size}],
     }
     reg["models"] = [m for m in reg["models"] if m["name"] != NAME] + [entry]
