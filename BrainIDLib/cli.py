@@ -416,7 +416,7 @@ def cmd_models(args) -> int:
             print(f"  get it: brainid download {r['name']}" + ("  (prints where to save it by hand)" if manual else ""))
         print(f"  licence: {r['licence']}")
     if registry.default is None:
-        print("\nno default model ships yet: pass --model NAME_OR_PATH to `brainid predict`")
+        print("\nno default model in this registry: pass --model NAME_OR_PATH to `brainid predict`")
     return 0
 
 

@@ -522,8 +522,8 @@ def how_to_get_weights(registry: Registry | None = None) -> str:
         names = registry.names()
     except BrainIDError:
         registry, names = None, []
-    parts = ["no model is available: BrainID does not ship a trained default model yet, and it never runs "
-             "untrained weights"]
+    parts = ["no model is available: the model registry names no default model (or its file is missing), "
+             "and BrainID never runs untrained weights"]
     if names:
         parts.append(f"registered models: {', '.join(names)} (`brainid models` shows their status)")
         parts.append("fetch one with `brainid download NAME` and pass --model NAME")

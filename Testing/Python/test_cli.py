@@ -62,6 +62,19 @@ def scan(tmp_path):
     return make_scan(tmp_path / "subject01.nii.gz")
 
 
+def registry_without_default(tmp_path, monkeypatch):
+    """The shipped registry with its default removed (as before a default model shipped)."""
+    from BrainIDLib.resources import resource_path
+
+    doc = json.loads(resource_path("models.json").read_text())
+    doc["default"] = None
+    doc["models"] = [m for m in doc["models"] if m["name"] == "official"]
+    path = tmp_path / "no-default-models.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.setenv("BRAINID_REGISTRY", str(path))
+    return path
+
+
 def run(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -186,7 +199,11 @@ def test_sample_input_is_the_shipped_volume(tmp_path, model_file, monkeypatch, c
 
 
 # ------------------------------------------------------------------------------- registry commands
-def test_models_lists_registry_and_cache(tmp_path, capsys):
+def test_models_lists_registry_and_cache(tmp_path, capsys, monkeypatch):
+    rc, out, err = run(capsys, "models")
+    assert rc == 0, err
+    assert "brainid-lite" in out and "shipped" in out and "no default model" not in out
+    registry_without_default(tmp_path, monkeypatch)
     rc, out, err = run(capsys, "models")
     assert rc == 0, err
     assert "official" in out and "NONE (unverified)" in out and "missing" in out
@@ -245,7 +262,8 @@ def test_download_then_predict_by_name(tmp_path, scan, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------- bad inputs
-def test_no_model_says_how_to_get_weights(scan, tmp_path, capsys):
+def test_no_model_says_how_to_get_weights(scan, tmp_path, capsys, monkeypatch):
+    registry_without_default(tmp_path, monkeypatch)
     rc, out, err = run(capsys, "predict", scan, "--task", "segmentation", "-o", tmp_path / "o")
     assert_one_line_error(rc, err, "no model is available", "brainid download", "brain_id_pretrained.pth",
                           "--model")

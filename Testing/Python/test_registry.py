@@ -14,6 +14,7 @@ import pytest
 
 from BrainIDLib import registry as reg
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.resources import resource_path
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, several download chunks
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -295,8 +296,11 @@ def test_resolution_errors(env, tmp_path):
 
 
 def test_no_default_model_message(env, monkeypatch):
-    monkeypatch.delenv("BRAINID_REGISTRY", raising=False)
-    assert reg.default_model() is None  # until a trained default ships
+    doc = json.loads(resource_path("models.json").read_text())  # the shipped registry without its default
+    doc["default"] = None
+    doc["models"] = [m for m in doc["models"] if m["name"] == "official"]
+    env(doc)
+    assert reg.default_model() is None
     msg = reg.how_to_get_weights()
     assert "brainid download" in msg and "official" in msg and "brain_id_pretrained.pth" in msg
     assert "\n" not in msg

@@ -1,0 +1,119 @@
+"""Assemble the shipped default model file from the training runs and register it.
+
+    PYTHONPATH=. python -m training.export_brainid_lite --pretrain runs/brainid-lite --heads runs/brainid-lite-heads
+
+Takes the pretraining run's model (backbone + anatomy + segmentation heads, trained jointly), adds
+the super-resolution and bias-field heads adapted on the frozen features, writes one safetensors
+file with the model's description (labels, input grid, normalisation, training summary) to
+Resources/Models/brainid-lite.safetensors, and updates its entry (SHA-256, size) in
+Resources/models.json, making it the registry's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import BrainIDLib
+from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
+from BrainIDLib.weights import add_head_file, save_model
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "brainid-lite"
+DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters) trained by BrainID on CPU from "
+               "SynthSeg label maps with the Brain-ID generator, on a 2 mm grid; heads for 33-class segmentation, "
+               "anatomy (T1 synthesis), super-resolution and bias field. A lightweight default, not the official model.")
+SPACING = [2.0, 2.0, 2.0]
+NORMALISATION = {"method": "minmax", "percentiles": [0.0, 100.0]}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_summary(run: Path) -> dict:
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()] if (run / "log.jsonl").is_file() else []
+    cfg = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").is_file() else {}
+    out = {"run": run.name, "steps": max((r["step"] for r in log), default=0),
+           "step_seconds_total": round(sum(r.get("step_time", 0.0) for r in log), 1)}
+    if cfg:
+        d = cfg["data"]
+        out.update({"crop": d["size"], "samples_per_step": d["mild"] + d["severe"], "generator": d["generator"],
+                    "loss": cfg["loss"], "optim": {k: cfg["optim"][k] for k in ("lr", "schedule", "warmup_steps", "grad_clip")}})
+        if "adapt" in cfg and run.name.endswith("heads"):
+            out["tasks"] = cfg["adapt"]["tasks"]
+    if log:
+        last = log[-min(len(log), 20):]
+        out["final_losses"] = {k: round(sum(r[k] for r in last) / len(last), 4) for k in last[0]
+                               if k not in ("step", "lr", "step_time", "grad_norm") and isinstance(last[0][k], (int, float))}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pretrain", default="runs/brainid-lite")
+    ap.add_argument("--heads", default="runs/brainid-lite-heads")
+    ap.add_argument("--out", default=str(ROOT / "Resources" / "Models" / f"{NAME}.safetensors"))
+    ap.add_argument("--registry", default=str(ROOT / "Resources" / "models.json"))
+    args = ap.parse_args(argv)
+    pre, heads = Path(args.pretrain), Path(args.heads)
+    model = BrainIDLib.load_model(pre / "model.safetensors")
+    for task in ("super_resolution", "bias_field", "anatomy", "segmentation"):
+        f = heads / f"{task}_head.safetensors"
+        if f.is_file():
+            add_head_file(model, task, f)
+    missing = [t for t in BrainIDLib.TASKS if t not in model.heads]
+    if missing:
+        raise SystemExit(f"missing heads: {missing}")
+    heads_meta = {
+        "segmentation": {"labels": list(SEGMENTATION_LABELS), "label_names": [label_name(x) for x in SEGMENTATION_LABELS],
+                         "description": "33-class FreeSurfer segmentation (trained jointly with the backbone)"},
+        "anatomy": {"description": "T1-weighted anatomy synthesis (Brain-ID pretraining head)"},
+        "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
+        "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
+    }
+    model.metadata = {
+        "name": NAME, "description": DESCRIPTION,
+        "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
+        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION},
+        "training": {"pretrain": _run_summary(pre), "heads": _run_summary(heads) if heads.is_dir() else None,
+                     "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
+                             "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
+                     "card": "docs/model-card.md"},
+        "licence": "Apache-2.0 (weights trained by the BrainID project from the SynthSeg label maps, Apache-2.0)",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    sha, size = _sha256(out), out.stat().st_size
+    reg_path = Path(args.registry)
+    reg = json.loads(reg_path.read_text())
+    entry = {
+        "name": NAME,
+        "aliases": ["lite", "default"],
+        "description": DESCRIPTION,
+        "architecture": model.arch.to_dict(),
+        "tasks": list(BrainIDLib.TASKS),
+        "labels": list(SEGMENTATION_LABELS),
+        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION},
+        "licence": "Apache-2.0",
+        "source": "Trained by the BrainID project (training/train_brainid_lite.sh, training/export_brainid_lite.py); "
+                  "evaluation in docs/model-card.md",
+        "notes": "Shipped inside BrainID; runs offline. Accuracy (and its limits) in docs/model-card.md.",
+        "files": [{"filename": out.name, "role": "model", "path": f"Models/{out.name}", "sha256": sha, "size": size}],
+    }
+    reg["models"] = [m for m in reg["models"] if m["name"] != NAME] + [entry]
+    reg["default"] = NAME
+    reg_path.write_text(json.dumps(reg, indent=2) + "\n")
+    print(json.dumps({"file": str(out), "sha256": sha, "size": size}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
