@@ -337,6 +337,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
         if dist.is_main:
             print(f"stopped at step {step} ({interrupted}); checkpoint saved. Continue with: "
                   f"brainid-train {command} --resume {run_dir}", file=sys.stderr)
+        distributed.barrier(dist)  # no rank tears the group down while another still writes
         return summary
     if ema is not None:
         ema.copy_to(net)

@@ -202,7 +202,7 @@ def test_sample_input_is_the_shipped_volume(tmp_path, model_file, monkeypatch, c
 def test_models_lists_registry_and_cache(tmp_path, capsys, monkeypatch):
     rc, out, err = run(capsys, "models")
     assert rc == 0, err
-    assert "brainid-lite" in out and "shipped" in out and "no default model" not in out
+    assert "brainid-lite" in out and "shipped" in out
     registry_without_default(tmp_path, monkeypatch)
     rc, out, err = run(capsys, "models")
     assert rc == 0, err

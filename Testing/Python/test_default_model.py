@@ -1,4 +1,5 @@
-"""The shipped default model (brainid-lite): registered, intact, and it segments the shipped sample."""
+"""The shipped experimental model (brainid-lite): registered, intact, and it runs on the shipped sample.
+It is not the registry default until it is good enough to be one (docs/model-card.md)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def _shipped_registry(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINID_CACHE", str(tmp_path / "cache"))  # nothing cached: the file must ship
 
 
-def test_default_entry_resolves_to_the_shipped_file_with_its_checksum():
-    entry = reg.default_model()
+def test_lite_entry_resolves_to_the_shipped_file_with_its_checksum():
+    entry = reg.load_registry().get("brainid-lite")
     assert entry is not None and entry.name == "brainid-lite"
     f = entry.model_file
     assert f.shipped and f.path == "Models/brainid-lite.safetensors"
@@ -35,13 +36,13 @@ def test_default_entry_resolves_to_the_shipped_file_with_its_checksum():
 
 
 @pytest.mark.slow
-def test_default_model_segments_the_sample():
+def test_lite_model_segments_the_sample():
     """A smoke check of the shipped model on the shipped sample (its accuracy is in docs/model-card.md):
-    the README command's model labels most of the brain, with cerebral white matter the commonest label."""
+    it labels most of the brain, with cerebral white matter the commonest label."""
     from BrainIDLib.samples import sample_path
 
     img = nib.load(str(sample_path()))
-    pred = BrainIDLib.predict(img, tasks=("segmentation",), device="cpu")  # model=None: the default
+    pred = BrainIDLib.predict(img, tasks=("segmentation",), model="brainid-lite", device="cpu")
     seg = np.asarray(pred.outputs["segmentation"].dataobj)
     assert seg.shape == img.shape
     assert set(np.unique(seg).tolist()) <= set(SEGMENTATION_LABELS)
