@@ -7,7 +7,6 @@ adapt.freeze_backbone=false the whole network is fine-tuned and exported as a mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from BrainIDLib.registry import sha256_of
 import BrainIDLib
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
@@ -117,14 +117,6 @@ def adapt_loss(cfg: Config, dist: DistInfo):
     return loss_fn
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def use_low_memory(cfg: Config, model: BrainIDModel) -> bool:
     """adapt.low_memory_features: auto = the low-memory path only when a plain no_grad forward of
     one step's inputs would need more than adapt.plain_forward_gb (the plain forward keeps about a
@@ -179,13 +171,13 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
             model.metadata.setdefault("heads", {})[task] = info
             path = save_head(model, task, run_dir / f"{task}_head.safetensors", {
                 "name": f"{cfg['run']['name']}-{task}", "description": info["description"],
-                "backbone": {"init": str(cfg["model"]["init"]), "sha256": _sha256(backbone_file) if backbone_file else None,
+                "backbone": {"init": str(cfg["model"]["init"]), "sha256": sha256_of(backbone_file) if backbone_file else None,
                              "fine_tuned": fine_tune},
                 "training": {"command": "adapt", "steps": cfg["run"]["max_steps"], "data": cfg["data"]["source"],
                              "corruption": ac["corruption"]}})
             outputs[f"{task}_head"] = path
             entries.append({"name": f"{cfg['run']['name']}-{task}", "kind": "head", "task": task,
-                            "file": path.name, "sha256": _sha256(path), "size_bytes": path.stat().st_size,
+                            "file": path.name, "sha256": sha256_of(path), "size_bytes": path.stat().st_size,
                             "description": info["description"], "backbone": str(cfg["model"]["init"]),
                             **({"labels": info["labels"]} if task == "segmentation" else {})})
         entry_path = run_dir / "models_json_entries.json"

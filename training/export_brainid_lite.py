@@ -12,10 +12,10 @@ Resources/models.json, making it the registry's default.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
+from BrainIDLib.registry import sha256_of
 import BrainIDLib
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 from BrainIDLib.weights import add_head_file, save_model
@@ -24,17 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NAME = "brainid-lite"
 DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters) trained by BrainID on CPU from "
                "SynthSeg label maps with the Brain-ID generator, on a 2 mm grid; heads for 33-class segmentation, "
-               "anatomy (T1 synthesis), super-resolution and bias field. A lightweight default, not the official model.")
+               "anatomy (T1 synthesis), super-resolution and bias field. Experimental: a short CPU run whose segmentation is not usable yet (see docs/model-card.md); not the official model.")
 SPACING = [2.0, 2.0, 2.0]
 NORMALISATION = {"method": "minmax", "percentiles": [0.0, 100.0]}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run_summary(run: Path) -> dict:
@@ -61,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default="runs/brainid-lite-heads")
     ap.add_argument("--out", default=str(ROOT / "Resources" / "Models" / f"{NAME}.safetensors"))
     ap.add_argument("--registry", default=str(ROOT / "Resources" / "models.json"))
+    ap.add_argument("--make-default", action="store_true", help="also make it the registry default")
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
@@ -91,12 +84,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    sha, size = _sha256(out), out.stat().st_size
+    sha, size = sha256_of(out), out.stat().st_size
     reg_path = Path(args.registry)
     reg = json.loads(reg_path.read_text())
     entry = {
         "name": NAME,
-        "aliases": ["lite", "default"],
+        "aliases": ["lite"],
         "description": DESCRIPTION,
         "architecture": model.arch.to_dict(),
         "tasks": list(BrainIDLib.TASKS),
@@ -109,7 +102,8 @@ def main(argv=None) -> int:
         "files": [{"filename": out.name, "role": "model", "path": f"Models/{out.name}", "sha256": sha, "size": size}],
     }
     reg["models"] = [m for m in reg["models"] if m["name"] != NAME] + [entry]
-    reg["default"] = NAME
+    if args.make_default:  # only once the model card shows it is good enough to be the default
+        reg["default"] = NAME
     reg_path.write_text(json.dumps(reg, indent=2) + "\n")
     print(json.dumps({"file": str(out), "sha256": sha, "size": size}, indent=2))
     return 0
