@@ -1,7 +1,8 @@
-"""Writing files so that a crash or Ctrl-C never leaves a half-written result behind."""
+"""Files on disk: written atomically (a crash or Ctrl-C never leaves half a result) and hashed."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,3 +33,12 @@ def save_nifti(img, path: str | os.PathLike) -> Path:
 
     suffix = ".part.nii.gz" if str(path).lower().endswith(".nii.gz") else ".part.nii"
     return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so large weights never sit in memory whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ Environment:
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BrainIDError
+from .files import sha256_of
 from .model import TASKS
 from .resources import resources_dir
 
@@ -260,14 +260,6 @@ def file_path(entry: ModelEntry, f: ModelFile) -> Path:
     if f.shipped:
         return resources_dir() / f.path
     return cache_dir() / entry.name / f.filename
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_status(entry: ModelEntry, f: ModelFile, check: bool = False) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import BrainIDError
+from .files import sha256_of
 from .resources import resource_path
 
 
@@ -30,6 +30,6 @@ def sample_path(name: str | None = None, verify: bool = True) -> Path:
     path = resource_path("SampleData", entry["filename"])
     if not path.is_file():
         raise BrainIDError(f"the sample volume {path} is missing; reinstall BrainID")
-    if verify and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+    if verify and sha256_of(path) != entry["sha256"]:
         raise BrainIDError(f"the sample volume {path} is damaged (SHA-256 mismatch); reinstall BrainID")
     return path
