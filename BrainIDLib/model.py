@@ -288,9 +288,6 @@ def _single_conv_low_memory(layer: SingleConv, parts: list) -> torch.Tensor:
             halo = out[:, :, d1 - 1 : d1].clone()
         out[:, :, d0:d1] = r
         del r
-    for p in plain:
-        if p is not out:
-            p.resize_(0)  # the caller handed this tensor over; free it now
     return out
 
 

@@ -353,8 +353,9 @@ def load_volume_file(path, name: str | None = None):
     return node
 
 
-def save_volume_file(node, path) -> None:
-    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+def _write_with_storage_node(node, path, storage_class: str) -> None:
+    """Write through a temporary storage node (slicer.util.saveNode needs Qt)."""
+    storage = scene().AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     try:
         if not storage.WriteData(node):
@@ -363,14 +364,12 @@ def save_volume_file(node, path) -> None:
         scene().RemoveNode(storage)
 
 
+def save_volume_file(node, path) -> None:
+    _write_with_storage_node(node, path, "vtkMRMLVolumeArchetypeStorageNode")
+
+
 def save_segmentation_file(seg, path) -> None:
-    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    try:
-        if not storage.WriteData(seg):
-            raise BrainIDError(f"Slicer could not write {path}")
-    finally:
-        scene().RemoveNode(storage)
+    _write_with_storage_node(seg, path, "vtkMRMLSegmentationStorageNode")
 
 
 def load_segmentation_file(path, name: str = "Segmentation"):
