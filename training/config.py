@@ -157,6 +157,10 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' is a section; give it a mapping, not {value!r}")
             _merge(base[key], value, dotted + ".")
+        elif isinstance(base[key], dict) and isinstance(value, dict):
+            # free-form mapping: keys given replace theirs, the others stay (--set data.generator.x=1
+            # must not drop data.generator.preset)
+            base[key] = {**base[key], **copy.deepcopy(value)}
         else:
             base[key] = copy.deepcopy(value)
 

@@ -96,6 +96,9 @@ def test_shipped_configs_load():
 def test_overrides_and_clear_errors(capsys):
     cfg = load_config("smoke", ["optim.lr=3e-4", "data.size=[16,20,24]", "adapt.tasks=[anatomy, bias_field]"])
     assert cfg.optim.lr == 3e-4 and cfg.data.size == [16, 20, 24] and cfg.adapt.tasks == ["anatomy", "bias_field"]
+    # a key inside a free-form section replaces only that key (it used to drop the preset)
+    gen = load_config("brainid_lite_2mm", ["data.generator.nonlin_std_max=2.0"]).data.generator
+    assert gen["nonlin_std_max"] == 2.0 and gen["preset"] == "brainid-extended" and "resolution_probs" in gen
     with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
         load_config("smoke", ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="run.max_steps' must be > 0"):
