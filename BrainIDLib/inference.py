@@ -430,6 +430,15 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     return result
 
 
+def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | None:
+    """The empty padding around a skull-stripped or defaced scan: voxels at the image's minimum value,
+    when they fill at least `min_fraction` of it (None otherwise, e.g. a whole-head scan with noisy
+    air). Training crops hold little such emptiness, so labels the network puts there are noise:
+    predict() sets them to background."""
+    pad = array <= array.min()
+    return pad if pad.mean() >= min_fraction else None
+
+
 def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result):
     affine = vol.affine
     if task == "segmentation":
@@ -440,12 +449,18 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
         probs.div_(probs.sum(0, keepdim=True))
         lut = torch.tensor(labels, dtype=torch.int16)
         idx = prep.argmax_on_input_grid(probs)
+        pad = padding_mask(vol.array) if 0 in labels else None
+        if pad is not None:
+            idx[torch.from_numpy(pad)] = labels.index(0)
         result.outputs["segmentation"] = make_nifti(lut[idx].numpy(), affine, np.int16)
         if want_probs:
             p = prep.to_input_grid(probs)
             result.probabilities = make_nifti(np.moveaxis(p.numpy(), 0, -1), affine)
         if on_1mm:
-            result.outputs_1mm["segmentation"] = make_nifti(lut[prep.crop(probs).argmax(0)].numpy(), prep.grid_affine, np.int16)
+            idx1 = prep.crop(probs).argmax(0)
+            if pad is not None:  # the padding on the model grid (resampled: allow a sliver)
+                idx1[prep.crop(prep.tensor[0])[0] <= 1e-3] = labels.index(0)
+            result.outputs_1mm["segmentation"] = make_nifti(lut[idx1].numpy(), prep.grid_affine, np.int16)
         return
     if task == "bias_field":
         log_bias = prep.to_input_grid(chunk)[0]

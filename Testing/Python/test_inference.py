@@ -391,3 +391,27 @@ def test_cpu_out_of_memory_is_a_clear_error(monkeypatch):
     img = nib.Nifti1Image(smooth_image((16, 16, 16)), np.eye(4))
     with pytest.raises(BrainIDError, match="out of memory"):
         inf.predict(img, "anatomy", model=random_model(), device="cpu")
+
+
+def test_empty_padding_is_background_whatever_the_network_says():
+    """Skull-stripped scans sit in zero padding the network never saw in training: labels there are
+    noise, so predict() sets voxels at the image's minimum to background when they fill >= 5% of it."""
+    lab = blocks((24, 20, 16), seed=3)
+    lab[lab == 0] = 1  # inside: labels 1 and 2 only
+    img = (lab * 0.5).astype(np.float32)
+    img[:4], img[-4:] = 0.0, 0.0  # a 4-voxel zero slab on both ends: 33% of the volume
+    # intensity 0 -> label 17, 0.5 -> 53, 1.0 -> 0: without the rule the padding would be 17
+    m = identity_segmenter([1.0, 0.0, 0.5])
+    pred = inf.predict(nib.Nifti1Image(img, np.eye(4)), tasks="segmentation", model=m, device="cpu", on_1mm=True)
+    seg = np.asarray(pred.outputs["segmentation"].dataobj)
+    assert (seg[img == 0] == 0).all()
+    inner = np.zeros_like(img, dtype=bool)
+    inner[5:-5] = True
+    assert (seg[inner] == np.array([17, 53, 0])[lab[inner]]).mean() > 0.9
+    assert (np.asarray(pred.outputs_1mm["segmentation"].dataobj)[:3] == 0).all()
+    # a few dark voxels (< 5%) are tissue, not padding: they keep the network's label
+    img2 = (lab * 0.5).astype(np.float32)
+    img2[0, 0, :5] = 0.0
+    seg2 = np.asarray(inf.predict(nib.Nifti1Image(img2, np.eye(4)), tasks="segmentation", model=m, device="cpu").outputs["segmentation"].dataobj)
+    assert (seg2[0, 0, :5] == 17).all()
+    assert inf.padding_mask(img2) is None and inf.padding_mask(img).mean() > 0.3
