@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from BrainIDLib.registry import sha256_of
+from BrainIDLib.files import atomic_write, sha256_of
 import BrainIDLib
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 from BrainIDLib.weights import add_head_file, save_model
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     reg["models"] = [m for m in reg["models"] if m["name"] != NAME] + [entry]
     if args.make_default:  # only once the model card shows it is good enough to be the default
         reg["default"] = NAME
-    reg_path.write_text(json.dumps(reg, indent=2) + "\n")
+    atomic_write(reg_path, lambda tmp: Path(tmp).write_text(json.dumps(reg, indent=2) + "\n"))  # the shipped registry
     print(json.dumps({"file": str(out), "sha256": sha, "size": size}, indent=2))
     return 0
 
