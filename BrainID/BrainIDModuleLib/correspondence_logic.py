@@ -147,9 +147,7 @@ class CorrespondenceMixin:
         cmd = self._python_cmd() + ["correspond", "--source", str(source_path), f"--point={r:.6g},{a:.6g},{s:.6g}"]
         for path in target_paths:
             cmd += ["--target", str(path)]
-        cmd += ["--out", str(out_dir), "--device", str(device), "--progress-format", "machine"]
-        if model:
-            cmd += ["--model", str(model)]
+        cmd += ["--out", str(out_dir)] + self._cli_common(model, device)
         return cmd
 
     def startCorrespondence(self, sourceVolumeNode, point, targetVolumeNodes=None, model=None, device="auto",

@@ -130,7 +130,8 @@ class FewShotMixin:
         kwargs = {} if steps is None else {"steps": int(steps)}
         report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
         try:
-            head = self._fewshot_lib().train_head(images, annotations, names=names, colors=colors,
+            head = self._fewshot_lib().train_head(images, annotations, names=dict(enumerate(names, 1)),
+                                                  colors=dict(enumerate(colors, 1)),
                                                   model=model if model is not None else self.model, device=device,
                                                   cache=getattr(self, "featureCache", None), progress=report,
                                                   cancel=cancel, name=name or "few-shot", **kwargs)
@@ -179,7 +180,8 @@ class FewShotMixin:
         kwargs = {"model": model if model is not None else self.model} if (model or self.model) is not None else {}
         try:
             result = self._fewshot_lib().segment(sa.volume_to_nifti(volumeNode, world=True), head, device=device,
-                                                 progress=report, cancel=cancel, **kwargs)
+                                                 cache=getattr(self, "featureCache", None), progress=report,
+                                                 cancel=cancel, **kwargs)
         finally:
             self._release(device)
         return self.importFewShotSegmentation(volumeNode, head, np.asanyarray(result.dataobj), show)
@@ -205,7 +207,7 @@ class FewShotMixin:
 
     # ------------------------------------------------------------ non-blocking (CLI child process)
     def startFewShotTrain(self, segmentationNodes, volumeNodes=None, segments=None, name="few-shot", model=None,
-                          device="auto", workdir=None):
+                          device="auto", steps=None, workdir=None):
         import nibabel as nib
 
         images, annotations, names, colors = self._annotated_images(segmentationNodes, volumeNodes, segments)
@@ -217,10 +219,9 @@ class FewShotMixin:
             cmd += ["--image", str(workdir / f"scan{i}.nii"), "--annotation", str(workdir / f"scan{i}_annotation.nii.gz")]
         head_path = workdir / "head.safetensors"
         cmd += ["--names", ",".join(f"{k}={n.replace(',', ' ')}" for k, n in enumerate(names, 1)),
-                "--out", str(head_path), "--name", name or "few-shot", "--device", str(device),
-                "--progress-format", "machine"]
-        if model:
-            cmd += ["--model", str(model)]
+                "--out", str(head_path), "--name", name or "few-shot"] + self._cli_common(model, device)
+        if steps:
+            cmd += ["--steps", str(int(steps))]
         context = {"head": str(head_path), "colors": colors}
         volume = self._first_volume(segmentationNodes, volumeNodes)
         return self._start_job("fewshot-train", [cmd], volume, workdir, workdir, own, context)
@@ -254,9 +255,7 @@ class FewShotMixin:
         nib.save(sa.volume_to_nifti(volumeNode, world=True), str(scan))
         head.save(head_path)
         cmd = self._python_cmd() + ["fewshot", "apply", "--head", str(head_path), "--input", str(scan), "--output",
-                                    str(out), "--device", str(device), "--progress-format", "machine"]
-        if model:
-            cmd += ["--model", str(model)]
+                                    str(out)] + self._cli_common(model, device)
         return self._start_job("fewshot-apply", [cmd], volumeNode, workdir, out, own, {"head": head})
 
     def _finish_fewshot_apply(self, job, show=True) -> dict:

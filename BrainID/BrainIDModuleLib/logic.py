@@ -181,6 +181,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
         self._correspondence = correspondence  # BrainIDLib.correspondence unless injected
         self._fewshot = fewshot  # BrainIDLib.fewshot unless injected
         self._feature_cache = featureCache
+        self.featureCacheDir = None  # for the child processes; None: the CLI's default on-disk cache
 
     # ------------------------------------------------------------ blocking
     def process(self, inputVolumeNode, tasks=("segmentation",), model=None, device="auto", mode="auto",
@@ -270,6 +271,16 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
 
             python = python_executable()
         return [python, "-m", "BrainIDLib.cli"]
+
+    def _cli_common(self, model=None, device="auto") -> list[str]:
+        """Options shared by `brainid correspond` and `brainid fewshot`: features are cached on disk
+        (`featureCacheDir`, default the CLI's $BRAINID_CACHE/features) so repeated runs skip the network."""
+        out = ["--device", str(device), "--progress-format", "machine"]
+        if self.featureCacheDir:
+            out += ["--feature-cache", str(self.featureCacheDir)]
+        if model:
+            out += ["--model", str(model)]
+        return out
 
     @staticmethod
     def _workdir(workdir=None) -> tuple[Path, bool]:
