@@ -19,6 +19,7 @@ from slicer.util import VTKObservationMixin
 
 from BrainIDModuleLib import dependencies
 from BrainIDModuleLib import logic as moduleLogic
+from BrainIDModuleLib import sections as moduleSections
 
 TASK_CHECKBOXES = {"segmentation": "segmentationCheckBox", "anatomy": "anatomyCheckBox",
                    "super_resolution": "superResolutionCheckBox", "bias_field": "biasFieldCheckBox",
@@ -67,7 +68,8 @@ class BrainIDLogic(ScriptedLoadableModuleLogic, moduleLogic.BrainIDLogic):
         moduleLogic.BrainIDLogic.__init__(self, **kwargs)
 
     def setDefaultParameters(self, parameterNode):
-        defaults = {"Tasks": "segmentation", "Model": "", "Device": "auto"}
+        defaults = {"Tasks": "segmentation", "Model": "", "Device": "auto", "HeadName": "few-shot",
+                    "ShowHeatmap": "true"}
         for key, value in defaults.items():
             if not parameterNode.GetParameter(key):
                 parameterNode.SetParameter(key, value)
@@ -107,6 +109,8 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownloadButton)
+        self.sections = moduleSections.Sections(self)  # correspondence and few-shot sections
+        self.sections.setup()
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -160,6 +164,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelComboBox.setEditText(p.GetParameter("Model"))
             device = next((k for k, v in DEVICES.items() if v == p.GetParameter("Device")), "auto")
             self.ui.deviceComboBox.currentText = device
+            self.sections.updateGUI(p)
             self.updateButtons()
         finally:
             self._updating = False
@@ -172,6 +177,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.SetParameter("Tasks", ",".join(self.selectedTasks()))
         self._parameterNode.SetParameter("Model", self.selectedModel())
         self._parameterNode.SetParameter("Device", DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
+        self.sections.updateParameterNode(self._parameterNode)
         self._parameterNode.EndModify(wasModifying)
         self.updateModelStatus()
 
@@ -188,6 +194,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = running or bool(self.ui.inputSelector.currentNode() and self.selectedTasks())
         self.ui.downloadButton.enabled = not running
         self.ui.inputsCollapsibleButton.enabled = not running
+        self.sections.updateButtons(running)
 
     # ---------------------------------------------------------------- models
     def populateModels(self):
@@ -266,6 +273,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif isinstance(job, moduleLogic.BrainIDJob):
                 with slicer.util.tryWithErrorDisplay("BrainID failed.", waitCursor=True):
                     results = self.logic.finish(job)
+                    self.sections.finished(results)
                     notes = "; ".join(runner.notices)
                     self.ui.statusLabel.text = f"Done: {', '.join(results)}" + (f" ({notes})" if notes else "")
             elif state == "succeeded":
