@@ -236,11 +236,8 @@ class FewShotMixin:
 
     def _finish_fewshot_train(self, job, show=True) -> dict:
         head = self.loadHead(job.context["head"])
-        if not getattr(head, "colors", None):  # the CLI takes names only: keep the painted colours
-            try:
-                head.colors = [tuple(c) for c in job.context["colors"]]
-            except AttributeError:
-                pass
+        painted = {k: tuple(c) for k, c in enumerate(job.context["colors"], 1)}
+        head.colors = [painted.get(int(v), tuple(c)) for v, c in zip(head.labels, head.colors)]  # CLI: names only
         return {"head": head}
 
     def startFewShotApply(self, volumeNode, head=None, model=None, device="auto", workdir=None):
