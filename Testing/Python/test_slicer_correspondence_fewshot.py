@@ -385,3 +385,30 @@ def test_real_fewshot_train_save_load_apply(tiny_model, tmp_path):
     labels = sa.segments_to_annotation(on_a, a, [ids[n] for n in ids], [head.names.index(n) + 1 for n in ids])
     core = box(dims, (8, 10, 7), (12, 14, 11))
     assert np.mean(labels[core] == 1) > 0.5  # the painted scan itself: mostly right, even with random features
+
+
+@pytest.mark.slow
+def test_shipped_model_on_the_sample_point_and_heatmaps(monkeypatch, tmp_path):
+    """brainid-lite (shipped) on a crop of the shipped sample and a contrast-inverted copy: the machinery
+    with real features. brainid-lite is experimental (docs/model-card.md), so match accuracy is not asserted."""
+    monkeypatch.delenv("BRAINID_REGISTRY", raising=False)
+    monkeypatch.setenv("BRAINID_CACHE", str(tmp_path / "cache"))
+    sample = sa.load_volume_file(lg.sample_entries()[0]["path"], "sample")
+    arr, affine = sa.array_from_volume(sample)
+    crop = (slice(25, 81), slice(35, 95), slice(30, 86))
+    affine = affine.copy()
+    affine[:3, 3] = (affine @ np.r_[[s.start for s in crop], 1.0])[:3]
+    t1 = sa.add_scalar_volume(arr[crop], "T1 crop", affine=affine)
+    inverted = sa.add_scalar_volume(np.where(arr[crop] > 0, arr.max() - arr[crop], 0).astype(np.float32), "inverted",
+                                    affine=affine)
+    logic = lg.BrainIDLogic(model="brainid-lite", log=lambda m: None)
+    point = voxel_ras(t1, (28, 30, 20))
+    match, heatmaps = logic.findCorrespondence(t1, point, [inverted], device="cpu", show=False)
+    for target, heat in zip((t1, inverted), heatmaps):
+        np.testing.assert_array_equal(sa.ijk_to_ras(heat), sa.ijk_to_ras(target))
+        h = sa.array_from_volume(heat)[0]
+        assert h.shape == arr[crop].shape and np.all(np.isfinite(h)) and h.max() <= 1.0 + 1e-2
+    self_heat = sa.array_from_volume(heatmaps[0])[0]
+    assert self_heat[28, 30, 20] > 0.98  # the point is most similar to itself
+    assert logic.lastMatches[0]["similarity"] >= self_heat[28, 30, 20] - 0.02  # the match is (near) the best
+    assert match.GetNumberOfControlPoints() == 2
