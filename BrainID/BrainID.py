@@ -352,4 +352,12 @@ class BrainIDTest(ScriptedLoadableModuleTest):
         child = logic.finish(job)
         agreement = np.mean(slicer_adapter.segmentation_to_labels(child["segmentation"], volume) == labels)
         self.assertGreater(agreement, 0.99)  # same model and input in both paths (float ties aside)
+
+        self.delayDisplay("Anatomical correspondence of a point on the sample with itself")
+        centre = np.array(volume.GetImageData().GetDimensions()) // 2
+        match, heatmaps = logic.findCorrespondence(volume, (ref @ np.r_[centre, 1.0])[:3], model=path, device="cpu")
+        self.assertEqual(match.GetNumberOfControlPoints(), 1)
+        np.testing.assert_array_equal(slicer_adapter.ijk_to_ras(heatmaps[0]), ref)
+        # the point is (nearly) most similar to itself (random features, resampled to the sample grid: not exactly 1)
+        self.assertGreater(slicer.util.arrayFromVolume(heatmaps[0])[tuple(centre[::-1])], 0.9)
         self.delayDisplay("BrainID self-test passed")
