@@ -141,6 +141,8 @@ class Sections:
     def onHeatmapToggled(self, checked=None):
         from BrainIDLib import slicer_adapter as sa
 
+        if self.widget._updating:  # the GUI following the parameter node: no view changes
+            return
         self.widget.updateParameterNodeFromGUI()
         matches = [m for m in getattr(self.widget.logic, "lastMatches", None) or () if m["heatmap"].GetScene()]
         if not self.ui.heatmapCheckBox.checked:
