@@ -27,6 +27,10 @@ HEATMAP_SUFFIX = "BrainID similarity"
 
 
 class CorrespondenceMixin:
+    # Heatmap display range (cosine similarity). Features are similar over much of the brain, so e.g.
+    # (0.8, 1.0) shows the best-matching region more sharply; the Volumes module can change it too.
+    heatmapWindow = (0.0, 1.0)
+
     # ------------------------------------------------------------ helpers
     def _correspondence_lib(self):
         lib = getattr(self, "_correspondence", None)
@@ -121,7 +125,8 @@ class CorrespondenceMixin:
         known = self.__dict__.setdefault("_heatmap_ids", {})
         for target, (_, similarity, heat) in zip(targets, found):
             old = sa.scene().GetNodeByID(known.get(target.GetID(), ""))
-            node = sa.add_heatmap_volume(heat, f"{target.GetName()} {HEATMAP_SUFFIX}", target, node=old)
+            node = sa.add_heatmap_volume(heat, f"{target.GetName()} {HEATMAP_SUFFIX}", target, node=old,
+                                         window=self.heatmapWindow)
             known[target.GetID()] = node.GetID()
             heatmaps.append(node)
             labels.append(f"{target.GetName()} {similarity:.2f}")

@@ -155,6 +155,9 @@ def test_find_correspondence_heatmaps_on_target_grids_and_match_points():
     assert engine.calls[1]["cache"] is engine.calls[0]["cache"] is logic.featureCache
     assert engine.calls[1]["source"] is engine.calls[0]["source"]
     np.testing.assert_allclose(engine.calls[1]["point"], [1.0, 2.0, 3.0])
+    logic.heatmapWindow = (0.8, 1.0)
+    logic.findCorrespondence(source, [1.0, 2.0, 3.0], [flair], device="cpu")
+    assert heatmaps[1].GetDisplayNode().GetWindowLevelMin() == pytest.approx(0.8)
 
     with pytest.raises(BrainIDError, match="source volume"):
         logic.findCorrespondence(None, [0, 0, 0])
