@@ -177,7 +177,8 @@ class FewShotMixin:
         from BrainIDLib import slicer_adapter as sa
 
         report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
-        kwargs = {"model": model if model is not None else self.model} if (model or self.model) is not None else {}
+        model = model if model is not None else self.model
+        kwargs = {} if model is None else {"model": model}  # None: the backbone the head names
         try:
             result = self._fewshot_lib().segment(sa.volume_to_nifti(volumeNode, world=True), head, device=device,
                                                  cache=getattr(self, "featureCache", None), progress=report,
