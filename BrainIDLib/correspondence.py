@@ -360,12 +360,10 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     prog(0.92, "normalising the features")
     feats = prep.crop(raw)
     del raw
-    feats = feats.float()
-    feats = feats / feats.norm(dim=0, keepdim=True).clamp_min(1e-8)
-    feats = feats.to(torch.float16).contiguous()
     fg = prep.crop(prep.tensor[0, 0]) > FOREGROUND_LEVEL
     if fg.sum() < 8:  # odd intensities (e.g. negative background): every voxel is a candidate
         fg = torch.ones_like(fg)
+    feats = standardise(feats.float(), fg).to(torch.float16).contiguous()
     light = replace(prep, tensor=torch.empty(0), pad_before=(0, 0, 0))
     fm = FeatureMap(feats, np.asarray(prep.grid_affine, dtype=np.float64), tuple(prep.grid_shape), vol.shape,
                     vol.affine.copy(), fg.contiguous(), key[0], key[1], _model_name(model), vol.name, light)
@@ -373,6 +371,24 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
         cache.put(key, fm)
     prog(1.0, "features ready")
     return fm
+
+
+def standardise(feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel z-scores over the foreground voxels, then unit length per voxel (in place).
+
+    Raw Brain-ID features share a large common component: cosine similarities between any two
+    brain voxels are ~0.999 (brainid-lite), which float16 cannot even tell apart. Centring each
+    channel on the scan's own foreground mean (and scaling by its spread) removes it, so cosine
+    similarity measures anatomy; it also cancels global offsets between scans."""
+    feats = feats.contiguous()
+    c = feats.shape[0]
+    flat = feats.view(c, -1)
+    sel = flat[:, mask.reshape(-1)] if mask is not None and bool(mask.any()) else flat
+    mean = sel.mean(1, keepdim=True)
+    std = sel.std(1, keepdim=True).clamp_min(1e-6)
+    flat.sub_(mean).div_(std)
+    feats /= feats.norm(dim=0, keepdim=True).clamp_min(1e-8)
+    return feats
 
 
 def _as_feature_map(x, model, device, cache, progress, cancel) -> FeatureMap:
