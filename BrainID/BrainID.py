@@ -358,6 +358,6 @@ class BrainIDTest(ScriptedLoadableModuleTest):
         match, heatmaps = logic.findCorrespondence(volume, (ref @ np.r_[centre, 1.0])[:3], model=path, device="cpu")
         self.assertEqual(match.GetNumberOfControlPoints(), 1)
         np.testing.assert_array_equal(slicer_adapter.ijk_to_ras(heatmaps[0]), ref)
-        # the point is (nearly) most similar to itself (random features, resampled to the sample grid: not exactly 1)
-        self.assertGreater(slicer.util.arrayFromVolume(heatmaps[0])[tuple(centre[::-1])], 0.9)
+        heat = slicer.util.arrayFromVolume(heatmaps[0])  # the point is among the voxels most similar to itself
+        self.assertLess(np.mean(heat > heat[tuple(centre[::-1])]), 0.01)  # (random features: not exactly the top)
         self.delayDisplay("BrainID self-test passed")
