@@ -4,7 +4,11 @@ GUI wiring only; the work is in BrainIDModuleLib (logic, dependencies) and Brain
 CLI, runner, MRML adapter). Console use:
 
     import BrainID
-    results = BrainID.BrainIDLogic().process(getNode("T1"), tasks=["segmentation", "anatomy"], model="NAME_OR_FILE")
+    logic = BrainID.BrainIDLogic()
+    results = logic.process(getNode("T1"), tasks=["segmentation", "anatomy"], model="NAME_OR_FILE")
+    match, heatmaps = logic.findCorrespondence(getNode("T1"), getNode("F"), [getNode("FLAIR")])
+    head = logic.trainFewShotHead(getNode("Segmentation")); logic.applyFewShotHead(getNode("FLAIR"), head)
+(see BrainIDModuleLib/correspondence_logic.py and fewshot_logic.py).
 """
 
 import logging
@@ -41,6 +45,8 @@ class BrainID(ScriptedLoadableModule):
             "volumes, T1 synthesis, super-resolution, bias-field correction and a feature PCA view, for MRI of any "
             "contrast and resolution. Pick a volume, tasks and a model, then Apply. Inference runs in a separate "
             "process, so Slicer stays responsive and Cancel stops it at once. "
+            "Also: anatomical correspondence (a point on one scan, its match and a similarity heatmap on any other) "
+            "and few-shot segmentation (paint a few structures, train a small head, segment other scans). "
             "See <a href='https://github.com/peirong26/Brain-ID'>Brain-ID</a>.")
         self.parent.acknowledgementText = (
             "BrainID implements the method of: " + CITATION + " Sample data: MNI ICBM152 2009a template "
