@@ -4,7 +4,11 @@ GUI wiring only; the work is in BrainIDModuleLib (logic, dependencies) and Brain
 CLI, runner, MRML adapter). Console use:
 
     import BrainID
-    results = BrainID.BrainIDLogic().process(getNode("T1"), tasks=["segmentation", "anatomy"], model="NAME_OR_FILE")
+    logic = BrainID.BrainIDLogic()
+    results = logic.process(getNode("T1"), tasks=["segmentation", "anatomy"], model="NAME_OR_FILE")
+    match, heatmaps = logic.findCorrespondence(getNode("T1"), getNode("F"), [getNode("FLAIR")])
+    head = logic.trainFewShotHead(getNode("Segmentation")); logic.applyFewShotHead(getNode("FLAIR"), head)
+(see BrainIDModuleLib/correspondence_logic.py and fewshot_logic.py).
 """
 
 import logging
@@ -19,6 +23,7 @@ from slicer.util import VTKObservationMixin
 
 from BrainIDModuleLib import dependencies
 from BrainIDModuleLib import logic as moduleLogic
+from BrainIDModuleLib import sections as moduleSections
 
 TASK_CHECKBOXES = {"segmentation": "segmentationCheckBox", "anatomy": "anatomyCheckBox",
                    "super_resolution": "superResolutionCheckBox", "bias_field": "biasFieldCheckBox",
@@ -40,6 +45,8 @@ class BrainID(ScriptedLoadableModule):
             "volumes, T1 synthesis, super-resolution, bias-field correction and a feature PCA view, for MRI of any "
             "contrast and resolution. Pick a volume, tasks and a model, then Apply. Inference runs in a separate "
             "process, so Slicer stays responsive and Cancel stops it at once. "
+            "Also: anatomical correspondence (a point on one scan, its match and a similarity heatmap on any other) "
+            "and few-shot segmentation (paint a few structures, train a small head, segment other scans). "
             "See <a href='https://github.com/peirong26/Brain-ID'>Brain-ID</a>.")
         self.parent.acknowledgementText = (
             "BrainID implements the method of: " + CITATION + " Sample data: MNI ICBM152 2009a template "
@@ -67,7 +74,8 @@ class BrainIDLogic(ScriptedLoadableModuleLogic, moduleLogic.BrainIDLogic):
         moduleLogic.BrainIDLogic.__init__(self, **kwargs)
 
     def setDefaultParameters(self, parameterNode):
-        defaults = {"Tasks": "segmentation", "Model": "", "Device": "auto"}
+        defaults = {"Tasks": "segmentation", "Model": "", "Device": "auto", "HeadName": "few-shot",
+                    "ShowHeatmap": "true"}
         for key, value in defaults.items():
             if not parameterNode.GetParameter(key):
                 parameterNode.SetParameter(key, value)
@@ -107,6 +115,8 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.downloadButton.connect("clicked(bool)", self.onDownloadButton)
+        self.sections = moduleSections.Sections(self)  # correspondence and few-shot sections
+        self.sections.setup()
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -160,6 +170,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelComboBox.setEditText(p.GetParameter("Model"))
             device = next((k for k, v in DEVICES.items() if v == p.GetParameter("Device")), "auto")
             self.ui.deviceComboBox.currentText = device
+            self.sections.updateGUI(p)
             self.updateButtons()
         finally:
             self._updating = False
@@ -172,6 +183,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.SetParameter("Tasks", ",".join(self.selectedTasks()))
         self._parameterNode.SetParameter("Model", self.selectedModel())
         self._parameterNode.SetParameter("Device", DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
+        self.sections.updateParameterNode(self._parameterNode)
         self._parameterNode.EndModify(wasModifying)
         self.updateModelStatus()
 
@@ -188,6 +200,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = running or bool(self.ui.inputSelector.currentNode() and self.selectedTasks())
         self.ui.downloadButton.enabled = not running
         self.ui.inputsCollapsibleButton.enabled = not running
+        self.sections.updateButtons(running)
 
     # ---------------------------------------------------------------- models
     def populateModels(self):
@@ -266,6 +279,7 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif isinstance(job, moduleLogic.BrainIDJob):
                 with slicer.util.tryWithErrorDisplay("BrainID failed.", waitCursor=True):
                     results = self.logic.finish(job)
+                    self.sections.finished(results)
                     notes = "; ".join(runner.notices)
                     self.ui.statusLabel.text = f"Done: {', '.join(results)}" + (f" ({notes})" if notes else "")
             elif state == "succeeded":
@@ -344,4 +358,12 @@ class BrainIDTest(ScriptedLoadableModuleTest):
         child = logic.finish(job)
         agreement = np.mean(slicer_adapter.segmentation_to_labels(child["segmentation"], volume) == labels)
         self.assertGreater(agreement, 0.99)  # same model and input in both paths (float ties aside)
+
+        self.delayDisplay("Anatomical correspondence of a point on the sample with itself")
+        centre = np.array(volume.GetImageData().GetDimensions()) // 2
+        match, heatmaps = logic.findCorrespondence(volume, (ref @ np.r_[centre, 1.0])[:3], model=path, device="cpu")
+        self.assertEqual(match.GetNumberOfControlPoints(), 1)
+        np.testing.assert_array_equal(slicer_adapter.ijk_to_ras(heatmaps[0]), ref)
+        heat = slicer.util.arrayFromVolume(heatmaps[0])  # the point is among the voxels most similar to itself
+        self.assertLess(np.mean(heat > heat[tuple(centre[::-1])]), 0.01)  # (random features: not exactly the top)
         self.delayDisplay("BrainID self-test passed")

@@ -5,6 +5,9 @@
     brainid features INPUT --output feats.nii.gz [--pca 3]
     brainid models
     brainid download NAME
+    brainid correspond --source SRC --point R,A,S --target T [--target T2|FOLDER ...] --out DIR
+    brainid fewshot train --image A --annotation A_lab [--image B --annotation B_lab ...] --out HEAD.safetensors
+    brainid fewshot apply --head HEAD.safetensors --input SCAN_OR_FOLDER --output DIR
 
 Every user-fixable problem (a BrainIDError) prints `brainid: error: <message>` on one line and
 exits with status 2; Ctrl-C (or SIGTERM) exits with 130 and leaves no half-written file.
@@ -105,7 +108,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if the file is cached")
     p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"))
     p.set_defaults(func=cmd_download)
+
+    _add_correspond(sub)
+    _add_fewshot(sub)
     return parser
+
+
+def _add_analysis_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="registered model name (see `brainid models`) or a weights file")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--feature-cache", default="default", metavar="DIR|off",
+                   help="folder caching feature maps between runs (default $BRAINID_CACHE/features, "
+                        "i.e. ~/.cache/brainid/features); 'off' keeps them in memory only")
+    p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"),
+                   help="bar: progress bars on stderr; machine: 'PROGRESS <fraction> <message>' lines on stdout")
+
+
+def _add_correspond(sub) -> None:
+    p = sub.add_parser("correspond", help="find the anatomical correspondence of a point on other scans",
+                       description="Match a point (RAS mm) on a source scan to the most similar anatomy on each "
+                                   "target scan (any contrast, any subject) by cosine similarity of Brain-ID "
+                                   "features. Writes one similarity heatmap per scan (on its own grid) and "
+                                   "correspondence.json.")
+    p.add_argument("--source", required=True, metavar="SRC", help="the scan holding the point (NIfTI)")
+    p.add_argument("--point", required=True, metavar="R,A,S", help="the point in RAS millimetres, e.g. -24,-20,-12")
+    p.add_argument("--target", action="append", default=[], required=True, metavar="T",
+                   help="a scan to search, or a folder of scans (batch); repeatable")
+    p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--no-self", action="store_true", help="do not write the source's self-similarity heatmap")
+    _add_analysis_common(p)
+    p.set_defaults(func=cmd_correspond)
+
+
+def _add_fewshot(sub) -> None:
+    p = sub.add_parser("fewshot", help="few-shot segmentation: train a head on painted voxels, apply it to scans",
+                       description="Train a 1x1x1 head on frozen Brain-ID features from a few painted structures "
+                                   "(train), then segment those structures on scans of any contrast (apply).")
+    fs = p.add_subparsers(dest="fewshot_command", metavar="ACTION", parser_class=_Parser)
+    t = fs.add_parser("train", help="train a head on painted label images",
+                      description="Annotations: integer label images on their scan's grid, 0 = unpainted, k = "
+                                  "segment k. Negatives: a label named 'background', else the unpainted voxels "
+                                  "of the painted slices.")
+    t.add_argument("--image", action="append", default=[], required=True, metavar="SCAN", help="a scan (repeatable)")
+    t.add_argument("--annotation", action="append", default=[], required=True, metavar="LABELS",
+                   help="its painted label image (one per --image, same order)")
+    t.add_argument("--names", default=None, metavar="1=NAME,2=NAME",
+                   help="segment names by label value; a label named 'background' marks explicit negatives")
+    t.add_argument("--out", "--output", dest="out", required=True, metavar="HEAD.safetensors", help="the head file to write")
+    t.add_argument("--name", default=None, help="the head's name (default: its segment names)")
+    t.add_argument("--description", default="", help="a free-text description stored in the head")
+    t.add_argument("--steps", type=int, default=None, help="optimiser steps (default 300)")
+    _add_analysis_common(t)
+    t.set_defaults(func=cmd_fewshot_train)
+    a = fs.add_parser("apply", help="segment scans with a trained head",
+                      description="Writes OUTPUT/<scan>_<head name>.nii.gz (int16 labels on the scan's grid).")
+    a.add_argument("--head", required=True, metavar="HEAD.safetensors", help="a head from `brainid fewshot train`")
+    a.add_argument("--input", action="append", default=[], required=True, metavar="SCAN_OR_FOLDER",
+                   help="a scan or a folder of scans (batch); repeatable")
+    a.add_argument("--output", "--out", dest="output", required=True, metavar="DIR", help="output folder")
+    a.add_argument("--model", metavar="NAME_OR_PATH", help="the backbone (default: the one the head names)")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--feature-cache", default="default", metavar="DIR|off")
+    a.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"))
+    a.set_defaults(func=cmd_fewshot_apply)
+    p.set_defaults(func=lambda args: _fewshot_usage(p))
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -449,6 +516,210 @@ def cmd_download(args) -> int:
             print(f"{entry.name}: {p} (no published checksum; this file's SHA-256 is {sha256_of(p)})")
     if args.progress_format == "machine":
         print(f"OUTPUT model {path}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------ correspondence and few-shot
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
+
+
+def _fewshot_usage(parser) -> int:
+    raise BrainIDError("fewshot needs an action: `brainid fewshot train ...` or `brainid fewshot apply ...`")
+
+
+def _scans(values: list[str], what: str) -> list[Path]:
+    """Files, and the NIfTI files of folders (sorted), in order; each must exist."""
+    out: list[Path] = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+                           and not p.name.startswith("."))
+            if not found:
+                raise BrainIDError(f"{what} folder {path} holds no NIfTI file (.nii/.nii.gz)")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise BrainIDError(f"{what} not found: {path}")
+    return out
+
+
+def _feature_cache(value: str):
+    from .correspondence import FeatureCache
+
+    if str(value).lower() in ("off", "none", "no", ""):
+        return FeatureCache(None)
+    return FeatureCache("default" if value == "default" else value)
+
+
+def _load_backbone(args, reporter: Reporter, fallback: str | None = None):
+    if not args.model and fallback:
+        args.model = fallback
+    args.head = []
+    return _load_model(args, reporter)
+
+
+def _parse_point(text: str):
+    import numpy as np
+
+    try:
+        values = [float(v) for v in text.replace(";", ",").replace(" ", ",").split(",") if v != ""]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise BrainIDError(f"--point expects three numbers R,A,S in millimetres (e.g. -24,-20,-12), got {text!r}")
+    return np.array(values, dtype=np.float64)
+
+
+def _unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
+    stems = []
+    for p in paths:
+        stem = base = _nifti_stem(p)
+        i = 2
+        while stem in taken:
+            stem, i = f"{base}_{i}", i + 1
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _ras_text(p) -> str:
+    return ",".join(f"{float(v):.2f}" for v in p)
+
+
+def cmd_correspond(args) -> int:
+    from .correspondence import compute_feature_map, find_correspondence, similarity_map
+    from .devices import select_device
+
+    point = _parse_point(args.point)
+    source = _scans([args.source], "source")[0]
+    targets = _scans(args.target, "target")
+    device = select_device(args.device)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BrainIDError(f"--out must be a folder; {out} is a file")
+    cache = _feature_cache(args.feature_cache)
+    reporter = Reporter(args.progress_format)
+    try:
+        model, label = _load_backbone(args, reporter)
+        reporter.info(f"{_describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
+        src = compute_feature_map(str(source), model=model, device=str(device), cache=cache,
+                                  progress=lambda f, m: reporter(f / (len(targets) + 1), f"source: {m}"))
+        matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
+                                      progress=lambda f, m: reporter((1 + f * len(targets)) / (len(targets) + 1), m))
+        self_map = None if args.no_self else similarity_map(src, point, src)
+    finally:
+        reporter.close()
+    taken: set[str] = set()
+    src_stem = _unique_stems([source], taken)[0]
+    stems = _unique_stems(targets, taken)
+    record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label, "matches": []}
+    if self_map is not None:
+        path = save_nifti(self_map, out / f"{src_stem}_similarity.nii.gz")
+        record["source_heatmap"] = str(path)
+        reporter.output("heatmap", path)
+    for target, stem, m in zip(targets, stems, matches):
+        path = save_nifti(m.heatmap, out / f"{stem}_similarity.nii.gz")
+        reporter.output("heatmap", path)
+        record["matches"].append({"target": str(target), "point_ras": [float(v) for v in m.point_ras],
+                                  "similarity": float(m.similarity), "heatmap": str(path)})
+        line = f"match {target.name}: {_ras_text(m.point_ras)} (RAS mm), similarity {m.similarity:.3f}"
+        if args.progress_format == "machine":
+            print(f"INFO {line}", flush=True)
+        else:
+            print(line, flush=True)
+    from .files import atomic_write
+
+    json_path = atomic_write(out / "correspondence.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    reporter.output("correspondence", json_path)
+    return 0
+
+
+def _parse_names(text: str | None) -> dict[int, str] | None:
+    if not text:
+        return None
+    names = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        try:
+            label = int(key.strip())
+        except ValueError:
+            label = None
+        if not sep or label is None or not value.strip():
+            raise BrainIDError(f"--names expects LABEL=NAME pairs separated by commas (e.g. 1=Hippocampus,2=Amygdala), "
+                               f"got {item!r}")
+        names[label] = value.strip()
+    return names
+
+
+def _safe_name(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "fewshot"
+
+
+def cmd_fewshot_train(args) -> int:
+    from .devices import select_device
+    from .fewshot import DEFAULT_STEPS, train_head
+
+    images = _scans(args.image, "image")
+    annotations = _scans(args.annotation, "annotation")
+    if len(images) != len(annotations):
+        raise BrainIDError(f"{len(images)} --image but {len(annotations)} --annotation; give one annotation per image")
+    names = _parse_names(args.names)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise BrainIDError(f"--out must be a file name (HEAD.safetensors), {out} is a folder")
+    if not out.name.endswith(".safetensors"):
+        out = out.with_name(out.name + ".safetensors")
+    device = select_device(args.device)
+    cache = _feature_cache(args.feature_cache)
+    reporter = Reporter(args.progress_format)
+    try:
+        model, label = _load_backbone(args, reporter)
+        reporter.info(f"{_describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
+        head = train_head([str(p) for p in images], [str(p) for p in annotations], names=names, model=model,
+                          device=str(device), cache=cache, steps=args.steps or DEFAULT_STEPS, progress=reporter,
+                          name=args.name, description=args.description)
+    finally:
+        reporter.close()
+    reporter.info(head.summary())
+    t = head.training
+    reporter.info(f"trained on {t.get('voxels')} voxels in {t.get('fit_seconds')} s (features {t.get('feature_seconds')} s), "
+                  f"balanced training accuracy {t.get('train_accuracy')}")
+    reporter.output("head", head.save(out))
+    return 0
+
+
+def cmd_fewshot_apply(args) -> int:
+    from .devices import select_device
+    from .fewshot import FewShotHead, segment
+
+    head = FewShotHead.load(args.head)
+    inputs = _scans(args.input, "input")
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BrainIDError(f"--output must be a folder; {out} is a file")
+    device = select_device(args.device)
+    cache = _feature_cache(args.feature_cache)
+    reporter = Reporter(args.progress_format)
+    written = []
+    try:
+        model, label = _load_backbone(args, reporter, fallback=head.backbone.get("name"))
+        head.check_backbone(model)
+        reporter.info(f"{head.summary()}; {_describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
+        n = len(inputs)
+        stems = _unique_stems(inputs, set())
+        for i, (scan, stem) in enumerate(zip(inputs, stems)):
+            seg = segment(str(scan), head, model=model, device=str(device), cache=cache,
+                          progress=lambda f, m, i=i: reporter((i + f) / n, f"{i + 1}/{n}: {m}"))
+            written.append(save_nifti(seg, out / f"{stem}_{_safe_name(head.name)}.nii.gz"))
+            reporter.output("segmentation", written[-1])
+    finally:
+        reporter.close()
     return 0
 
 

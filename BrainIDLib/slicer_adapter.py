@@ -283,6 +283,103 @@ def add_segmentation(label_ijk: np.ndarray, name: str, reference, labels=None):
     return seg
 
 
+def add_labelled_segmentation(label_ijk: np.ndarray, name: str, reference, table, tag: str = "BrainIDLabel"):
+    """A segmentation node from a label array with a custom table [(value, name, (r, g, b) 0..255)]:
+    one segment per table entry present in the array, in table order, named and coloured from it
+    (few-shot heads). Each segment keeps its value in the `tag` tag."""
+    label_ijk = np.asarray(label_ijk)
+    _check_grid(label_ijk, reference, name)
+    present = {int(v) for v in np.unique(label_ijk) if v != 0}
+    table = [(int(v), str(n), tuple(c)) for v, n, c in table]
+    wanted = [v for v, _, _ in table if v in present]
+    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", scene().GenerateUniqueName(name))
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    if reference.GetParentTransformNode() is not None:
+        seg.SetAndObserveTransformNodeID(reference.GetParentTransformNode().GetID())
+    if wanted:
+        labelmap = add_scalar_volume(np.where(np.isin(label_ijk, wanted), label_ijk, 0).astype(np.int16),
+                                     name + " labelmap", reference, class_name="vtkMRMLLabelMapVolumeNode")
+        try:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg):
+                raise BrainIDError("could not import the label map into a segmentation")
+        finally:
+            scene().RemoveNode(labelmap)
+    by_value = {v: (n, c) for v, n, c in table}
+    segmentation = seg.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        value = int(segment.GetLabelValue())
+        if value in by_value:
+            seg_name, rgb = by_value[value]
+            segment.SetName(seg_name)
+            segment.SetColor(*(float(c) / 255.0 for c in rgb[:3]))
+            segment.SetTag(tag, str(value))
+    place_in_study(seg, reference)
+    return seg
+
+
+def segments_of(seg) -> list[tuple[str, str, tuple[float, float, float]]]:
+    """[(segment id, name, (r, g, b) 0..1)] of a segmentation node, in its order."""
+    segmentation = seg.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(sid)
+        out.append((sid, segment.GetName(), tuple(float(c) for c in segment.GetColor())))
+    return out
+
+
+def segments_to_annotation(seg, reference, segment_ids, values) -> np.ndarray:
+    """An (i, j, k) int16 array on the reference grid: 0 where none of `segment_ids` is painted, values[n]
+    where segment_ids[n] is (a voxel painted in several segments gets the last one's value)."""
+    if len(segment_ids) != len(values):
+        raise ValueError("one value per segment id")
+    dims = reference.GetImageData().GetDimensions() if reference.GetImageData() is not None else None
+    if dims is None:
+        raise BrainIDError(f"'{reference.GetName()}' holds no voxels")
+    out = np.zeros(tuple(dims), np.int16)
+    known = set(seg_id for seg_id, _, _ in segments_of(seg))
+    for sid, value in zip(segment_ids, values):
+        if sid not in known:
+            raise BrainIDError(f"'{seg.GetName()}' has no segment '{sid}'")
+        labelmap = scene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(sid)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, reference):
+                raise BrainIDError("could not export the segmentation to a label map")
+            mask = slicer.util.arrayFromVolume(labelmap).transpose(2, 1, 0) != 0
+            if mask.shape != out.shape:
+                raise BrainIDError(f"segment '{sid}' exported on a grid {mask.shape}, not the volume's {out.shape}")
+            out[mask] = int(value)
+        finally:
+            scene().RemoveNode(labelmap)
+    return out
+
+
+def set_segment_mask(seg, segment_id: str, mask_ijk: np.ndarray, reference) -> None:
+    """Paint a segment: its voxels become the non-zero voxels of an (i, j, k) mask on the reference
+    grid (what the Segment Editor does; slicer.util's version needs the Slicer application)."""
+    mask_ijk = np.asarray(mask_ijk)
+    _check_grid(mask_ijk, reference, "mask")
+    labelmap = add_scalar_volume((mask_ijk != 0).astype(np.uint8), "__brainid_mask__", reference,
+                                 class_name="vtkMRMLLabelMapVolumeNode")
+    try:
+        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
+        mode = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, seg, segment_id, mode):
+            raise BrainIDError(f"could not paint segment '{segment_id}'")
+    finally:
+        scene().RemoveNode(labelmap)
+
+
+def reference_volume_of(seg):
+    """The volume a segmentation was painted on (the Segment Editor's source volume), or None."""
+    node = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+    return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+
+
 def segment_tag(segment, tag: str) -> str | None:
     value = vtk.reference("")
     return str(value) if segment.GetTag(tag, value) else None
@@ -381,6 +478,92 @@ def load_segmentation_file(path, name: str = "Segmentation"):
     seg.SetAndObserveStorageNodeID(storage.GetID())
     seg.CreateDefaultDisplayNodes()
     return seg
+
+
+# ---------------------------------------------------------------- markups (points)
+
+
+def markup_point_ras(node, index: int = -1) -> np.ndarray:
+    """World RAS (parent transforms applied) of one control point of a markups node; index -1 = the
+    last placed one."""
+    if node is None or not node.IsA("vtkMRMLMarkupsNode"):
+        raise BrainIDError("select a markups point list (place a point on the source volume first)")
+    n = node.GetNumberOfControlPoints()
+    if n == 0:
+        raise BrainIDError(f"'{node.GetName()}' has no points; place a point on the source volume")
+    if index < 0:  # count from the end among placed points (not one still being placed)
+        defined = [i for i in range(n) if node.GetNthControlPointPositionStatus(i) == node.PositionDefined]
+        if len(defined) < -index:
+            raise BrainIDError(f"'{node.GetName()}' has no placed point; place a point on the source volume")
+        index = defined[index]
+    if not 0 <= index < n:
+        raise BrainIDError(f"'{node.GetName()}' has no point number {index + 1}")
+    p = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPositionWorld(index, p)
+    return np.array(p, dtype=np.float64)
+
+
+def add_markups_points(points_ras, labels=None, name: str = "BrainID match", node=None, color=(1.0, 0.9, 0.1)):
+    """Control points at world RAS positions in a point-list node (new, or `node` with its points replaced)."""
+    if node is None:
+        node = scene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene().GenerateUniqueName(name))
+        node.CreateDefaultDisplayNodes()
+        if node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetSelectedColor(*color)
+    node.RemoveAllControlPoints()
+    for i, p in enumerate(points_ras):
+        p = [float(v) for v in np.asarray(p, dtype=np.float64).reshape(3)]
+        index = node.AddControlPoint(p, labels[i] if labels else "")
+        node.SetNthControlPointPositionWorld(index, p)  # world, even if the node is under a transform
+        node.SetNthControlPointLocked(index, True)
+    return node
+
+
+# ---------------------------------------------------------------- heatmaps
+
+# Colour maps for similarity heatmaps, first found wins (Inferno ships with Slicer; slicer-core has PET-Heat).
+HEATMAP_COLOR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat",
+                     "vtkMRMLColorTableNodeIron")
+
+
+def heatmap_color_node():
+    for cid in HEATMAP_COLOR_IDS:
+        node = scene().GetNodeByID(cid)
+        if node is not None:
+            return node
+    return None
+
+
+def add_heatmap_volume(array_ijk: np.ndarray, name: str, reference, node=None, window=(0.0, 1.0)):
+    """A float32 volume on the reference's exact grid, shown with a heat colour map and fixed
+    window/level over `window` (cosine similarity: 0..1 by default; negative values clip to black)."""
+    node = add_scalar_volume(np.asarray(array_ijk, dtype=np.float32), name, reference, node=node)
+    display = node.GetDisplayNode()
+    color = heatmap_color_node()
+    if color is not None:
+        display.SetAndObserveColorNodeID(color.GetID())
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(float(window[0]), float(window[1]))
+    return node
+
+
+def show_heatmap(background, heatmap, point_ras=None, opacity: float = 0.5) -> bool:
+    """Background volume with the heatmap as foreground in the slice views, centred on `point_ras`;
+    False (and nothing done) without a GUI."""
+    if not has_gui():
+        return False
+    slicer.util.setSliceViewerLayers(background=background, foreground=heatmap, foregroundOpacity=opacity,
+                                     label=None, fit=point_ras is None)
+    if point_ras is not None:
+        slicer.modules.markups.logic().JumpSlicesToLocation(*[float(v) for v in point_ras], True)
+    return True
+
+
+def hide_foreground() -> bool:
+    if not has_gui():
+        return False
+    slicer.util.setSliceViewerLayers(foreground=None)
+    return True
 
 
 # ---------------------------------------------------------------- views

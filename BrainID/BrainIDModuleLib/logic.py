@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from BrainIDModuleLib.correspondence_logic import CorrespondenceMixin
+from BrainIDModuleLib.fewshot_logic import FewShotMixin
+
 # Tasks the module offers: the engine's four heads plus the feature PCA view.
 TASKS = ("segmentation", "anatomy", "super_resolution", "bias_field", "features_pca")
 ENGINE_TASKS = ("segmentation", "anatomy", "super_resolution", "bias_field")
@@ -133,6 +136,8 @@ class BrainIDJob:
     runner: object
     outputs_dir: Path = field(default=None)
     own_workdir: bool = True
+    kind: str = "predict"  # or "correspond", "fewshot-train", "fewshot-apply"
+    context: dict = field(default_factory=dict)
 
     def poll(self) -> str:
         return self.runner.poll()
@@ -157,15 +162,26 @@ class BrainIDJob:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class BrainIDLogic:
-    """Blocking `process()` for scripts; `start()`/`finish()` for the GUI. Results go into the scene."""
+class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
+    """Blocking `process()` for scripts; `start()`/`finish()` for the GUI. Results go into the scene.
 
-    def __init__(self, predict=None, features=None, runner_factory=None, python=None, log=print):
+    Also `findCorrespondence`/`startCorrespondence` (correspondence_logic) and `trainFewShotHead`,
+    `applyFewShotHead`, `saveHead`, `loadHead`, `startFewShotTrain`/`startFewShotApply` (fewshot_logic).
+    `model`: default model (registry name, weights file or a BrainIDModel) for those in-process calls.
+    """
+
+    def __init__(self, predict=None, features=None, runner_factory=None, python=None, log=print, model=None,
+                 correspondence=None, fewshot=None, featureCache=None):
         self._predict = predict
         self._features = features
         self._runner_factory = runner_factory
         self._python = python
         self.log = log
+        self.model = model
+        self._correspondence = correspondence  # BrainIDLib.correspondence unless injected
+        self._fewshot = fewshot  # BrainIDLib.fewshot unless injected
+        self._feature_cache = featureCache
+        self.featureCacheDir = None  # for the child processes; None: the CLI's default on-disk cache
 
     # ------------------------------------------------------------ blocking
     def process(self, inputVolumeNode, tasks=("segmentation",), model=None, device="auto", mode="auto",
@@ -248,6 +264,43 @@ class BrainIDLogic:
                              str(outputs_dir / "features_pca.nii.gz"), "--pca", "3"] + common)
         return commands
 
+    def _python_cmd(self) -> list[str]:
+        python = self._python
+        if python is None:
+            from BrainIDLib.runner import python_executable
+
+            python = python_executable()
+        return [python, "-m", "BrainIDLib.cli"]
+
+    def _cli_common(self, model=None, device="auto") -> list[str]:
+        """Options shared by `brainid correspond` and `brainid fewshot`: features are cached on disk
+        (`featureCacheDir`, default the CLI's $BRAINID_CACHE/features) so repeated runs skip the network."""
+        out = ["--device", str(device), "--progress-format", "machine"]
+        if self.featureCacheDir:
+            out += ["--feature-cache", str(self.featureCacheDir)]
+        if model:
+            out += ["--model", str(model)]
+        return out
+
+    @staticmethod
+    def _workdir(workdir=None) -> tuple[Path, bool]:
+        own = workdir is None
+        workdir = Path(tempfile.mkdtemp(prefix="BrainID-")) if own else Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return workdir, own
+
+    def _start_job(self, kind, commands, node, workdir, outputs_dir, own, context=None, tasks=()) -> BrainIDJob:
+        env = dict(os.environ)
+        root = str(repo_or_install_root())
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        factory = self._runner_factory
+        if factory is None:
+            from BrainIDLib.runner import ProcessRunner as factory
+        runner = factory(commands, env=env)
+        runner.start()
+        return BrainIDJob(node.GetID() if node is not None else "", list(tasks), workdir, runner, outputs_dir, own,
+                          kind, context or {})
+
     def start(self, inputVolumeNode, tasks=("segmentation",), model=None, device="auto", mode="auto",
               workdir=None) -> BrainIDJob:
         """Write the input to a temporary NIfTI and start the CLI in a child process."""
@@ -257,47 +310,42 @@ class BrainIDLogic:
         from BrainIDLib import slicer_adapter as sa
 
         tasks = normalise_tasks(tasks)
-        own = workdir is None
-        workdir = Path(tempfile.mkdtemp(prefix="BrainID-")) if own else Path(workdir)
+        workdir, own = self._workdir(workdir)
         outputs_dir = workdir / "outputs"
         outputs_dir.mkdir(parents=True, exist_ok=True)
         input_path = workdir / "input.nii"  # uncompressed: faster to write and read for large scans
         nib.save(sa.volume_to_nifti(inputVolumeNode, world=True), str(input_path))
-
         commands = self.cli_commands(input_path, outputs_dir, tasks, model, device, mode)
-        env = dict(os.environ)
-        root = str(repo_or_install_root())
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        factory = self._runner_factory
-        if factory is None:
-            from BrainIDLib.runner import ProcessRunner as factory
-        runner = factory(commands, env=env)
-        runner.start()
-        return BrainIDJob(inputVolumeNode.GetID(), tasks, workdir, runner, outputs_dir, own)
+        return self._start_job("predict", commands, inputVolumeNode, workdir, outputs_dir, own, tasks=tasks)
 
     def finish(self, job: BrainIDJob, show=True) -> dict:
-        """Import a finished job's outputs; raises BrainIDError for failed or cancelled jobs."""
-        import nibabel as nib
-
-        from BrainIDLib import slicer_adapter as sa
+        """Import a finished job's outputs ({name: node or head}); raises BrainIDError for failed or
+        cancelled jobs."""
         from BrainIDLib.errors import BrainIDError
 
         try:
             if job.state != "succeeded":
                 raise BrainIDError(f"BrainID {job.state}: {job.runner.error or job.message}")
-            node = sa.scene().GetNodeByID(job.input_node_id)
-            if node is None:
-                raise BrainIDError("the input volume was removed from the scene while BrainID was running")
-            outputs = {}
-            reported = {("features_pca" if k == "features" else k): v
-                        for k, v in getattr(job.runner, "outputs", {}).items()}
-            for key in OUTPUT_NAMES:
-                path = reported.get(key) or self.find_output(job.outputs_dir, key)
-                if path is not None:
-                    outputs[key] = np.asanyarray(nib.load(str(path)).dataobj)
-            return self.import_results(node, outputs, show=show)
+            return getattr(self, "_finish_" + job.kind.replace("-", "_"))(job, show)
         finally:
             job.cleanup()
+
+    def _finish_predict(self, job: BrainIDJob, show=True) -> dict:
+        import nibabel as nib
+
+        from BrainIDLib import slicer_adapter as sa
+        from BrainIDLib.errors import BrainIDError
+
+        node = sa.scene().GetNodeByID(job.input_node_id)
+        if node is None:
+            raise BrainIDError("the input volume was removed from the scene while BrainID was running")
+        outputs = {}
+        reported = {("features_pca" if k == "features" else k): v for k, v in getattr(job.runner, "outputs", {}).items()}
+        for key in OUTPUT_NAMES:
+            path = reported.get(key) or self.find_output(job.outputs_dir, key)
+            if path is not None:
+                outputs[key] = np.asanyarray(nib.load(str(path)).dataobj)
+        return self.import_results(node, outputs, show=show)
 
     @staticmethod
     def find_output(folder: Path, key: str) -> Path | None:

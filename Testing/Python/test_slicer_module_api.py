@@ -45,7 +45,9 @@ def brainid_module(monkeypatch):
     slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
     qt = types.ModuleType("qt")
-    qt.Qt = types.SimpleNamespace(ToolTipRole=3)
+    qt.Qt = types.SimpleNamespace(ToolTipRole=3, Checked=2, Unchecked=0)
+    qt.QFileDialog = types.SimpleNamespace(answers=[])  # tests queue the paths a file dialog returns
+    qt.QFileDialog.getSaveFileName = qt.QFileDialog.getOpenFileName = lambda *a: qt.QFileDialog.answers.pop(0)
     monkeypatch.setitem(sys.modules, "qt", qt)
     registered = []
     sample_data = types.ModuleType("SampleData")
@@ -56,6 +58,7 @@ def brainid_module(monkeypatch):
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda sig, fn: connections.append((sig, fn))),
                         raising=False)
     sys.modules.pop("BrainID", None)
+    sys.modules.pop("BrainIDModuleLib.sections", None)  # binds the stand-in qt at import
     module = importlib.import_module("BrainID")
     module._registered, module._connections = registered, connections
     yield module
@@ -190,6 +193,27 @@ class FakeWidget:
     def appendPlainText(self, line):
         self.lines.append(line)
 
+    # qMRMLCheckableNodeComboBox (offers every node of its class in the scene)
+    node_class = None
+    checked_ids = ()
+
+    def _nodes(self):
+        scene = slicer.mrmlScene
+        return [scene.GetNthNodeByClass(i, self.node_class) for i in range(scene.GetNumberOfNodesByClass(self.node_class))]
+
+    def nodeCount(self):
+        return len(self._nodes())
+
+    def nodeFromIndex(self, i):
+        return self._nodes()[i]
+
+    def setCheckState(self, node, state):
+        ids = set(self.checked_ids) - {node.GetID()}
+        self.checked_ids = ids | ({node.GetID()} if state == 2 else set())
+
+    def checkedNodes(self):
+        return [n for n in self._nodes() if n.GetID() in set(self.checked_ids)]
+
 
 @pytest.fixture()
 def widget(brainid_module, monkeypatch):
@@ -212,7 +236,10 @@ def widget(brainid_module, monkeypatch):
     w = brainid_module.BrainIDWidget(None)  # setup() (Qt) is replaced by the lines below
     names = {e.get("name") for e in ET.parse(MODULE_DIR / "Resources" / "UI" / "BrainID.ui").getroot().iter("widget")}
     w.ui = types.SimpleNamespace(**{n: FakeWidget(n) for n in names})
+    w.ui.targetVolumesSelector.node_class = "vtkMRMLScalarVolumeNode"
+    w.ui.fewShotSegmentationsSelector.node_class = "vtkMRMLSegmentationNode"
     w.logic = brainid_module.BrainIDLogic(log=w.appendLog)
+    w.sections = importlib.import_module("BrainIDModuleLib.sections").Sections(w)
     w.timer = types.SimpleNamespace(start=lambda: None, stop=lambda: None)
     for label in brainid_module.DEVICES:
         w.ui.deviceComboBox.addItem(label)
@@ -287,3 +314,115 @@ def test_widget_cancel_and_error(widget, tmp_path):
     widget.onApplyButton()
     drive(widget)
     assert len(widget.errors) == 1 and "brainid: error:" in widget.errors[0]
+
+
+# ---------------------------------------------------------------- correspondence and few-shot sections
+
+
+def painted_scan(name="scan", shape=(24, 20, 16)):
+    rng = np.random.default_rng(1)
+    node = sa.add_scalar_volume((rng.random(shape) * 100).astype(np.float32), name,
+                                affine=np.array([[-1.2, 0, 0.2, 10], [0, -1.1, 0, 4], [0.1, 0, 1.8, -6], [0, 0, 0, 1]]))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name + " painted")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    for seg_name, (lo, hi) in {"Core": ((8, 8, 6), (14, 12, 10)), "Rim": ((0, 0, 0), (24, 3, 16))}.items():
+        sid = seg.GetSegmentation().AddEmptySegment("", seg_name)
+        mask = np.zeros(shape, bool)
+        mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+        sa.set_segment_mask(seg, sid, mask, node)
+    return node, seg
+
+
+def test_widget_sections_parameter_node_buttons_and_head_files(widget, tmp_path):
+    import torch
+
+    from BrainIDLib.fewshot import FewShotHead
+
+    node, seg = painted_scan()
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    other = sa.add_scalar_volume(np.random.default_rng(2).random((10, 10, 10)).astype(np.float32), "other")
+    widget.initializeParameterNode()
+    ui = widget.ui
+    assert ui.headNameLineEdit.text == "few-shot" and ui.heatmapCheckBox.checked  # defaults
+    assert not ui.findMatchButton.enabled and not ui.trainHeadButton.enabled and not ui.applyHeadButton.enabled
+    ui.pointSelector.setCurrentNode(points)
+    ui.targetVolumesSelector.setCheckState(other, 2)
+    ui.fewShotSegmentationsSelector.setCheckState(seg, 2)
+    ui.headNameLineEdit.text = "blob parts"
+    ui.heatmapCheckBox.checked = False
+    widget.updateParameterNodeFromGUI()
+    p = widget._parameterNode
+    assert p.GetNodeReference("CorrespondencePoints") is points
+    assert p.GetNodeReference("CorrespondenceTarget") is other and p.GetNodeReference("FewShotSegmentation") is seg
+    assert p.GetParameter("HeadName") == "blob parts" and p.GetParameter("ShowHeatmap") == "false"
+    # the GUI follows the parameter node (e.g. a scene reloaded)
+    ui.targetVolumesSelector.checked_ids, ui.pointSelector.node, ui.headNameLineEdit.text = (), None, ""
+    widget.updateGUIFromParameterNode()
+    assert ui.targetVolumesSelector.checkedNodes() == [other] and ui.pointSelector.currentNode() is points
+    assert ui.headNameLineEdit.text == "blob parts" and not ui.heatmapCheckBox.checked
+    assert ui.findMatchButton.enabled and ui.trainHeadButton.enabled
+    assert not ui.applyHeadButton.enabled and not ui.saveHeadButton.enabled and ui.headLabel.text == "none"
+
+    head = FewShotHead(torch.zeros(3, 8), torch.zeros(3), [1, 2], ["Core", "Rim"], [(255, 0, 0), (0, 0, 255)],
+                       "blob parts", backbone={"name": "tiny"})
+    head.save(tmp_path / "h.safetensors")
+    qt = sys.modules["qt"]
+    qt.QFileDialog.answers[:] = [str(tmp_path / "h.safetensors"), str(tmp_path / "copy")]
+    widget.sections.onLoadHead()
+    assert widget.logic.fewShotHead.names == ["Core", "Rim"] and ui.headLabel.text.startswith("blob parts: 1=Core")
+    assert ui.applyHeadButton.enabled and ui.saveHeadButton.enabled
+    widget.sections.onSaveHead()
+    assert (tmp_path / "copy.safetensors").is_file() and "copy.safetensors" in ui.statusLabel.text
+    assert not widget.errors, widget.errors
+
+
+@pytest.mark.slow
+def test_widget_find_match_train_and_segment_through_the_cli(widget, tmp_path):
+    """The GUI path end to end: each button runs `brainid correspond|fewshot` in a child process."""
+    import BrainIDLib.cli
+
+    if "def cmd_correspond" not in Path(BrainIDLib.cli.__file__).read_text():
+        pytest.skip("this checkout's CLI has no `brainid correspond` / `fewshot` yet")
+    node, seg = painted_scan()
+    other = sa.add_scalar_volume(np.random.default_rng(3).random((16, 18, 14)).astype(np.float32) * 50, "other",
+                                 affine=np.diag([1.5, 1.5, 1.5, 1.0]))
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    points.AddControlPoint(*(sa.ijk_to_ras(node) @ np.array([10.0, 9.0, 7.0, 1.0]))[:3].tolist())
+    widget.logic.featureCacheDir = str(tmp_path / "features")
+    widget.initializeParameterNode()
+    ui = widget.ui
+    ui.inputSelector.setCurrentNode(node)
+    ui.pointSelector.setCurrentNode(points)
+    ui.targetVolumesSelector.setCheckState(other, 2)
+    ui.fewShotSegmentationsSelector.setCheckState(seg, 2)
+    ui.headNameLineEdit.text = "parts"
+    ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
+    ui.deviceComboBox.currentText = "CPU"
+    widget.updateParameterNodeFromGUI()
+
+    widget.sections.onFindMatch()
+    assert widget.job is not None and ui.findMatchButton.text == "Cancel" and not ui.trainHeadButton.enabled
+    drive(widget)
+    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
+    assert ui.findMatchButton.text == "Find match" and ui.progressBar.value == 100
+    match = slicer.mrmlScene.GetFirstNodeByName("BrainID match")
+    assert match.GetNumberOfControlPoints() == 2
+    heat = slicer.mrmlScene.GetFirstNodeByName("other BrainID similarity")
+    np.testing.assert_array_equal(sa.ijk_to_ras(heat), sa.ijk_to_ras(other))
+    assert any(f.suffix == ".safetensors" for f in (tmp_path / "features").iterdir())  # the session's feature cache
+
+    widget.sections.onTrainHead()
+    drive(widget)
+    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
+    head = widget.logic.fewShotHead
+    assert head.name == "parts" and head.names == ["Core", "Rim"] and ui.headLabel.text.startswith("parts: 1=Core")
+    colors = {n: c for _, n, c in sa.segments_of(seg)}
+    assert head.colors[0] == tuple(round(v * 255) for v in colors["Core"])  # the painted colours
+
+    ui.inputSelector.setCurrentNode(other)
+    widget.sections.onApplyHead()
+    drive(widget)
+    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
+    out = slicer.mrmlScene.GetFirstNodeByName("other parts")
+    assert out is not None and {n for _, n, _ in sa.segments_of(out)} <= {"Core", "Rim"}

@@ -75,6 +75,8 @@ def widget_names_in_ui() -> set[str]:
 def names_used_by_module() -> set[str]:
     source = (MODULE / "BrainID.py").read_text()
     names = set(re.findall(r"self\.ui\.(\w+)", source))
+    # the correspondence / few-shot sections' wiring lives beside BrainID.py
+    names |= set(re.findall(r"\bui\.(\w+)", (MODULE / "BrainIDModuleLib" / "sections.py").read_text()))
     tree = ast.parse(source)
     for node in ast.walk(tree):  # widget names held in module-level tables (TASK_CHECKBOXES)
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TASK_CHECKBOXES" for t in node.targets):
@@ -85,7 +87,10 @@ def names_used_by_module() -> set[str]:
 def test_every_widget_name_the_module_uses_exists_in_the_ui():
     used = names_used_by_module()
     assert {"inputSelector", "applyButton", "progressBar", "modelComboBox", "downloadButton",
-            "modelStatusLabel", "deviceComboBox", "logTextEdit", "segmentationCheckBox"} <= used
+            "modelStatusLabel", "deviceComboBox", "logTextEdit", "segmentationCheckBox", "pointSelector",
+            "targetVolumesSelector", "findMatchButton", "heatmapCheckBox", "fewShotSegmentationsSelector",
+            "headNameLineEdit", "trainHeadButton", "saveHeadButton", "loadHeadButton", "applyHeadButton",
+            "headLabel"} <= used
     missing = used - widget_names_in_ui()
     assert not missing, f"BrainID.py uses widgets missing from BrainID.ui: {sorted(missing)}"
 
