@@ -6,7 +6,7 @@ Takes the pretraining run's model (backbone + anatomy + segmentation heads, trai
 the super-resolution and bias-field heads adapted on the frozen features, writes one safetensors
 file with the model's description (labels, input grid, normalisation, training summary) to
 Resources/Models/brainid-lite.safetensors, and updates its entry (SHA-256, size) in
-Resources/models.json, making it the registry's default.
+Resources/models.json, making it the registry's default with --make-default.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from BrainIDLib.weights import add_head_file, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "brainid-lite"
-DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters) trained by BrainID on CPU from "
+DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters) trained by BrainID on 2 CPU cores from "
                "SynthSeg label maps with the Brain-ID generator, on a 2 mm grid; heads for 33-class segmentation, "
-               "anatomy (T1 synthesis), super-resolution and bias field. Experimental: a short CPU run whose segmentation is not usable yet (see docs/model-card.md); not the official model.")
+               "anatomy (T1 synthesis), super-resolution and bias field. A CPU-budget model: coarse anatomy is right, "
+               "small structures are not (accuracy per structure in docs/model-card.md); not the official model.")
 SPACING = [2.0, 2.0, 2.0]
 NORMALISATION = {"method": "minmax", "percentiles": [0.0, 100.0]}
 

@@ -1,5 +1,5 @@
-"""The shipped experimental model (brainid-lite): registered, intact, and it runs on the shipped sample.
-It is not the registry default until it is good enough to be one (docs/model-card.md)."""
+"""The shipped default model (brainid-lite): registered, intact, the default, and on the shipped sample
+its segmentation agrees with the template's own tissue maps (accuracy per structure: docs/model-card.md)."""
 
 from __future__ import annotations
 
@@ -35,18 +35,47 @@ def test_lite_entry_resolves_to_the_shipped_file_with_its_checksum():
     assert model.metadata["heads"]["segmentation"]["labels"] == list(SEGMENTATION_LABELS)
 
 
+def test_brainid_lite_is_the_default():
+    assert reg.load_registry().default == "brainid-lite"
+    assert reg.default_model().name == "brainid-lite"
+
+
+def _tissue_reference_on(img):
+    """nilearn's MNI152 grey/white-matter maps (the sample's own template, 1 mm) looked up at the
+    sample's voxel centres (the sample is an axis-aligned crop of it at 1.5 mm)."""
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
+
+    out = []
+    for tmpl in (load_mni152_gm_template(resolution=1), load_mni152_wm_template(resolution=1)):
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in img.shape], indexing="ij"), -1).reshape(-1, 3)
+        xyz = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+        src = np.rint((xyz - tmpl.affine[:3, 3]) @ np.linalg.inv(tmpl.affine[:3, :3]).T).astype(int)
+        data = np.asarray(tmpl.dataobj, dtype=np.float32)
+        ok = np.all((src >= 0) & (src < data.shape), axis=1)
+        vals = np.zeros(len(src), np.float32)
+        vals[ok] = data[tuple(src[ok].T)]
+        out.append(vals.reshape(img.shape) >= 0.5)
+    return out
+
+
 @pytest.mark.slow
-def test_lite_model_segments_the_sample():
-    """A smoke check of the shipped model on the shipped sample (its accuracy is in docs/model-card.md):
-    it labels most of the brain, with cerebral white matter the commonest label."""
+def test_default_model_segments_the_shipped_sample_like_a_brain():
+    """The README's main job: the default model on the shipped sample (a real T1 template). Its grey and
+    white matter must agree with the template's own tissue maps, and nothing may be labelled outside
+    the brain. Floors: measured here WM 0.61 / GM 0.54 (2026-11-25, torch 2.13 CPU) minus a margin for other CPUs
+    and library versions; a model that only finds the brain scores far lower."""
     from BrainIDLib.samples import sample_path
+    from training.model_card import MNI_GM, MNI_WM, dice
 
     img = nib.load(str(sample_path()))
-    pred = BrainIDLib.predict(img, tasks=("segmentation",), model="brainid-lite", device="cpu")
+    pred = BrainIDLib.predict(img, tasks=("segmentation",), device="cpu")  # no model: the default
     seg = np.asarray(pred.outputs["segmentation"].dataobj)
     assert seg.shape == img.shape
     assert set(np.unique(seg).tolist()) <= set(SEGMENTATION_LABELS)
     brain = np.asarray(img.dataobj) > 0
-    assert (seg[brain] > 0).mean() > 0.5
-    labels, counts = np.unique(seg[brain & (seg > 0)], return_counts=True)
-    assert int(labels[counts.argmax()]) in (2, 41)
+    assert (seg[~brain] == 0).all()
+    ref_gm, ref_wm = _tissue_reference_on(img)
+    ref_gm &= brain
+    ref_wm &= brain
+    assert dice(np.isin(seg, MNI_WM), ref_wm) > 0.50
+    assert dice(np.isin(seg, MNI_GM), ref_gm) > 0.45
