@@ -6,11 +6,11 @@ the segmentation is exported back to a label map with the segments' colours, and
 slice pipeline (vtkMRMLSliceLogic: background + label layer blending) produces the axial, coronal
 and sagittal images, which VTK lays out in an offscreen (EGL) render window.
 
-The label map is NOT a Brain-ID prediction (no trained weights ship yet): it is tissue classes
-(cortex/white matter left and right, CSF) thresholded from nilearn's MNI152 GM/WM/CSF probability
-maps resampled onto the sample grid. It shows what the module produces, not model quality.
+With --predict (how the README's picture is made) the labels are the default model's segmentation of
+the sample; with --labels, any FreeSurfer-label NIfTI on the sample grid; with neither, tissue classes
+thresholded from nilearn's MNI152 GM/WM/CSF maps (no model needed). The caption says which.
 
-    VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow PYTHONPATH=. python docs/make_screenshot.py [--labels seg.nii.gz]
+    VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow PYTHONPATH=. python docs/make_screenshot.py --predict
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def slice_images(scene, app_logic, background, labelmap) -> list[tuple[str, np.n
     return images
 
 
-def render_png(images, legend, path: Path) -> None:
+def render_png(images, legend, path: Path, source: str) -> None:
     """Lay out the slice images side by side in an offscreen VTK window, with titles and a legend."""
     import vtk
     from vtk.util.numpy_support import numpy_to_vtk
@@ -139,8 +139,7 @@ def render_png(images, legend, path: Path) -> None:
         ren.AddViewProp(label)
         x += 26 + 8 * len(name) + 10
     note = vtk.vtkTextActor()
-    note.SetInput("BrainID in MRML (slicer-core): sample volume + segmentation overlay "
-                  "(labels: MNI152 tissue classes, not a model prediction)")
+    note.SetInput(f"BrainID in MRML (slicer-core): sample volume + segmentation overlay ({source})")
     note.GetTextProperty().SetFontSize(13)
     note.GetTextProperty().SetColor(0.8, 0.8, 0.8)
     note.SetPosition(10, 10)
@@ -160,6 +159,7 @@ def render_png(images, legend, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", help="a FreeSurfer-label NIfTI on the sample grid (e.g. a BrainID prediction)")
+    parser.add_argument("--predict", action="store_true", help="segment the sample with the default model")
     parser.add_argument("--output", default=str(OUT))
     args = parser.parse_args(argv)
 
@@ -174,8 +174,19 @@ def main(argv=None) -> int:
     app_logic.SetMRMLScene(scene)
     volume = sa.load_volume_file(SAMPLE, "MNI152 sample")
     _, affine = sa.array_from_volume(volume)
-    labels = (np.asarray(nib.load(args.labels).dataobj).astype(np.int16) if args.labels
-              else tissue_labels(affine, volume.GetImageData().GetDimensions()))
+    if args.predict:
+        import BrainIDLib
+        from BrainIDLib.registry import default_model
+
+        pred = BrainIDLib.predict(SAMPLE, tasks=("segmentation",), device="cpu")
+        labels = np.asarray(pred.outputs["segmentation"].dataobj).astype(np.int16)
+        source = f"segmentation: BrainID's default model, {default_model().name}"
+    elif args.labels:
+        labels = np.asarray(nib.load(args.labels).dataobj).astype(np.int16)
+        source = f"labels: {Path(args.labels).name}"
+    else:
+        labels = tissue_labels(affine, volume.GetImageData().GetDimensions())
+        source = "labels: MNI152 tissue classes, not a model prediction"
     seg = sa.add_segmentation(labels, "MNI152 sample segmentation", volume)
 
     # Segmentation -> label map coloured from the segments (what Slicer's label layer shows).
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
     labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
 
     images = slice_images(scene, app_logic, volume, labelmap)
-    render_png(images, [(label_name(v), label_color(v)) for v in present], Path(args.output))
+    render_png(images, [(label_name(v), label_color(v)) for v in present], Path(args.output), source)
     print(args.output)
     return 0
 
