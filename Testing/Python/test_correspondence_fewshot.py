@@ -346,3 +346,24 @@ def test_fewshot_head_segments_another_contrast(lite_pair):
     print(f"few-shot WM Dice on the moved T2-like copy: brainid-lite features {d:.3f}, raw intensity {base:.3f}")
     assert d >= 0.40
     assert d >= base + 0.25
+
+
+def test_brainid_train_adapt_fewshot_config(tmp_path, capsys):
+    """`brainid-train adapt --config adapt_fewshot.yaml` trains (and applies) a few-shot head."""
+    import yaml
+
+    from training import cli as train_cli
+
+    weights, scans = _cli_files(tmp_path)
+    cfg = yaml.safe_load(open("training/configs/adapt_fewshot.yaml"))
+    cfg["data"]["subjects"] = [{"image": str(scans / "a.nii.gz"), "labels": str(tmp_path / "a_paint.nii.gz")}]
+    cfg["apply"] = {"input": str(scans), "output": str(tmp_path / "segs")}
+    path = tmp_path / "fewshot.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = train_cli.main(["adapt", "--config", str(path), "--set", f"fewshot.model={weights}",
+                         "--set", f"fewshot.out={tmp_path / 'head.safetensors'}", "--set", "fewshot.steps=20",
+                         "--set", "fewshot.name=blobs"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert FewShotHead.load(result["head"]).name == "blobs" and len(result["segmentations"]) == 2
+    assert (tmp_path / "segs" / "b_blobs.nii.gz").is_file()
