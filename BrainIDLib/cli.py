@@ -613,15 +613,19 @@ def cmd_correspond(args) -> int:
         reporter.close()
     taken: set[str] = set()
     src_stem = _unique_stems([source], taken)[0]
-    stems = _unique_stems(targets, taken)
+    others = [t for t in targets if t.resolve() != source.resolve()]
+    other_stems = iter(_unique_stems(others, taken))
+    stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
     record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label, "matches": []}
     if self_map is not None:
         path = save_nifti(self_map, out / f"{src_stem}_similarity.nii.gz")
         record["source_heatmap"] = str(path)
         reporter.output("heatmap", path)
     for target, stem, m in zip(targets, stems, matches):
-        path = save_nifti(m.heatmap, out / f"{stem}_similarity.nii.gz")
-        reporter.output("heatmap", path)
+        path = out / f"{stem}_similarity.nii.gz"
+        if stem != src_stem or self_map is None:  # the source among the targets: its heatmap is written once
+            path = save_nifti(m.heatmap, path)
+            reporter.output("heatmap", path)
         record["matches"].append({"target": str(target), "point_ras": [float(v) for v in m.point_ras],
                                   "similarity": float(m.similarity), "heatmap": str(path)})
         line = f"match {target.name}: {_ras_text(m.point_ras)} (RAS mm), similarity {m.similarity:.3f}"

@@ -367,3 +367,13 @@ def test_brainid_train_adapt_fewshot_config(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert FewShotHead.load(result["head"]).name == "blobs" and len(result["segmentations"]) == 2
     assert (tmp_path / "segs" / "b_blobs.nii.gz").is_file()
+
+
+def test_cli_correspond_source_among_targets_is_written_once(tmp_path, capsys):
+    weights, scans = _cli_files(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["correspond", "--source", str(scans / "a.nii.gz"), "--point", "0,0,6", "--target",
+                     str(scans / "a.nii.gz"), "--out", str(out), "--model", str(weights), "--feature-cache", "off",
+                     "--progress-format", "none"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_similarity.nii.gz", "correspondence.json"]
+    assert "match a.nii.gz" in capsys.readouterr().out
