@@ -732,6 +732,20 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+def _glue_points(argv: list[str]) -> list[str]:
+    """`--point -24,-20,-12` -> `--point=-24,-20,-12` (argparse takes a leading '-' for an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--point" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--point={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brainid` console script; returns the exit status."""
     previous = None
@@ -745,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_glue_points(sys.argv[1:] if argv is None else list(argv)))
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_ERROR

@@ -372,7 +372,7 @@ def test_brainid_train_adapt_fewshot_config(tmp_path, capsys):
 def test_cli_correspond_source_among_targets_is_written_once(tmp_path, capsys):
     weights, scans = _cli_files(tmp_path)
     out = tmp_path / "out"
-    assert cli.main(["correspond", "--source", str(scans / "a.nii.gz"), "--point", "0,0,6", "--target",
+    assert cli.main(["correspond", "--source", str(scans / "a.nii.gz"), "--point", "-2,0,6", "--target",
                      str(scans / "a.nii.gz"), "--out", str(out), "--model", str(weights), "--feature-cache", "off",
                      "--progress-format", "none"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_similarity.nii.gz", "correspondence.json"]
