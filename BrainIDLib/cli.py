@@ -613,15 +613,19 @@ def cmd_correspond(args) -> int:
         reporter.close()
     taken: set[str] = set()
     src_stem = _unique_stems([source], taken)[0]
-    stems = _unique_stems(targets, taken)
+    others = [t for t in targets if t.resolve() != source.resolve()]
+    other_stems = iter(_unique_stems(others, taken))
+    stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
     record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label, "matches": []}
     if self_map is not None:
         path = save_nifti(self_map, out / f"{src_stem}_similarity.nii.gz")
         record["source_heatmap"] = str(path)
         reporter.output("heatmap", path)
     for target, stem, m in zip(targets, stems, matches):
-        path = save_nifti(m.heatmap, out / f"{stem}_similarity.nii.gz")
-        reporter.output("heatmap", path)
+        path = out / f"{stem}_similarity.nii.gz"
+        if stem != src_stem or self_map is None:  # the source among the targets: its heatmap is written once
+            path = save_nifti(m.heatmap, path)
+            reporter.output("heatmap", path)
         record["matches"].append({"target": str(target), "point_ras": [float(v) for v in m.point_ras],
                                   "similarity": float(m.similarity), "heatmap": str(path)})
         line = f"match {target.name}: {_ras_text(m.point_ras)} (RAS mm), similarity {m.similarity:.3f}"
@@ -728,6 +732,20 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+def _glue_points(argv: list[str]) -> list[str]:
+    """`--point -24,-20,-12` -> `--point=-24,-20,-12` (argparse takes a leading '-' for an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--point" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--point={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brainid` console script; returns the exit status."""
     previous = None
@@ -741,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = None
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_glue_points(sys.argv[1:] if argv is None else list(argv)))
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_ERROR

@@ -109,6 +109,16 @@ def run_command(args) -> int:
         report = evaluate_command(args)
         print(report["markdown_path"])
         return 0
+    if args.command == "adapt" and not getattr(args, "resume", None):
+        from .fewshot import fewshot_config, run_fewshot
+
+        few = fewshot_config(args.config, args.overrides)
+        if few is not None:  # a few-shot head from painted voxels (training/fewshot.py)
+            if args.print_config:
+                print(json.dumps({k: v for k, v in few.items() if k != "_base"}, indent=2))
+                return 0
+            run_fewshot(few)
+            return 0
     cfg = _config_for(args)
     if args.print_config:
         print(json.dumps(cfg.plain(), indent=2))

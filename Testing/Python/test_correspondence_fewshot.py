@@ -222,3 +222,158 @@ def test_cli_fewshot_train_and_apply(tmp_path, capsys):
     assert "not a BrainID few-shot head" in capsys.readouterr().err
     assert cli.main(["fewshot", "train", "--image", str(scans / "a.nii.gz"), "--annotation", str(tmp_path / "a_paint.nii.gz"),
                      "--names", "one", "--out", str(head), "--model", str(weights)]) == 2
+
+
+# ------------------------------------------------------------------------- known answers
+def _positional_map(img, transform=np.eye(4), wavelengths=(90.0, 140.0)) -> FeatureMap:
+    """A FeatureMap on img's grid whose features encode the *anatomical* position (the position
+    before `transform` moved the content): an ideal contrast-agnostic feature, for checking the
+    geometry of matching (grids, affines, sub-voxel refinement) without any network."""
+    shape = img.shape
+    ijk = np.indices(shape).reshape(3, -1).T.astype(float)
+    world = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+    anat = world @ np.linalg.inv(transform)[:3, :3].T + np.linalg.inv(transform)[:3, 3]
+    parts = []
+    for lam in wavelengths:
+        for d in range(3):
+            parts += [np.sin(2 * np.pi * anat[:, d] / lam), np.cos(2 * np.pi * anat[:, d] / lam)]
+    f = torch.from_numpy(np.stack(parts).reshape((-1,) + shape)).float()
+    f = (f / f.norm(dim=0, keepdim=True)).half()
+    return FeatureMap(f, img.affine.copy(), shape, shape, img.affine.copy(), name="positional")
+
+
+def test_correspondence_geometry_on_a_displaced_pair():
+    """Ideal features + a known rigid move onto another grid: the match lands within a voxel."""
+    from BrainIDLib.demo_pairs import apply_transform, displaced
+
+    img, _ = blob_image(shape=(40, 46, 38), spacing=2.0)
+    moved, transform = displaced(img, rotation_deg=(5, 0, 8), translation_mm=(6, -4, 3), spacing=2.5)
+    src, tgt = _positional_map(img), _positional_map(moved, transform)
+    points = [(-10.0, -8.0, 0.0), (4.0, 10.0, 12.0), (-2.5, 1.3, 7.7)]
+    for p in points:
+        (match,) = find_correspondence(src, p, [tgt])
+        err = np.linalg.norm(match.point_ras - apply_transform(transform, p))
+        assert err < 2.5, (p, err)  # < 1 voxel of the 2.5 mm target grid
+        assert match.heatmap.shape == moved.shape
+
+
+@pytest.fixture(scope="module")
+def lite_pair():
+    """brainid-lite features of the sample (T1) and of its re-contrasted, moved copy."""
+    import BrainIDLib as bid
+    from BrainIDLib.demo_pairs import displaced, recontrast, tissue_labels
+    from BrainIDLib.samples import sample_path
+
+    model = bid.load_model("brainid-lite")
+    t1 = nib.load(sample_path())
+    moved, transform = displaced(recontrast(t1, "t2"), rotation_deg=(5, 0, 8), translation_mm=(6, -4, 3), spacing=2.0)
+    labels = tissue_labels(t1)
+    moved_labels, _ = displaced(labels, rotation_deg=(5, 0, 8), translation_mm=(6, -4, 3), spacing=2.0, labels=True)
+    return {"model": model, "t1": t1, "moved": moved, "T": transform, "labels": labels, "moved_labels": moved_labels,
+            "src": compute_feature_map(t1, model=model), "tgt": compute_feature_map(moved, model=model)}
+
+
+def _errors(src, tgt, transform, points):
+    from BrainIDLib.demo_pairs import apply_transform
+
+    return np.array([np.linalg.norm(find_correspondence(src, p, [tgt])[0].point_ras - apply_transform(transform, p))
+                     for p in points])
+
+
+@pytest.mark.slow
+def test_brainid_lite_self_correspondence(lite_pair):
+    """The same scan: every point finds itself (features are locally distinctive)."""
+    from BrainIDLib.demo_pairs import grid_points
+
+    pts = grid_points(lite_pair["t1"], n=12, seed=0)
+    err = _errors(lite_pair["src"], lite_pair["src"], np.eye(4), pts)
+    print(f"brainid-lite self-correspondence errors (mm): {np.round(err, 1)}")
+    assert np.median(err) <= 4.0  # 2 voxels of the 2 mm feature grid
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="brainid-lite (a short CPU training run) does not localise across contrast "
+                   "and position yet: median error ~54 mm measured on this pair (20 points); a better-trained model "
+                   "should pass")
+def test_brainid_lite_cross_contrast_correspondence(lite_pair):
+    from BrainIDLib.demo_pairs import grid_points
+
+    pts = grid_points(lite_pair["t1"], n=12, seed=0)
+    err = _errors(lite_pair["src"], lite_pair["tgt"], lite_pair["T"], pts)
+    print(f"brainid-lite T1 -> moved T2-like correspondence errors (mm): {np.round(err, 1)}")
+    assert np.median(err) <= 6.0  # 3 voxels of the 2 mm feature grid
+
+
+def _intensity_map(fm: FeatureMap, img) -> FeatureMap:
+    """Baseline 'features': polynomial encodings of the raw intensity on the same grid."""
+    from dataclasses import replace
+
+    from BrainIDLib.correspondence import sample_grid
+    from BrainIDLib.volume import load_volume
+
+    vol = load_volume(img)
+    ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)
+    world = ijk @ fm.affine[:3, :3].T + fm.affine[:3, 3]
+    i = sample_grid(torch.from_numpy(vol.array)[None], vol.affine, world)[0]
+    i = (i - i.min()) / (i.max() - i.min())
+    f = torch.stack([i, i**2, i**3, torch.full_like(i, 0.5)]).reshape((4,) + tuple(fm.shape))
+    return replace(fm, features=(f / f.norm(dim=0, keepdim=True)).half())
+
+
+@pytest.mark.slow
+def test_fewshot_head_segments_another_contrast(lite_pair):
+    """White matter painted in 3 coronal slices of the T1 -> segmented on the moved T2-like copy.
+
+    Measured with brainid-lite: Dice 0.56 (0.77 on the painted T1 itself); the same head on raw
+    intensities (a cubic intensity encoding) learns "bright = WM", which inverts on T2: Dice < 0.1.
+    Floor: 0.40 (measured minus a 0.15 margin) and at least 0.25 above the intensity baseline."""
+    labels = np.asarray(lite_pair["labels"].dataobj)
+    wm = np.isin(labels, [2, 41])
+    paint = np.zeros(labels.shape, np.int16)
+    for j in (45, 65, 85):
+        paint[:, j, :] = wm[:, j, :]
+    ann = make_nifti(paint, lite_pair["t1"].affine, np.int16)
+    truth = np.isin(np.asarray(lite_pair["moved_labels"].dataobj), [2, 41])
+
+    def dice(seg):
+        s = np.asarray(seg.dataobj) == 1
+        return 2 * (s & truth).sum() / (s.sum() + truth.sum())
+
+    head = train_head([lite_pair["src"]], [ann], names={1: "WM"}, model=lite_pair["model"])
+    d = dice(segment(lite_pair["tgt"], head, model=lite_pair["model"]))
+    base_head = train_head([_intensity_map(lite_pair["src"], lite_pair["t1"])], [ann], names={1: "WM"})
+    base = dice(segment(_intensity_map(lite_pair["tgt"], lite_pair["moved"]), base_head))
+    print(f"few-shot WM Dice on the moved T2-like copy: brainid-lite features {d:.3f}, raw intensity {base:.3f}")
+    assert d >= 0.40
+    assert d >= base + 0.25
+
+
+def test_brainid_train_adapt_fewshot_config(tmp_path, capsys):
+    """`brainid-train adapt --config adapt_fewshot.yaml` trains (and applies) a few-shot head."""
+    import yaml
+
+    from training import cli as train_cli
+
+    weights, scans = _cli_files(tmp_path)
+    cfg = yaml.safe_load(open("training/configs/adapt_fewshot.yaml"))
+    cfg["data"]["subjects"] = [{"image": str(scans / "a.nii.gz"), "labels": str(tmp_path / "a_paint.nii.gz")}]
+    cfg["apply"] = {"input": str(scans), "output": str(tmp_path / "segs")}
+    path = tmp_path / "fewshot.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = train_cli.main(["adapt", "--config", str(path), "--set", f"fewshot.model={weights}",
+                         "--set", f"fewshot.out={tmp_path / 'head.safetensors'}", "--set", "fewshot.steps=20",
+                         "--set", "fewshot.name=blobs"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert FewShotHead.load(result["head"]).name == "blobs" and len(result["segmentations"]) == 2
+    assert (tmp_path / "segs" / "b_blobs.nii.gz").is_file()
+
+
+def test_cli_correspond_source_among_targets_is_written_once(tmp_path, capsys):
+    weights, scans = _cli_files(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["correspond", "--source", str(scans / "a.nii.gz"), "--point", "-2,0,6", "--target",
+                     str(scans / "a.nii.gz"), "--out", str(out), "--model", str(weights), "--feature-cache", "off",
+                     "--progress-format", "none"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_similarity.nii.gz", "correspondence.json"]
+    assert "match a.nii.gz" in capsys.readouterr().out
