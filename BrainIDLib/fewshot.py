@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .correspondence import (FeatureCache, FeatureMap, backbone_sha256, compute_feature_map, resolve_model,
                              sample_grid)
 from .errors import BrainIDError
-from .volume import Volume, make_nifti
+from .volume import Volume, argmax_of_resampled, make_nifti
 
 HEAD_FORMAT = "brainid-fewshot-head"
 HEAD_FORMAT_VERSION = 1
@@ -392,15 +392,7 @@ def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="au
     prog(0.85, "applying the head")
     probs = torch.softmax(head.logits(fm.features), dim=0)
     prog(0.9, "mapping labels back to the input grid")
-    best = idx = None
-    for c in range(probs.shape[0]):  # argmax of resampled probabilities, one channel at a time
-        p = fm.to_source_grid(probs[c : c + 1])[0]
-        if best is None:
-            best, idx = p, torch.zeros(p.shape, dtype=torch.int64)
-        else:
-            better = p > best
-            best = torch.where(better, p, best)
-            idx[better] = c
+    idx = argmax_of_resampled(probs, fm.to_source_grid)
     lut = torch.tensor([0] + head.labels, dtype=torch.int16)
     seg = make_nifti(lut[idx].numpy(), fm.source_affine, np.int16)
     prog(1.0, "done")

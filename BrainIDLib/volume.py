@@ -312,17 +312,22 @@ class Prepared:
 
     def argmax_on_input_grid(self, probs: torch.Tensor) -> torch.Tensor:
         """Argmax over channels of probabilities resampled to the input grid, one channel at a time."""
-        probs = self.crop(probs)
-        best = idx = None
-        for c in range(probs.shape[0]):
-            p = self._back(probs[c : c + 1].float())[0]
-            if best is None:
-                best, idx = p, torch.zeros(p.shape, dtype=torch.int64)
-            else:
-                better = p > best
-                best = torch.where(better, p, best)
-                idx[better] = c
-        return idx
+        return argmax_of_resampled(self.crop(probs), lambda t: self._back(t.float()))
+
+
+def argmax_of_resampled(probs: torch.Tensor, resample) -> torch.Tensor:
+    """Argmax over the channels of (K, ...) probabilities after `resample` ((1, ...) -> (1, *out)), one
+    channel at a time, so only one resampled channel and the running best are ever in memory."""
+    best = idx = None
+    for c in range(probs.shape[0]):
+        p = resample(probs[c : c + 1])[0]
+        if best is None:
+            best, idx = p, torch.zeros(p.shape, dtype=torch.int64)
+        else:
+            better = p > best
+            best = torch.where(better, p, best)
+            idx[better] = c
+    return idx
 
 
 def _inverse_transform(ornt: np.ndarray) -> np.ndarray:
