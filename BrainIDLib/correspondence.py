@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .errors import BrainIDError
 from .volume import AxisMap, Prepared, Volume, load_volume, make_nifti
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: + the source padding mask ("padding" tensor)
 REFINE_RADIUS = 1  # sub-voxel refinement: weighted centroid over the (2r+1)^3 neighbourhood of the argmax
 FOREGROUND_LEVEL = 0.02  # normalised intensity above which a voxel can be a match (skips the air)
 
@@ -52,6 +52,10 @@ class FeatureMap:
     of shape `shape` (the model's grid: RAS axes at the model spacing, no padding).
     source_shape / source_affine: the input image's own grid (where heatmaps and labels go back).
     foreground: (D, H, W) bool, voxels brighter than the air (candidate matches), or None.
+    padding: the input's empty padding (`inference.padding_mask` of the input array, on the input
+    grid), bit-packed (np.packbits of the C-order flattened mask, uint8), or None when the input has
+    none (or the map was made by hand). Few-shot `segment` labels these voxels "none", as predict()
+    does; `source_padding()` unpacks it.
     """
 
     features: torch.Tensor
@@ -65,6 +69,7 @@ class FeatureMap:
     model_name: str = ""
     name: str = "image"
     prepared: Prepared | None = field(default=None, repr=False)  # grid mapping (its tensor dropped)
+    padding: torch.Tensor | None = field(default=None, repr=False)  # packed bits, see above
 
     @property
     def channels(self) -> int:
@@ -73,7 +78,15 @@ class FeatureMap:
     @property
     def nbytes(self) -> int:
         n = self.features.numel() * self.features.element_size()
+        n += self.padding.numel() if self.padding is not None else 0
         return n + (self.foreground.numel() if self.foreground is not None else 0)
+
+    def source_padding(self) -> np.ndarray | None:
+        """The input's empty padding as a bool array of `source_shape`, or None."""
+        if self.padding is None:
+            return None
+        n = int(np.prod(self.source_shape))
+        return np.unpackbits(self.padding.numpy(), count=n).astype(bool).reshape(self.source_shape)
 
     def to_source_grid(self, t: torch.Tensor) -> torch.Tensor:
         """(K, *shape) on the feature grid -> (K, *source_shape) float32 on the input grid (linear)."""
@@ -296,6 +309,8 @@ def _write_feature_file(fm: FeatureMap, path: Path) -> None:
     tensors = {"features": fm.features.contiguous()}
     if fm.foreground is not None:
         tensors["foreground"] = fm.foreground.to(torch.uint8).contiguous()
+    if fm.padding is not None:
+        tensors["padding"] = fm.padding.to(torch.uint8).contiguous()
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"brainid": json.dumps(meta)}))
 
 
@@ -311,7 +326,7 @@ def _read_feature_file(path: Path) -> FeatureMap:
     return FeatureMap(t["features"], np.array(meta["affine"]), tuple(meta["shape"]), tuple(meta["source_shape"]),
                       np.array(meta["source_affine"]), fg.bool() if fg is not None else None, meta["image_hash"],
                       meta["model_hash"], meta.get("model_name", ""), meta.get("name", "image"),
-                      _prep_from_dict(meta.get("prepared")))
+                      _prep_from_dict(meta.get("prepared")), t.get("padding"))
 
 
 # ------------------------------------------------------------------------------ computing them
@@ -328,7 +343,7 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     """Brain-ID features of a scan (path, nibabel image or Volume) on the model grid, L2-normalised
     per voxel, float16; from `cache` when it holds them (same voxels, same backbone weights)."""
     from .devices import release_memory, select_device
-    from .inference import _model_input, _Progress, _run_network, _Span
+    from .inference import _model_input, _Progress, _run_network, _Span, padding_mask
     from .volume import prepare
 
     if isinstance(image, FeatureMap):
@@ -363,8 +378,10 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
         fg = torch.ones_like(fg)
     feats = standardise(feats.float(), fg).to(torch.float16).contiguous()
     light = replace(prep, tensor=torch.empty(0), pad_before=(0, 0, 0))
+    pad = padding_mask(vol.array)
+    packed = torch.from_numpy(np.packbits(pad.reshape(-1))) if pad is not None else None
     fm = FeatureMap(feats, np.asarray(prep.grid_affine, dtype=np.float64), tuple(prep.grid_shape), vol.shape,
-                    vol.affine.copy(), fg.contiguous(), key[0], key[1], _model_name(model), vol.name, light)
+                    vol.affine.copy(), fg.contiguous(), key[0], key[1], _model_name(model), vol.name, light, packed)
     if cache is not None:
         cache.put(key, fm)
     prog(1.0, "features ready")

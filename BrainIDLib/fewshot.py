@@ -372,7 +372,12 @@ def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="au
     """Segment a scan with a few-shot head: an int16 label image on the input's exact grid (values
     head.labels, 0 = none). With probabilities=True, returns (labels, probabilities) where the
     second is a float32 4D image (X, Y, Z, K+1), channel 0 = none. model=None: the head's backbone
-    by its registry name."""
+    by its registry name.
+
+    The input's empty padding (`inference.padding_mask`: voxels at the image's minimum when they
+    fill >= 5% of it, e.g. around a skull-stripped scan) is "none" (probability 1 for channel 0),
+    as in predict(): the features there are not anatomy. A FeatureMap carries that mask from
+    `compute_feature_map` (FeatureMap.padding); one made by hand without it gets no such rule."""
     from .inference import _Progress, _Span
 
     if not isinstance(head, FewShotHead):
@@ -393,11 +398,18 @@ def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="au
     probs = torch.softmax(head.logits(fm.features), dim=0)
     prog(0.9, "mapping labels back to the input grid")
     idx = argmax_of_resampled(probs, fm.to_source_grid)
+    pad = fm.source_padding()
+    if pad is not None:  # the empty padding around a skull-stripped scan is "none", as in predict()
+        pad = torch.from_numpy(pad)
+        idx[pad] = 0
     lut = torch.tensor([0] + head.labels, dtype=torch.int16)
     seg = make_nifti(lut[idx].numpy(), fm.source_affine, np.int16)
     prog(1.0, "done")
     if probabilities:
         p = fm.to_source_grid(probs)
+        if pad is not None:
+            p[:, pad] = 0.0
+            p[0, pad] = 1.0
         return seg, make_nifti(np.moveaxis(p.numpy(), 0, -1), fm.source_affine)
     return seg
 

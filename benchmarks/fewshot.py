@@ -1,5 +1,6 @@
 """Few-shot head training on the CPU for a 1 mm volume: feature extraction vs head fitting vs
 applying, and a float32 vs float16 feature cache (memory, fitting time, Dice on the other contrast).
+With --quality: the few-shot Dice across contrast for several paint choices (see `quality`).
 
 The 1 mm volume is the shipped MNI152 sample resampled to 1 mm; white matter is painted in three
 coronal slices (labels from BrainIDLib.demo_pairs.tissue_labels); the head is applied to a
@@ -7,6 +8,7 @@ re-contrasted (T2-like) copy moved by a known rigid transform. Wall and CPU seco
 (the CPU figure is the fair one on a shared machine).
 
     flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/fewshot.py [--model brainid-lite] [--threads 2]
+    flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/fewshot.py --quality
 """
 
 from __future__ import annotations
@@ -41,13 +43,108 @@ def dice(a, b) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
+# ------------------------------------------------------------------------------------ quality
+# Paint choices: (description, axis, slice indices) on the shipped 1.5 mm sample (105 x 129 x 112).
+# The first is the slow test's (Testing/Python/test_correspondence_fewshot.py).
+PAINTS = [("3 coronal 45,65,85 (test)", 1, (45, 65, 85)),
+          ("3 coronal 40,60,80", 1, (40, 60, 80)),
+          ("3 coronal 50,70,90", 1, (50, 70, 90)),
+          ("1 coronal 65", 1, (65,)),
+          ("5 coronal 35,50,65,80,95", 1, (35, 50, 65, 80, 95)),
+          ("3 axial 45,60,75", 2, (45, 60, 75))]
+MOVE = {"rotation_deg": (5, 0, 8), "translation_mm": (6, -4, 3), "spacing": 2.0}
+
+
+def intensity_map(fm, img):
+    """Baseline 'features' on fm's grid: a cubic encoding of the raw intensity (unit length)."""
+    from BrainIDLib.correspondence import sample_grid
+    from BrainIDLib.volume import load_volume
+
+    vol = load_volume(img)
+    ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)
+    world = ijk @ fm.affine[:3, :3].T + fm.affine[:3, 3]
+    i = sample_grid(torch.from_numpy(vol.array)[None], vol.affine, world)[0]
+    i = (i - i.min()) / (i.max() - i.min())
+    f = torch.stack([i, i**2, i**3, torch.full_like(i, 0.5)]).reshape((4,) + tuple(fm.shape))
+    return replace(fm, features=(f / f.norm(dim=0, keepdim=True)).half())
+
+
+def quality_setup(model, cache=None) -> dict:
+    """The slow test's pair: the sample (T1) and its T2-like copy moved onto a 2 mm grid, their
+    features, WM truth on both, and the intensity-baseline feature maps."""
+    t1 = nib.load(sample_path())
+    moved, _ = displaced(recontrast(t1, "t2"), **MOVE)
+    labels = tissue_labels(t1)
+    moved_labels, _ = displaced(labels, labels=True, **MOVE)
+    src = compute_feature_map(t1, model=model, cache=cache)
+    tgt = compute_feature_map(moved, model=model, cache=cache)
+    return {"t1": t1, "moved": moved, "wm": np.isin(np.asarray(labels.dataobj), [2, 41]),
+            "truth": np.isin(np.asarray(moved_labels.dataobj), [2, 41]), "src": src, "tgt": tgt,
+            "src_int": intensity_map(src, t1), "tgt_int": intensity_map(tgt, moved)}
+
+
+def paint_of(wm: np.ndarray, axis: int, slices) -> np.ndarray:
+    paint = np.zeros(wm.shape, np.int16)
+    for j in slices:
+        sl = [slice(None)] * 3
+        sl[axis] = j
+        paint[tuple(sl)] = wm[tuple(sl)]
+    return paint
+
+
+def quality_rows(setup: dict, paints=PAINTS, **train_kwargs) -> list[dict]:
+    """Dice of WM on the moved T2-like copy (brainid-lite head and intensity-baseline head) and on
+    the painted T1 itself, for each paint choice."""
+    rows = []
+    for label, axis, slices in paints:
+        ann = make_nifti(paint_of(setup["wm"], axis, slices), setup["t1"].affine, np.int16)
+        head = train_head([setup["src"]], [ann], names={1: "WM"}, **train_kwargs)
+        d_tgt = dice(np.asarray(segment(setup["tgt"], head).dataobj) == 1, setup["truth"])
+        d_src = dice(np.asarray(segment(setup["src"], head).dataobj) == 1, setup["wm"])
+        base = train_head([setup["src_int"]], [ann], names={1: "WM"}, **train_kwargs)
+        d_base = dice(np.asarray(segment(setup["tgt_int"], base).dataobj) == 1, setup["truth"])
+        rows.append({"paint": label, "voxels": int((ann.get_fdata() > 0).sum()), "dice": d_tgt, "dice_t1": d_src,
+                     "baseline": d_base})
+    return rows
+
+
+def print_quality(rows: list[dict], title: str) -> None:
+    print(title)
+    print(f"{'paint':28s} {'painted':>8s} {'Dice T2-like moved':>19s} {'Dice painted T1':>16s} {'intensity baseline':>19s}")
+    for r in rows:
+        print(f"{r['paint']:28s} {r['voxels']:8d} {r['dice']:19.3f} {r['dice_t1']:16.3f} {r['baseline']:19.3f}")
+    d = np.array([r["dice"] for r in rows])
+    b = np.array([r["baseline"] for r in rows])
+    print(f"{'min / mean / max':28s} {'':8s} {d.min():.3f}/{d.mean():.3f}/{d.max():.3f}     "
+          f"{'':16s} {b.min():.3f}/{b.mean():.3f}/{b.max():.3f}")
+
+
+def quality(args) -> None:
+    from BrainIDLib.correspondence import FeatureCache
+
+    model = bid.load_model(args.model)
+    cache = FeatureCache(args.feature_cache) if args.feature_cache else None
+    with Timer() as t:
+        setup = quality_setup(model, cache)
+    print(f"model {args.model}; sample {setup['t1'].shape} at 1.5 mm -> T2-like copy moved by {MOVE}; "
+          f"features in {t.wall:.1f} s")
+    kwargs = {"steps": args.steps} if args.steps is not None else {}
+    print_quality(quality_rows(setup, **kwargs), "few-shot WM Dice (train_head defaults"
+                  + (f", steps={args.steps})" if args.steps else ")"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="brainid-lite")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=None, help="head fitting steps (default: train_head's)")
+    ap.add_argument("--quality", action="store_true", help="Dice across contrast for several paint choices")
+    ap.add_argument("--feature-cache", default=None, help="a folder to keep features in between runs (--quality)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quality:
+        return quality(args)
+    args.steps = args.steps or 300
     sample = nib.load(sample_path())
     zoom = np.array(sample.header.get_zooms()[:3]) / 1.0
     data = ndimage.zoom(np.asarray(sample.dataobj, dtype=np.float32), zoom, order=1)

@@ -162,6 +162,34 @@ def test_background_label_gives_explicit_negatives():
         train_head([img], [make_nifti(np.zeros(img.shape, np.int16), img.affine, np.int16)], model=model)
 
 
+def test_segment_sets_the_empty_padding_to_none(tmp_path):
+    """As predict() does: voxels of the input's empty padding (at the image minimum, >= 5% of it)
+    come out 0, from an image or from a (cached) FeatureMap, although the head labels every voxel."""
+    from dataclasses import replace
+
+    from BrainIDLib.inference import padding_mask
+
+    model = tiny()
+    img, _ = blob_image()
+    pad = padding_mask(np.asarray(img.dataobj))
+    assert pad is not None and 0.3 < pad.mean() < 0.9
+    everywhere = FewShotHead(torch.zeros(2, 8), torch.tensor([0.0, 3.0]), [4], ["All"], [(1, 2, 3)])
+    seg, probs = segment(img, everywhere, model=model, probabilities=True)
+    seg, probs = np.asarray(seg.dataobj), np.asarray(probs.dataobj)
+    assert (seg[pad] == 0).all() and (seg[~pad] == 4).all()
+    assert np.allclose(probs[pad], [1.0, 0.0]) and (probs[~pad][:, 1] > 0.9).all()
+    # the same from a FeatureMap, also one read back from the disk cache (the mask is stored in it)
+    compute_feature_map(img, model=model, cache=FeatureCache(tmp_path / "features"))
+    fm = compute_feature_map(img, model=model, cache=FeatureCache(tmp_path / "features"))
+    assert fm.padding is not None and np.array_equal(fm.source_padding(), pad)
+    assert np.array_equal(np.asarray(segment(fm, everywhere).dataobj), seg)
+    # without a mask (a hand-made map) or without padding (a noisy background): every voxel labelled
+    assert (np.asarray(segment(replace(fm, padding=None), everywhere).dataobj) == 4).all()
+    noisy = np.asarray(img.dataobj) + np.random.default_rng(0).random(img.shape).astype(np.float32) * 0.01
+    fm_noisy = compute_feature_map(make_nifti(noisy, img.affine), model=model)
+    assert fm_noisy.padding is None and (np.asarray(segment(fm_noisy, everywhere).dataobj) == 4).all()
+
+
 # ------------------------------------------------------------------------------------- CLI
 def _cli_files(tmp_path):
     torch.manual_seed(0)
