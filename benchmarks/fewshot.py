@@ -8,7 +8,7 @@ re-contrasted (T2-like) copy moved by a known rigid transform. Wall and CPU seco
 (the CPU figure is the fair one on a shared machine).
 
     flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/fewshot.py [--model brainid-lite] [--threads 2]
-    flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/fewshot.py --quality
+    flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/fewshot.py --quality [--weight-decay 1e-4] [--no-padding-rule]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def paint_of(wm: np.ndarray, axis: int, slices) -> np.ndarray:
     return paint
 
 
-def quality_rows(setup: dict, paints=PAINTS, **train_kwargs) -> list[dict]:
+def quality_rows(setup: dict, paints=PAINTS, baseline: bool = True, **train_kwargs) -> list[dict]:
     """Dice of WM on the moved T2-like copy (brainid-lite head and intensity-baseline head) and on
     the painted T1 itself, for each paint choice."""
     rows = []
@@ -101,8 +101,10 @@ def quality_rows(setup: dict, paints=PAINTS, **train_kwargs) -> list[dict]:
         head = train_head([setup["src"]], [ann], names={1: "WM"}, **train_kwargs)
         d_tgt = dice(np.asarray(segment(setup["tgt"], head).dataobj) == 1, setup["truth"])
         d_src = dice(np.asarray(segment(setup["src"], head).dataobj) == 1, setup["wm"])
-        base = train_head([setup["src_int"]], [ann], names={1: "WM"}, **train_kwargs)
-        d_base = dice(np.asarray(segment(setup["tgt_int"], base).dataobj) == 1, setup["truth"])
+        d_base = float("nan")
+        if baseline:
+            base = train_head([setup["src_int"]], [ann], names={1: "WM"}, **train_kwargs)
+            d_base = dice(np.asarray(segment(setup["tgt_int"], base).dataobj) == 1, setup["truth"])
         rows.append({"paint": label, "voxels": int((ann.get_fdata() > 0).sum()), "dice": d_tgt, "dice_t1": d_src,
                      "baseline": d_base})
     return rows
@@ -128,9 +130,13 @@ def quality(args) -> None:
         setup = quality_setup(model, cache)
     print(f"model {args.model}; sample {setup['t1'].shape} at 1.5 mm -> T2-like copy moved by {MOVE}; "
           f"features in {t.wall:.1f} s")
-    kwargs = {"steps": args.steps} if args.steps is not None else {}
+    kwargs = {k: v for k, v in (("steps", args.steps), ("weight_decay", args.weight_decay)) if v is not None}
+    if args.no_padding_rule:  # as before the rule: the head's labels in the empty padding are kept
+        for k in ("src", "tgt", "src_int", "tgt_int"):
+            setup[k] = replace(setup[k], padding=None)
     print_quality(quality_rows(setup, **kwargs), "few-shot WM Dice (train_head defaults"
-                  + (f", steps={args.steps})" if args.steps else ")"))
+                  + "".join(f", {k}={v}" for k, v in kwargs.items())
+                  + (", without the padding rule)" if args.no_padding_rule else ")"))
 
 
 def main(argv=None) -> None:
@@ -140,6 +146,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="head fitting steps (default: train_head's)")
     ap.add_argument("--quality", action="store_true", help="Dice across contrast for several paint choices")
     ap.add_argument("--feature-cache", default=None, help="a folder to keep features in between runs (--quality)")
+    ap.add_argument("--weight-decay", type=float, default=None, help="head L2 penalty (default: train_head's)")
+    ap.add_argument("--no-padding-rule", action="store_true",
+                    help="--quality: keep the head's labels in the scans' empty padding (as before the rule)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quality:

@@ -352,9 +352,14 @@ def _intensity_map(fm: FeatureMap, img) -> FeatureMap:
 def test_fewshot_head_segments_another_contrast(lite_pair):
     """White matter painted in 3 coronal slices of the T1 -> segmented on the moved T2-like copy.
 
-    Measured with brainid-lite: Dice 0.56 (0.77 on the painted T1 itself); the same head on raw
-    intensities (a cubic intensity encoding) learns "bright = WM", which inverts on T2: Dice < 0.1.
-    Floor: 0.40 (measured minus a 0.15 margin) and at least 0.25 above the intensity baseline."""
+    Measured with brainid-lite (`benchmarks/fewshot.py --quality`, 6 paint choices: these slices,
+    two other coronal triplets, 1 and 5 coronal slices, 3 axial slices): Dice 0.808 for these
+    slices, 0.778..0.831 over the 6 (0.85 on the painted T1 itself); 0.78..0.84 on two further
+    pairs (another T2-like gamma and move; a same-polarity gamma). Before the padding rule and the
+    head's weight decay (3e-3, was 1e-4) it was 0.43 here. The same head on raw intensities (a cubic
+    intensity encoding) learns "bright = WM", which inverts on T2: Dice 0.09 (0.06..0.13).
+    Floor: 0.70 = 0.81 measured minus 0.11, which covers the spread over paint choices and pairs
+    (the worst of 18 was 0.776) plus numeric drift; and at least 0.25 above the intensity baseline."""
     labels = np.asarray(lite_pair["labels"].dataobj)
     wm = np.isin(labels, [2, 41])
     paint = np.zeros(labels.shape, np.int16)
@@ -372,7 +377,7 @@ def test_fewshot_head_segments_another_contrast(lite_pair):
     base_head = train_head([_intensity_map(lite_pair["src"], lite_pair["t1"])], [ann], names={1: "WM"})
     base = dice(segment(_intensity_map(lite_pair["tgt"], lite_pair["moved"]), base_head))
     print(f"few-shot WM Dice on the moved T2-like copy: brainid-lite features {d:.3f}, raw intensity {base:.3f}")
-    assert d >= 0.40
+    assert d >= 0.70
     assert d >= base + 0.25
 
 
