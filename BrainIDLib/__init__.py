@@ -4,6 +4,10 @@
     model = bid.load_model("brainid-lite")            # registry name or a weights file
     f = model.features(x)                             # (B,1,D,H,W) -> (B,C,D,H,W)
     y = model.head_output(x, "segmentation")
+    pred = bid.predict("t1.nii.gz", tasks=("segmentation", "anatomy"))
+    match, = bid.find_correspondence("t1.nii.gz", (-24, -20, -12), ["flair.nii.gz"])
+    head = bid.train_head(["t1.nii.gz"], ["painted.nii.gz"], names={1: "Hippocampus"}); head.save("hippo.safetensors")
+    seg = bid.segment("t2.nii.gz", head)
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ def load_model(weights: str | os.PathLike, heads: dict | None = None, device: st
     return model.to(select_device(device))
 
 
+_CORRESPONDENCE = ("find_correspondence", "similarity_map", "compute_feature_map", "FeatureCache")
+_FEWSHOT = ("train_head", "segment", "FewShotHead")
+
+
 def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on first use
     if name in ("predict", "features"):
         from . import inference
@@ -36,6 +44,14 @@ def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on fi
         from .volumes import volumes_table
 
         return volumes_table
+    if name in _CORRESPONDENCE:
+        from . import correspondence
+
+        return getattr(correspondence, name)
+    if name in _FEWSHOT:
+        from . import fewshot
+
+        return getattr(fewshot, name)
     if name in ("Volume", "load_volume"):
         from . import volume
 
@@ -43,4 +59,5 @@ def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on fi
     raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
 
 
-__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table", "Volume", "load_volume", "__version__"]
+__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table",
+           "Volume", "load_volume", *_CORRESPONDENCE, *_FEWSHOT, "__version__"]

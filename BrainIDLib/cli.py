@@ -129,14 +129,17 @@ def _add_correspond(sub) -> None:
     p = sub.add_parser("correspond", help="find the anatomical correspondence of a point on other scans",
                        description="Match a point (RAS mm) on a source scan to the most similar anatomy on each "
                                    "target scan (any contrast, any subject) by cosine similarity of Brain-ID "
-                                   "features. Writes one similarity heatmap per scan (on its own grid) and "
-                                   "correspondence.json.")
+                                   "features at the point and on cubes of 12-50 mm around it. Writes one "
+                                   "similarity heatmap per scan (on its own grid) and correspondence.json.")
     p.add_argument("--source", required=True, metavar="SRC", help="the scan holding the point (NIfTI)")
     p.add_argument("--point", required=True, metavar="R,A,S", help="the point in RAS millimetres, e.g. -24,-20,-12")
     p.add_argument("--target", action="append", default=[], required=True, metavar="T",
                    help="a scan to search, or a folder of scans (batch); repeatable")
     p.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-self", action="store_true", help="do not write the source's self-similarity heatmap")
+    p.add_argument("--context-mm", metavar="R1,R2,...", default=None,
+                   help="ring radii (mm) compared around the point (default 12,20,30,40,50); 0: the point's "
+                        "own voxel only (plain per-voxel cosine similarity)")
     _add_analysis_common(p)
     p.set_defaults(func=cmd_correspond)
 
@@ -588,11 +591,27 @@ def _ras_text(p) -> str:
     return ",".join(f"{float(v):.2f}" for v in p)
 
 
+def _parse_context(text: str | None):
+    """--context-mm: None (the default rings), () for "0", or positive radii in mm."""
+    if text is None:
+        return None
+    try:
+        radii = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        radii = (-1.0,)
+    if radii == (0.0,):
+        return ()
+    if not radii or any(not 0 < r <= 200 for r in radii):
+        raise BrainIDError(f"--context-mm expects ring radii in mm separated by commas (e.g. 12,20,30) or 0, got {text!r}")
+    return radii
+
+
 def cmd_correspond(args) -> int:
     from .correspondence import compute_feature_map, find_correspondence, similarity_map
     from .devices import select_device
 
     point = _parse_point(args.point)
+    context = _parse_context(args.context_mm)
     source = _scans([args.source], "source")[0]
     targets = _scans(args.target, "target")
     device = select_device(args.device)
@@ -607,8 +626,9 @@ def cmd_correspond(args) -> int:
         src = compute_feature_map(str(source), model=model, device=str(device), cache=cache,
                                   progress=lambda f, m: reporter(f / (len(targets) + 1), f"source: {m}"))
         matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
-                                      progress=lambda f, m: reporter((1 + f * len(targets)) / (len(targets) + 1), m))
-        self_map = None if args.no_self else similarity_map(src, point, src)
+                                      progress=lambda f, m: reporter((1 + f * len(targets)) / (len(targets) + 1), m),
+                                      context_mm=context)
+        self_map = None if args.no_self else similarity_map(src, point, src, context_mm=context)
     finally:
         reporter.close()
     taken: set[str] = set()
@@ -616,7 +636,10 @@ def cmd_correspond(args) -> int:
     others = [t for t in targets if t.resolve() != source.resolve()]
     other_stems = iter(_unique_stems(others, taken))
     stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
-    record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label, "matches": []}
+    from .correspondence import CONTEXT_MM
+
+    record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label,
+              "context_mm": list(CONTEXT_MM if context is None else context), "matches": []}
     if self_map is not None:
         path = save_nifti(self_map, out / f"{src_stem}_similarity.nii.gz")
         record["source_heatmap"] = str(path)
