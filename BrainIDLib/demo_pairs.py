@@ -118,3 +118,22 @@ def grid_points(img, n: int = 12, seed: int = 0, margin_mm: float = 12.0, level:
     rng = np.random.default_rng(seed)
     pick = ijk[rng.choice(len(ijk), min(n, len(ijk)), replace=False)]
     return pick @ affine[:3, :3].T + affine[:3, 3]
+
+
+def intensity_feature_map(fm, img):
+    """A baseline for few-shot checks: `fm` (a FeatureMap) with its features replaced by a cubic
+    encoding of the raw intensity of `img` on the same grid (unit length per voxel). A head on it
+    can only learn intensity rules, which flip when the contrast does."""
+    from dataclasses import replace
+
+    import torch
+
+    from .correspondence import sample_grid
+
+    vol = load_volume(img)
+    ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)
+    world = ijk @ fm.affine[:3, :3].T + fm.affine[:3, 3]
+    i = sample_grid(torch.from_numpy(vol.array)[None], vol.affine, world)[0]
+    i = (i - i.min()) / (i.max() - i.min())
+    f = torch.stack([i, i**2, i**3, torch.full_like(i, 0.5)]).reshape((4,) + tuple(fm.shape))
+    return replace(fm, features=(f / f.norm(dim=0, keepdim=True)).half())

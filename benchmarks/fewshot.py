@@ -24,7 +24,7 @@ from scipy import ndimage
 
 import BrainIDLib as bid
 from BrainIDLib.correspondence import compute_feature_map
-from BrainIDLib.demo_pairs import displaced, recontrast, tissue_labels
+from BrainIDLib.demo_pairs import displaced, intensity_feature_map, recontrast, tissue_labels
 from BrainIDLib.fewshot import segment, train_head
 from BrainIDLib.samples import sample_path
 from BrainIDLib.volume import make_nifti
@@ -55,20 +55,6 @@ PAINTS = [("3 coronal 45,65,85 (test)", 1, (45, 65, 85)),
 MOVE = {"rotation_deg": (5, 0, 8), "translation_mm": (6, -4, 3), "spacing": 2.0}
 
 
-def intensity_map(fm, img):
-    """Baseline 'features' on fm's grid: a cubic encoding of the raw intensity (unit length)."""
-    from BrainIDLib.correspondence import sample_grid
-    from BrainIDLib.volume import load_volume
-
-    vol = load_volume(img)
-    ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)
-    world = ijk @ fm.affine[:3, :3].T + fm.affine[:3, 3]
-    i = sample_grid(torch.from_numpy(vol.array)[None], vol.affine, world)[0]
-    i = (i - i.min()) / (i.max() - i.min())
-    f = torch.stack([i, i**2, i**3, torch.full_like(i, 0.5)]).reshape((4,) + tuple(fm.shape))
-    return replace(fm, features=(f / f.norm(dim=0, keepdim=True)).half())
-
-
 def quality_setup(model, cache=None) -> dict:
     """The slow test's pair: the sample (T1) and its T2-like copy moved onto a 2 mm grid, their
     features, WM truth on both, and the intensity-baseline feature maps."""
@@ -80,7 +66,7 @@ def quality_setup(model, cache=None) -> dict:
     tgt = compute_feature_map(moved, model=model, cache=cache)
     return {"t1": t1, "moved": moved, "wm": np.isin(np.asarray(labels.dataobj), [2, 41]),
             "truth": np.isin(np.asarray(moved_labels.dataobj), [2, 41]), "src": src, "tgt": tgt,
-            "src_int": intensity_map(src, t1), "tgt_int": intensity_map(tgt, moved)}
+            "src_int": intensity_feature_map(src, t1), "tgt_int": intensity_feature_map(tgt, moved)}
 
 
 def paint_of(wm: np.ndarray, axis: int, slices) -> np.ndarray:

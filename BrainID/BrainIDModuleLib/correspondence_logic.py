@@ -27,8 +27,9 @@ HEATMAP_SUFFIX = "BrainID similarity"
 
 
 class CorrespondenceMixin:
-    # Heatmap display range (cosine similarity). Features are similar over much of the brain, so e.g.
-    # (0.8, 1.0) shows the best-matching region more sharply; the Volumes module can change it too.
+    # Heatmap display range (cosine similarity of point descriptors; -1 in the air). The brain is
+    # mostly below ~0.3 and the best match ~0.7 (brainid-lite), so e.g. (0.4, 1.0) shows the
+    # best-matching region more sharply; the Volumes module can change it too.
     heatmapWindow = (0.0, 1.0)
 
     # ------------------------------------------------------------ helpers
