@@ -27,10 +27,10 @@ HEATMAP_SUFFIX = "BrainID similarity"
 
 
 class CorrespondenceMixin:
-    # Heatmap display range (cosine similarity of point descriptors; -1 in the air). The brain is
-    # mostly below ~0.3 and the best match ~0.7 (brainid-lite), so e.g. (0.4, 1.0) shows the
-    # best-matching region more sharply; the Volumes module can change it too.
-    heatmapWindow = (0.0, 1.0)
+    # Heatmap display range (cosine similarity of point descriptors; -1 in the air). With
+    # brainid-lite, half the brain is below ~0.1, 90% below ~0.4 and the best match ~0.6-0.8, so
+    # from 0.3 the best-matching region stands out; the Volumes module can change it.
+    heatmapWindow = (0.3, 1.0)
 
     # ------------------------------------------------------------ helpers
     def _correspondence_lib(self):
