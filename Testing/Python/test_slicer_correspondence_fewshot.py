@@ -138,7 +138,7 @@ def test_find_correspondence_heatmaps_on_target_grids_and_match_points():
         assert np.unravel_index(np.argmax(array), array.shape) == (4, 5, 6)
         display = heat.GetDisplayNode()
         assert not display.GetAutoWindowLevel()
-        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx(logic.heatmapWindow)
         assert display.GetColorNodeID() == sa.heatmap_color_node().GetID()
     assert match.GetName() == "BrainID match" and match.GetNumberOfControlPoints() == 2
     for i, target in enumerate((source, flair)):
