@@ -13,6 +13,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     """Call `write(tmp)` on a temporary file in the same folder, then rename it onto `path`.
 
     `suffix` ends the temporary name, for writers that pick the format from it (`.part.nii.gz`).
+    The file gets the permissions of a plainly created one (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,11 +21,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _read_umask() -> int:
+    """The process umask, read once at import (os.umask can only read it by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def save_nifti(img, path: str | os.PathLike) -> Path:

@@ -267,3 +267,16 @@ def test_broken_affine(tmp_path):
 def test_wrong_python_type():
     with pytest.raises(BrainIDError):
         load_volume(torch.zeros(3))
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    """Atomic writes go through mkstemp (0600); the result must be readable like any new file."""
+    import os
+    import stat
+
+    from BrainIDLib.files import save_nifti
+
+    path = save_nifti(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "x.nii.gz")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
