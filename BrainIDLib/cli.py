@@ -628,7 +628,7 @@ def cmd_correspond(args) -> int:
         matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
                                       progress=lambda f, m: reporter((1 + f * len(targets)) / (len(targets) + 1), m),
                                       context_mm=context)
-        self_map = None if args.no_self else similarity_map(src, point, src, context_mm=context)
+        self_map = None if args.no_self else similarity_map(src, point, src, context_mm=context, device=str(device))
     finally:
         reporter.close()
     taken: set[str] = set()

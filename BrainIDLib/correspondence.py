@@ -446,10 +446,10 @@ def search_spacing(fm: FeatureMap) -> tuple[float, int]:
     return spacing * factor, factor
 
 
-def search_grid(fm: FeatureMap) -> tuple[torch.Tensor, np.ndarray]:
-    """(unit features float32 (C, d, h, w), voxel->RAS affine) on the search grid."""
+def search_grid(fm: FeatureMap, device="cpu") -> tuple[torch.Tensor, np.ndarray]:
+    """(unit features float32 (C, d, h, w) on `device`, voxel->RAS affine) on the search grid."""
     _, factor = search_spacing(fm)
-    g = fm.features.float()
+    g = fm.features.to(device).float()
     if factor == 1:
         return g, np.asarray(fm.affine, dtype=np.float64)
     size = tuple(int(math.ceil(s / factor)) for s in fm.shape)
@@ -507,13 +507,14 @@ def _extent(fm: FeatureMap) -> tuple[np.ndarray, np.ndarray]:
     return ras.min(0), ras.max(0)
 
 
-def similarity_grid(descriptor: PointDescriptor, target: FeatureMap) -> torch.Tensor:
-    """Cosine similarity (D, H, W) float32 on the target's feature grid between the point's
-    descriptor and the same descriptor centred on every target voxel.
+def similarity_grid(descriptor: PointDescriptor, target: FeatureMap, device="cpu") -> torch.Tensor:
+    """Cosine similarity (D, H, W) float32 (on the CPU) on the target's feature grid between the
+    point's descriptor and the same descriptor centred on every target voxel.
 
     Each ring is one dilated convolution of the target's features with the ring's kernel; the
     target's features are unit vectors, so its descriptor norm is the square root of the number
-    of taps inside the volume (a convolution of ones with the masks)."""
+    of taps inside the volume (a convolution of ones with the masks). device: where the
+    convolutions run (a CUDA GPU makes a heatmap take milliseconds; the result comes back)."""
     if descriptor.spacing_mm == 0.0:  # single voxel: a dot product
         feats = target.features.reshape(target.channels, -1)
         v = descriptor.taps[0][1].reshape(1, -1)
@@ -524,24 +525,46 @@ def similarity_grid(descriptor: PointDescriptor, target: FeatureMap) -> torch.Te
     spacing, factor = search_spacing(target)
     if abs(spacing - descriptor.spacing_mm) > 1e-3 * spacing:
         raise ValueError(f"descriptor made for a {descriptor.spacing_mm:g} mm grid, {target.name} is searched on {spacing:g} mm")
-    g, _ = search_grid(target)
-    ones = torch.ones((1, 1) + tuple(g.shape[1:]))
-    num = torch.zeros(g.shape[1:])
-    count = torch.zeros(g.shape[1:])
+    g, _ = search_grid(target, device)
+    ones = torch.ones((1, 1) + tuple(g.shape[1:]), device=g.device)
+    num = torch.zeros(g.shape[1:], device=g.device)
+    count = torch.zeros(g.shape[1:], device=g.device)
     for d, kernel, mask in descriptor.taps:
-        num += F.conv3d(g[None], kernel[None], padding=d, dilation=d)[0, 0]
-        count += F.conv3d(ones, mask[None, None], padding=d, dilation=d)[0, 0]
+        num += F.conv3d(g[None], kernel.to(g.device)[None], padding=d, dilation=d)[0, 0]
+        count += F.conv3d(ones, mask.to(g.device)[None, None], padding=d, dilation=d)[0, 0]
+    del g, ones
     sim = num / (descriptor.norm * count.clamp_min(1.0).sqrt())
     if factor > 1:  # back onto the feature grid (matching and heatmaps use it)
         sim = F.interpolate(sim[None, None], size=tuple(target.shape), mode="trilinear", align_corners=False)[0, 0]
-    return sim
+    return sim.cpu()
 
 
-def similarity_map(source: FeatureMap, point_ras, target: FeatureMap, on_source_grid: bool = True, context_mm=None):
+def _match_device(device) -> torch.device:
+    """Where heatmaps are computed: the CUDA GPU when one is selected, else the CPU (dilated 3D
+    convolutions are not on every other backend)."""
+    from .devices import select_device
+
+    dev = select_device(device)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
+def _similarity_anywhere(descriptor: PointDescriptor, target: FeatureMap, device: torch.device) -> torch.Tensor:
+    """similarity_grid on `device`, on the CPU when the GPU runs out of memory."""
+    if device.type == "cuda":
+        try:
+            return similarity_grid(descriptor, target, device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return similarity_grid(descriptor, target)
+
+
+def similarity_map(source: FeatureMap, point_ras, target: FeatureMap, on_source_grid: bool = True, context_mm=None,
+                   device="cpu"):
     """Similarity between the anatomy at `point_ras` on the source and every voxel of `target`,
     as a float32 NIfTI on the target's original image grid (`on_source_grid`, default) or on its
-    feature grid. Values lie in [-1, 1]; context_mm as in point_descriptor."""
-    sim = similarity_grid(point_descriptor(source, point_ras, context_mm, search_spacing(target)[0]), target)
+    feature grid. Values lie in [-1, 1]; context_mm as in point_descriptor; device as in find_correspondence."""
+    descriptor = point_descriptor(source, point_ras, context_mm, search_spacing(target)[0])
+    sim = _similarity_anywhere(descriptor, target, _match_device(device))
     return _heatmap_image(sim, target, on_source_grid)
 
 
@@ -608,11 +631,12 @@ def find_correspondence(source, point_ras, targets, model=None, device="auto", c
     n = len(targets) + 1
     src = _as_feature_map(source, model, device, cache, _Span(prog, 0, 1 / n), cancel)
     point_descriptor(src, point_ras, ())  # a point outside the source fails before any target is read
+    match_dev = _match_device(device)
     matches = []
     for i, t in enumerate(targets):
         fm = src if t is source else _as_feature_map(t, model, device, cache, _Span(prog, (i + 1) / n, (i + 1.9) / n), cancel)
         _check_same_model(src, fm)
-        sim = similarity_grid(point_descriptor(src, point_ras, context_mm, search_spacing(fm)[0]), fm)
+        sim = _similarity_anywhere(point_descriptor(src, point_ras, context_mm, search_spacing(fm)[0]), fm, match_dev)
         point, value = best_point(sim, fm, refine)
         matches.append(Match(point, value, _heatmap_image(sim, fm, True), i))
         prog((i + 2) / n, f"target {i + 1}/{len(targets)} matched")

@@ -9,8 +9,8 @@
    (`backbone(x, all_levels=True)`, keeps every decoder level) vs BrainIDLib's low-memory forward,
    both under no_grad + float16 autocast: seconds and peak GPU memory; then `predict(...)` of the
    head end to end (segmentation head, outputs on the input grid).
-3. Correspondence and few-shot with brainid-lite: features on CUDA, matching time per point, and
-   the few-shot head fitted on CUDA.
+3. Correspondence and few-shot with brainid-lite: features on CUDA, matching time per point on
+   CUDA vs the CPU (same matches), and the few-shot head fitted (on the CPU; features from CUDA).
 Needs a CUDA GPU; exits with a message otherwise.
 """
 
@@ -111,8 +111,11 @@ def correspondence_and_fewshot() -> dict:
     cpu_src = compute_feature_map(t1, model=model, device="cpu")
     agree = float(torch.nn.functional.cosine_similarity(src.features.float(), cpu_src.features.float(), dim=0).mean())
     pts = grid_points(t1, n=12, seed=0)
-    found, t_match = timed(lambda: [find_correspondence(src, p, [tgt])[0].point_ras for p in pts], sync=False)
+    find_correspondence(src, pts[0], [tgt], device="cuda")  # warm-up
+    found, t_match = timed(lambda: [find_correspondence(src, p, [tgt], device="cuda")[0].point_ras for p in pts])
+    on_cpu, t_match_cpu = timed(lambda: [find_correspondence(src, p, [tgt], device="cpu")[0].point_ras for p in pts])
     err = np.linalg.norm(np.array(found) - apply_transform(transform, pts), axis=1)
+    gpu_vs_cpu_mm = float(np.abs(np.array(found) - np.array(on_cpu)).max())
     labels = np.asarray(tissue_labels(t1).dataobj)
     wm = np.isin(labels, [2, 41])
     paint = np.zeros(labels.shape, np.int16)
@@ -126,6 +129,7 @@ def correspondence_and_fewshot() -> dict:
     truth = np.isin(truth, [2, 41])
     dice = float(2 * (seg & truth).sum() / (seg.sum() + truth.sum()))
     return {"feature_seconds_cuda": t_src, "feature_cosine_cuda_vs_cpu": agree, "match_seconds_per_point": t_match / len(pts),
+            "match_seconds_per_point_cpu": t_match_cpu / len(pts), "match_gpu_vs_cpu_max_mm": gpu_vs_cpu_mm,
             "median_error_mm": float(np.median(err)), "head_fit_seconds_cuda": t_head, "fewshot_dice": dice}
 
 
