@@ -466,14 +466,7 @@ def point_descriptor(source: FeatureMap, point_ras, context_mm=None, spacing_mm:
     context_mm: ring radii (mm); None: CONTEXT_MM; (): the point's own feature vector only (plain
     per-voxel cosine similarity). spacing_mm: the voxel size of the grid it will be compared on
     (default: the source's search grid); ring radii are rounded to whole voxels of it."""
-    if not source.contains(point_ras):
-        p = ", ".join(f"{v:.1f}" for v in np.asarray(point_ras, dtype=float).reshape(3))
-        lo, hi = _extent(source)
-        raise BrainIDError(
-            f"the point ({p}) mm RAS is outside the source volume {source.name} "
-            f"(it spans R {lo[0]:.0f}..{hi[0]:.0f}, A {lo[1]:.0f}..{hi[1]:.0f}, S {lo[2]:.0f}..{hi[2]:.0f} mm); "
-            "pick a point inside it"
-        )
+    _require_inside(source, point_ras)
     point = np.asarray(point_ras, dtype=np.float64).reshape(1, 3)
     rings = CONTEXT_MM if context_mm is None else tuple(float(r) for r in context_mm)
     c = source.channels
@@ -498,6 +491,18 @@ def point_descriptor(source: FeatureMap, point_ras, context_mm=None, spacing_mm:
 
 
 _CUBE = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64)
+
+
+def _require_inside(source: FeatureMap, point_ras) -> None:
+    """A BrainIDError that says where the source is, for a point outside it."""
+    if not source.contains(point_ras):
+        p = ", ".join(f"{v:.1f}" for v in np.asarray(point_ras, dtype=float).reshape(3))
+        lo, hi = _extent(source)
+        raise BrainIDError(
+            f"the point ({p}) mm RAS is outside the source volume {source.name} "
+            f"(it spans R {lo[0]:.0f}..{hi[0]:.0f}, A {lo[1]:.0f}..{hi[1]:.0f}, S {lo[2]:.0f}..{hi[2]:.0f} mm); "
+            "pick a point inside it"
+        )
 
 
 def _extent(fm: FeatureMap) -> tuple[np.ndarray, np.ndarray]:
@@ -630,13 +635,17 @@ def find_correspondence(source, point_ras, targets, model=None, device="auto", c
         model = resolve_model(model)
     n = len(targets) + 1
     src = _as_feature_map(source, model, device, cache, _Span(prog, 0, 1 / n), cancel)
-    point_descriptor(src, point_ras, ())  # a point outside the source fails before any target is read
+    _require_inside(src, point_ras)  # before any target is read
     match_dev = _match_device(device)
+    descriptors = {}  # by search spacing: one for all targets of one model (pooling the source is not free)
     matches = []
     for i, t in enumerate(targets):
         fm = src if t is source else _as_feature_map(t, model, device, cache, _Span(prog, (i + 1) / n, (i + 1.9) / n), cancel)
         _check_same_model(src, fm)
-        sim = _similarity_anywhere(point_descriptor(src, point_ras, context_mm, search_spacing(fm)[0]), fm, match_dev)
+        spacing = search_spacing(fm)[0]
+        if spacing not in descriptors:
+            descriptors[spacing] = point_descriptor(src, point_ras, context_mm, spacing)
+        sim = _similarity_anywhere(descriptors[spacing], fm, match_dev)
         point, value = best_point(sim, fm, refine)
         matches.append(Match(point, value, _heatmap_image(sim, fm, True), i))
         prog((i + 2) / n, f"target {i + 1}/{len(targets)} matched")
