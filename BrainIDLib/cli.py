@@ -595,19 +595,20 @@ def _parse_context(text: str | None):
     """--context-mm: None (the default rings), () for "0", or positive radii in mm."""
     if text is None:
         return None
+    problem = BrainIDError(f"--context-mm expects ring radii in mm separated by commas (e.g. 12,20,30) or 0, got {text!r}")
     try:
         radii = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        radii = (-1.0,)
+        raise problem from None
     if radii == (0.0,):
         return ()
     if not radii or any(not 0 < r <= 200 for r in radii):
-        raise BrainIDError(f"--context-mm expects ring radii in mm separated by commas (e.g. 12,20,30) or 0, got {text!r}")
+        raise problem
     return radii
 
 
 def cmd_correspond(args) -> int:
-    from .correspondence import compute_feature_map, find_correspondence, similarity_map
+    from .correspondence import CONTEXT_MM, compute_feature_map, find_correspondence, similarity_map
     from .devices import select_device
 
     point = _parse_point(args.point)
@@ -628,7 +629,11 @@ def cmd_correspond(args) -> int:
         matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
                                       progress=lambda f, m: reporter((1 + f * len(targets)) / (len(targets) + 1), m),
                                       context_mm=context)
-        self_map = None if args.no_self else similarity_map(src, point, src, context_mm=context, device=str(device))
+        self_map = None
+        if not args.no_self:  # the source among the targets already has its heatmap
+            self_map = next((m.heatmap for t, m in zip(targets, matches) if t.resolve() == source.resolve()), None)
+            if self_map is None:
+                self_map = similarity_map(src, point, src, context_mm=context, device=str(device))
     finally:
         reporter.close()
     taken: set[str] = set()
@@ -636,8 +641,6 @@ def cmd_correspond(args) -> int:
     others = [t for t in targets if t.resolve() != source.resolve()]
     other_stems = iter(_unique_stems(others, taken))
     stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
-    from .correspondence import CONTEXT_MM
-
     record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label,
               "context_mm": list(CONTEXT_MM if context is None else context), "matches": []}
     if self_map is not None:
