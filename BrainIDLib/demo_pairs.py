@@ -137,3 +137,14 @@ def intensity_feature_map(fm, img):
     i = (i - i.min()) / (i.max() - i.min())
     f = torch.stack([i, i**2, i**3, torch.full_like(i, 0.5)]).reshape((4,) + tuple(fm.shape))
     return replace(fm, features=(f / f.norm(dim=0, keepdim=True)).half())
+
+
+def painted_slices(mask: np.ndarray, axis: int, slices) -> np.ndarray:
+    """A few-shot annotation as a user would paint it: `mask` copied (as label 1) into the given
+    slices along `axis`, 0 everywhere else (int16)."""
+    paint = np.zeros(mask.shape, np.int16)
+    for j in slices:
+        sl = [slice(None)] * mask.ndim
+        sl[axis] = int(j)
+        paint[tuple(sl)] = mask[tuple(sl)]
+    return paint

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 import BrainIDLib as bid
 from BrainIDLib.correspondence import compute_feature_map
-from BrainIDLib.demo_pairs import displaced, intensity_feature_map, recontrast, tissue_labels
+from BrainIDLib.demo_pairs import displaced, intensity_feature_map, painted_slices, recontrast, tissue_labels
 from BrainIDLib.fewshot import segment, train_head
 from BrainIDLib.samples import sample_path
 from BrainIDLib.volume import make_nifti
@@ -69,21 +69,12 @@ def quality_setup(model, cache=None) -> dict:
             "src_int": intensity_feature_map(src, t1), "tgt_int": intensity_feature_map(tgt, moved)}
 
 
-def paint_of(wm: np.ndarray, axis: int, slices) -> np.ndarray:
-    paint = np.zeros(wm.shape, np.int16)
-    for j in slices:
-        sl = [slice(None)] * 3
-        sl[axis] = j
-        paint[tuple(sl)] = wm[tuple(sl)]
-    return paint
-
-
 def quality_rows(setup: dict, paints=PAINTS, baseline: bool = True, **train_kwargs) -> list[dict]:
     """Dice of WM on the moved T2-like copy (brainid-lite head and intensity-baseline head) and on
     the painted T1 itself, for each paint choice."""
     rows = []
     for label, axis, slices in paints:
-        ann = make_nifti(paint_of(setup["wm"], axis, slices), setup["t1"].affine, np.int16)
+        ann = make_nifti(painted_slices(setup["wm"], axis, slices), setup["t1"].affine, np.int16)
         head = train_head([setup["src"]], [ann], names={1: "WM"}, **train_kwargs)
         d_tgt = dice(np.asarray(segment(setup["tgt"], head).dataobj) == 1, setup["truth"])
         d_src = dice(np.asarray(segment(setup["src"], head).dataobj) == 1, setup["wm"])
@@ -148,9 +139,7 @@ def main(argv=None) -> None:
     t1 = make_nifti(data, affine)
     labels = np.asarray(tissue_labels(t1).dataobj)
     wm = np.isin(labels, [2, 41])
-    paint = np.zeros(labels.shape, np.int16)
-    for j in np.linspace(0.3, 0.7, 3) * labels.shape[1]:
-        paint[:, int(j), :] = wm[:, int(j), :]
+    paint = painted_slices(wm, 1, np.linspace(0.3, 0.7, 3) * labels.shape[1])
     target, _ = displaced(recontrast(t1, "t2"), rotation_deg=(5, 0, 8), translation_mm=(6, -4, 3), spacing=1.0)
     truth_img, _ = displaced(make_nifti(wm.astype(np.int16), affine, np.int16), rotation_deg=(5, 0, 8),
                              translation_mm=(6, -4, 3), spacing=1.0, labels=True)

@@ -98,7 +98,7 @@ def full_network() -> dict:
 
 def correspondence_and_fewshot() -> dict:
     from BrainIDLib.correspondence import compute_feature_map, find_correspondence
-    from BrainIDLib.demo_pairs import apply_transform, displaced, grid_points, recontrast, tissue_labels
+    from BrainIDLib.demo_pairs import apply_transform, displaced, grid_points, painted_slices, recontrast, tissue_labels
     from BrainIDLib.fewshot import segment, train_head
     from BrainIDLib.volume import make_nifti
 
@@ -118,9 +118,7 @@ def correspondence_and_fewshot() -> dict:
     gpu_vs_cpu_mm = float(np.abs(np.array(found) - np.array(on_cpu)).max())
     labels = np.asarray(tissue_labels(t1).dataobj)
     wm = np.isin(labels, [2, 41])
-    paint = np.zeros(labels.shape, np.int16)
-    for j in (45, 65, 85):
-        paint[:, j, :] = wm[:, j, :]
+    paint = painted_slices(wm, 1, (45, 65, 85))
     head, t_head = timed(lambda: train_head([src], [make_nifti(paint, t1.affine, np.int16)], names={1: "WM"},
                                             model=model, device="cuda"))
     seg = np.asarray(segment(tgt, head, model=model).dataobj) == 1

@@ -374,13 +374,11 @@ def test_fewshot_head_segments_another_contrast(lite_pair):
     intensity encoding) learns "bright = WM", which inverts on T2: Dice 0.09 (0.06..0.13).
     Floor: 0.70 = 0.81 measured minus 0.11, which covers the spread over paint choices and pairs
     (the worst of 18 was 0.776) plus numeric drift; and at least 0.25 above the intensity baseline."""
-    from BrainIDLib.demo_pairs import intensity_feature_map
+    from BrainIDLib.demo_pairs import intensity_feature_map, painted_slices
 
     labels = np.asarray(lite_pair["labels"].dataobj)
     wm = np.isin(labels, [2, 41])
-    paint = np.zeros(labels.shape, np.int16)
-    for j in (45, 65, 85):
-        paint[:, j, :] = wm[:, j, :]
+    paint = painted_slices(wm, 1, (45, 65, 85))
     ann = make_nifti(paint, lite_pair["t1"].affine, np.int16)
     truth = np.isin(np.asarray(lite_pair["moved_labels"].dataobj), [2, 41])
 
