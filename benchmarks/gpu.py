@@ -128,7 +128,7 @@ def correspondence_and_fewshot() -> dict:
     dice = float(2 * (seg & truth).sum() / (seg.sum() + truth.sum()))
     return {"feature_seconds_cuda": t_src, "feature_cosine_cuda_vs_cpu": agree, "match_seconds_per_point": t_match / len(pts),
             "match_seconds_per_point_cpu": t_match_cpu / len(pts), "match_gpu_vs_cpu_max_mm": gpu_vs_cpu_mm,
-            "median_error_mm": float(np.median(err)), "head_fit_seconds_cuda": t_head, "fewshot_dice": dice}
+            "median_error_mm": float(np.median(err)), "head_fit_seconds": t_head, "fewshot_dice": dice}
 
 
 def main(argv=None) -> int:

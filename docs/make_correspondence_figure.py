@@ -30,11 +30,14 @@ from BrainIDLib.samples import sample_path  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def _axial(img, point_ras):
-    """(2D slice through the point, in-plane voxel coords of the point) for a RAS-aligned image."""
-    ijk = np.linalg.inv(img.affine) @ np.append(point_ras, 1.0)
-    k = int(np.clip(round(ijk[2]), 0, img.shape[2] - 1))
-    return np.asarray(img.dataobj)[:, :, k].T, ijk[:2]
+def _voxel(img, point_ras) -> np.ndarray:
+    return (np.linalg.inv(img.affine) @ np.append(point_ras, 1.0))[:3]
+
+
+def _axial(img, point_ras) -> np.ndarray:
+    """The 2D axial slice through the point of a RAS-aligned image (for imshow, origin lower)."""
+    k = int(np.clip(round(_voxel(img, point_ras)[2]), 0, img.shape[2] - 1))
+    return np.asarray(img.dataobj)[:, :, k].T
 
 
 def main(argv=None) -> None:
@@ -63,17 +66,15 @@ def main(argv=None) -> None:
               (target, single.heatmap, truth, single.point_ras, truth,
                f"same target, single-voxel features\nmatch x, truth +: error {single_error:.1f} mm")]
     for ax, (img, heat, plane, p, true_p, title) in zip(axes, panels):
-        base, _ = _axial(img, plane)
+        base = _axial(img, plane)
         ax.imshow(base, cmap="gray", origin="lower")
-        h, _ = _axial(heat, plane)
+        h = _axial(heat, plane)
         top = float(np.max(np.asarray(heat.dataobj)))
         lo = top - 0.5 * (top - float(np.median(h[h > -0.99])))  # the upper half of the brain's similarity range
         ax.imshow(np.ma.masked_less(h, lo), cmap="inferno", origin="lower", alpha=0.6, vmin=lo, vmax=top)
-        uv = (np.linalg.inv(img.affine) @ np.append(p, 1.0))[:2]
-        ax.plot(*uv, "x" if true_p is not None else "+", color="cyan", ms=12, mew=2)
+        ax.plot(*_voxel(img, p)[:2], "x" if true_p is not None else "+", color="cyan", ms=12, mew=2)
         if true_p is not None:
-            tuv = (np.linalg.inv(img.affine) @ np.append(true_p, 1.0))[:2]
-            ax.plot(*tuv, "+", color="lime", ms=12, mew=2)
+            ax.plot(*_voxel(img, true_p)[:2], "+", color="lime", ms=12, mew=2)
         ax.set_title(title, color="white", fontsize=9)
         ax.axis("off")
     fig.suptitle(f"Brain-ID anatomical correspondence ({args.model}): point {args.point} mm RAS", color="white")
