@@ -2,8 +2,8 @@
 
 A scan goes: load + validate (`load_volume`) -> reorient to RAS by exact axis permutation/flips
 (nibabel.orientations, no interpolation) -> resample each axis to the model spacing (linear, with a
-Gaussian anti-aliasing blur along axes that shrink) -> normalise (min-max to [0, 1], optional
-percentile clipping) -> pad to a multiple of 2**(levels-1). `Prepared` remembers every step so
+Gaussian anti-aliasing blur along axes that shrink) -> normalise as the model's metadata says
+(`normalize.py`: robust percentiles with a CT brain window, or the official min-max) -> pad to a multiple of 2**(levels-1). `Prepared` remembers every step so
 outputs go back onto the input's exact grid (same shape, identical affine).
 
 Oblique scans are not rotated: they are processed along their own (reoriented) voxel axes, which
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrainIDError
+from .normalize import normalise_array
 
 MIN_SPACING_MM = 0.05
 MAX_SPACING_MM = 20.0
@@ -338,30 +339,6 @@ def _inverse_transform(ornt: np.ndarray) -> np.ndarray:
     return inv
 
 
-def normalise(array: np.ndarray, normalisation: dict | None) -> tuple[np.ndarray, tuple[float, float]]:
-    """Min-max to [0, 1] after clipping at the given percentiles (the official model wants [0, 1])."""
-    norm = normalisation or {"method": "minmax", "percentiles": [0.0, 100.0]}
-    method = norm.get("method", "minmax")
-    if method not in ("minmax", "none"):
-        raise BrainIDError(f"the model asks for normalisation {method!r}, which this BrainID does not know; upgrade BrainID")
-    if method == "none":
-        return array.astype(np.float32, copy=False), (0.0, 1.0)
-    lo_p, hi_p = (list(norm.get("percentiles", [0.0, 100.0])) + [0.0, 100.0])[:2]
-    flat = array.reshape(-1)
-    sample = flat if flat.size <= 4_000_000 else flat[:: int(math.ceil(flat.size / 4_000_000))]
-    lo = float(sample.min()) if lo_p <= 0 else float(np.percentile(sample, lo_p))
-    hi = float(sample.max()) if hi_p >= 100 else float(np.percentile(sample, hi_p))
-    if lo_p <= 0:
-        lo = float(flat.min())
-    if hi_p >= 100:
-        hi = float(flat.max())
-    if hi <= lo:  # percentiles collapsed (mostly constant image): fall back to the full range
-        lo, hi = float(flat.min()), float(flat.max())
-    out = np.clip(array, lo, hi) if (lo_p > 0 or hi_p < 100) else array
-    out = (out - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-    return out.astype(np.float32, copy=False), (lo, hi)
-
-
 def prepare(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), normalisation: dict | None = None, multiple: int = 16) -> Prepared:
     """Reorient to RAS, resample to the model spacing (anti-aliased), normalise and pad."""
     spacing_mm = [float(s) for s in (list(spacing_mm) * 3 if np.ndim(spacing_mm) == 0 else spacing_mm)][:3]
@@ -369,7 +346,7 @@ def prepare(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), normalisation: dict | None 
     import nibabel.orientations as nio
 
     ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
-    arr, value_range = normalise(vol.array, normalisation)
+    arr, value_range = normalise_array(vol.array, normalisation)
     t = apply_orientation(torch.from_numpy(arr)[None], ornt).contiguous()
     ras_shape = tuple(int(s) for s in t.shape[1:])
     ras_spacing = voxel_sizes(ras_affine)

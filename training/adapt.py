@@ -98,7 +98,8 @@ def adapt_loss(cfg: Config, dist: DistInfo):
         total, parts = 0.0, {}
         for t in tasks:
             if t == "segmentation":
-                l, p = losses.segmentation_loss(outs[t], batch["segmentation"].to(device).repeat_interleave(per, 0))
+                l, p = losses.segmentation_loss(outs[t], batch["segmentation"].to(device).repeat_interleave(per, 0),
+                                                 style=lc["segmentation_style"])
             elif t == "anatomy":
                 l, p = losses.anatomy_loss(outs[t], batch["target_t1"].to(device).repeat_interleave(per, 0),
                                            lc["anatomy_l1"], lc["anatomy_grad"])

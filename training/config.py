@@ -47,7 +47,8 @@ DEFAULTS: dict = {
         "labels": None,                 # generator: folder, glob or list of label maps (FreeSurfer ids)
         "t1": None,                     # optional folder of T1s named like the label maps (generator target)
         "subjects": None,               # nifti: list of {image, labels, t1, mask} or a JSON/CSV manifest path
-        "size": [128, 128, 128],        # crop size (one int or three)
+        "size": [128, 128, 128],        # crop size (one int or three), or a list of crop sizes drawn per step
+        "size_probs": [],               # with a list of sizes: their probabilities (empty: equal)
         "subjects_per_step": 1,         # subjects per optimizer step per process
         "mild": 2,                      # mildly corrupted samples per subject
         "severe": 2,                    # severely corrupted samples per subject
@@ -62,6 +63,7 @@ DEFAULTS: dict = {
         "contrastive_voxels": 256,
         "contrastive_temperature": 0.1,
         "segmentation": 0.0,            # weight of segmentation supervision during pretraining
+        "segmentation_style": "official",  # official (class-weighted CE + Dice over all classes) | brainid
     },
     "optim": {
         "lr": 1.0e-4,
@@ -102,6 +104,7 @@ CHOICES = {
     "data.source": ("generator", "nifti"),
     "optim.schedule": ("multistep", "cosine", "constant"),
     "adapt.corruption": ("mild", "severe", "none"),
+    "loss.segmentation_style": ("official", "brainid"),
 }
 POSITIVE = {"run.max_steps", "run.log_every", "run.checkpoint_every", "data.subjects_per_step",
             "model.f_maps", "model.levels", "model.num_groups", "loss.contrastive_voxels", "evaluate.subjects"}
@@ -242,6 +245,13 @@ def _walk(d: dict, prefix=""):
             yield dotted, v
 
 
+def crop_sizes(value) -> list[tuple[int, int, int]]:
+    """data.size as a list of crop sizes: one int, three ints, or a list of either."""
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return [size3(v) for v in value]
+    return [size3(value)]
+
+
 def size3(value) -> tuple[int, int, int]:
     if isinstance(value, int):
         value = [value] * 3
@@ -255,7 +265,11 @@ def validate(cfg: Config) -> None:
     for key, value in _walk(cfg):
         default = defaults.get(key)
         if key == "data.size":
-            size3(value)
+            crop_sizes(value)
+            continue
+        if key == "data.size_probs":
+            if not (isinstance(value, list) and all(isinstance(v, (int, float)) and v >= 0 for v in value)):
+                raise ConfigError(f"data.size_probs must be a list of non-negative numbers, got {value!r}")
             continue
         if key == "adapt.low_memory_features":
             if value not in ("auto", True, False):
@@ -269,6 +283,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {value!r}")
         if key in NON_NEGATIVE and value is not None and value < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
+    probs, n_sizes = cfg["data"]["size_probs"], len(crop_sizes(cfg["data"]["size"]))
+    if probs and (len(probs) != n_sizes or sum(probs) <= 0):
+        raise ConfigError(f"data.size_probs needs one probability per crop size ({n_sizes}), not all zero; got {probs!r}")
     if cfg["data"]["mild"] + cfg["data"]["severe"] < 1:
         raise ConfigError("data.mild + data.severe must be at least 1 sample per subject")
     if not 0 <= cfg["optim"]["ema"] < 1:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS
 
-from .config import size3
+from .config import crop_sizes, size3
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 
@@ -126,10 +126,12 @@ class GeneratorSteps(torch.utils.data.Dataset):
         self.seed, self.rank, self.world = int(seed), rank, world
         self.label_files = list_files(self.cfg["labels"], "data.labels")
         self.t1_files = self._match_t1(self.cfg.get("t1"))
-        self.size = size3(self.cfg["size"])
+        self.sizes = crop_sizes(self.cfg["size"])
+        probs = self.cfg.get("size_probs") or [1.0] * len(self.sizes)
+        self.size_cdf = np.cumsum(probs) / np.sum(probs)
         self.per_step = int(self.cfg["subjects_per_step"])
-        make_generator(self.cfg, self.size)  # bad generator options fail now, not in a worker later
-        self._gen = None  # each (worker) process builds its own
+        make_generator(self.cfg, self.sizes[0])  # bad generator options fail now, not in a worker later
+        self._gens = {}  # one generator per crop size, built by each (worker) process
         self._cache = _LRU(int(self.cfg.get("cache_label_maps", 16)))
 
     def _match_t1(self, spec):
@@ -144,11 +146,17 @@ class GeneratorSteps(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    @property
-    def generator(self):
-        if self._gen is None:
-            self._gen = make_generator(self.cfg, self.size)
-        return self._gen
+    def generator(self, size):
+        if size not in self._gens:
+            self._gens[size] = make_generator(self.cfg, size)
+        return self._gens[size]
+
+    def size_at(self, step: int) -> tuple[int, int, int]:
+        """The crop size of a step (one per step, so a batch stacks), a pure function of (seed, step)."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        u = np.random.default_rng([self.seed, int(step), 11]).random()
+        return self.sizes[int(np.searchsorted(self.size_cdf, u, side="right").clip(0, len(self.sizes) - 1))]
 
     def subject(self, index: int):
         """(labels, t1 or None) tensors, reoriented to RAS (the generator flips along axis 0) and
@@ -160,15 +168,25 @@ class GeneratorSteps(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict:
         draws = []
+        generator = self.generator(self.size_at(step))
         for b in range(self.per_step):
             slot = (int(step) * self.world + self.rank) * self.per_step + b
             index = subject_slot(self.seed, slot, len(self.label_files))
             labels, t1 = self.subject(index)
-            draw = self.generator(labels, t1=t1, seed=seed_for(self.seed, slot))
+            # step: what data.generator.schedule=curriculum grows severity with (fixed ignores it)
+            draw = generator(labels, t1=t1, seed=seed_for(self.seed, slot), step=int(step))
             draws.append({k: v for k, v in draw.items() if isinstance(v, torch.Tensor)})
         batch = collate_draws(draws)
         batch["step"] = int(step)
         return batch
+
+
+def generator_normalisation(data_cfg: dict) -> str:
+    """The generator's input normalisation ("max" or "robust"): its option, else its preset's."""
+    from BrainIDLib.synth.generator import PRESETS
+
+    gen = data_cfg.get("generator") or {}
+    return gen.get("normalisation", PRESETS.get(gen.get("preset", "brainid"), {}).get("normalisation", "max"))
 
 
 def make_generator(data_cfg: dict, size, device: str = "cpu"):

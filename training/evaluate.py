@@ -30,7 +30,7 @@ from BrainIDLib.devices import select_device
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 
-from .config import Config, load_config, size3
+from .config import Config, crop_sizes, load_config
 from .data import NiftiSteps, corrupt, list_files, make_generator, seed_for
 from .adapt import NEEDS
 from .engine import read_log
@@ -136,7 +136,7 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
     ec = cfg["evaluate"]
     device = select_device(cfg["run"]["device"])
     model = model.to(device).eval()
-    size = size3(cfg["data"]["size"])
+    size = max(crop_sizes(cfg["data"]["size"]), key=lambda s: s[0] * s[1] * s[2])
     families = [f for f in ec["families"] if f in FAMILIES]
     regimes = [r for r in ec["regimes"] if r in REGIMES]
     unknown = sorted(set(ec["families"]) - set(FAMILIES)) + sorted(set(ec["regimes"]) - set(REGIMES))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from BrainIDLib.files import atomic_write, sha256_of
 import BrainIDLib
+from BrainIDLib.normalize import ROBUST
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 from BrainIDLib.weights import add_head_file, save_model
 
@@ -27,7 +28,7 @@ DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters)
                "anatomy (T1 synthesis), super-resolution and bias field. A CPU-budget model: coarse anatomy is right, "
                "small structures are not (accuracy per structure in docs/model-card.md); not the official model.")
 SPACING = [2.0, 2.0, 2.0]
-NORMALISATION = {"method": "minmax", "percentiles": [0.0, 100.0]}
+NORMALISATION = ROBUST  # part 3 on; parts 1-2 used whole-volume min-max
 
 
 def _run_summary(run: Path) -> dict:

@@ -1,4 +1,7 @@
-"""Training losses: Brain-ID's anatomy loss, the voxel-wise contrastive term, segmentation and bias."""
+"""Training losses, term by term as the official code (peirong26/Brain-ID, BrainID/models/criterion.py
+and losses.py) unless a docstring says otherwise: anatomy / super-resolution (L1 + `GradientLoss`),
+segmentation (`loss_seg_ce` + `loss_seg_dice`), bias field, and a contrastive term that is NOT the
+official one (see `contrastive_loss`). docs/recipe-vs-official.md lists every choice."""
 
 from __future__ import annotations
 
@@ -6,19 +9,20 @@ import torch
 import torch.nn.functional as F
 
 
-def forward_differences(x: torch.Tensor) -> list[torch.Tensor]:
-    """Forward differences of (B, C, D, H, W) along the three spatial axes."""
-    return [x.diff(dim=d) for d in (2, 3, 4)]
-
-
 def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the three axes of L1 between forward-difference gradients (target broadcasts)."""
-    terms = [(gp - gt).abs().mean() for gp, gt in zip(forward_differences(pred), forward_differences(target))]
-    return sum(terms) / len(terms)
+    """The official `GradientLoss('l1')`: forward differences along each spatial axis, the last one
+    along the axis set to 0, and the SUM over the three axes of the mean |d_pred - d_target| taken
+    over the whole (padded) volume. (pred, target: (B, C, D, H, W); target broadcasts.)"""
+    total = pred.new_zeros(())
+    for d in (2, 3, 4):
+        diff = (pred.diff(dim=d) - target.diff(dim=d)).abs()
+        total = total + diff.sum() / (diff.numel() // diff.shape[d] * pred.shape[d])
+    return total
 
 
 def anatomy_loss(pred: torch.Tensor, target: torch.Tensor, w_l1: float = 1.0, w_grad: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Official 'feat-anat' loss: L1 + gradient L1 of every sample against one shared target.
+    """Official 'feat-anat' loss (`loss_image` + `loss_image_grad`): L1 + gradient L1 of every sample
+    against one shared target.
 
     pred (S, 1, *spatial), target (1, 1, *spatial) or (S, 1, *spatial); the mean over samples."""
     pred = pred.float()
@@ -29,7 +33,7 @@ def anatomy_loss(pred: torch.Tensor, target: torch.Tensor, w_l1: float = 1.0, w_
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over classes present in the target or predicted (target: class indices)."""
+    """BrainID's own Dice: 1 - mean soft Dice over the classes present in the target (batch pooled)."""
     probs = logits.float().softmax(1)
     onehot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     dims = (0,) + tuple(range(2, probs.dim()))
@@ -40,10 +44,33 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return 1 - (dice[present].mean() if present.any() else dice.mean())
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, w_ce: float = 1.0, w_dice: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy + soft Dice; logits (B, K, *spatial), target (B, *spatial) class indices."""
-    ce = F.cross_entropy(logits.float(), target.long())
-    dice = soft_dice_loss(logits, target)
+def official_seg_terms(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official `loss_seg_ce` and `loss_seg_dice` with their default uniform class weights w = 1/K:
+    CE = mean over voxels of -sum_k w_k y_k log(max(p_k, 1e-5)) (so 1/K of the usual cross-entropy);
+    Dice = sum_k w_k (1 - 2 sum(p_k y_k) / max(sum(p_k + y_k), 1e-5)) over ALL K classes, per sample
+    (absent classes add a constant 1 - 0), averaged over samples as `SetMultiCriterion` does."""
+    k = logits.shape[1]
+    probs = logits.float().softmax(1)
+    onehot = F.one_hot(target.long(), k).movedim(-1, 1).to(probs.dtype)
+    ce = -(onehot * probs.clamp_min(1e-5).log()).sum(1).mean() / k
+    dims = tuple(range(2, probs.dim()))
+    dice = 1 - 2 * (probs * onehot).sum(dims) / (probs + onehot).sum(dims).clamp_min(1e-5)
+    return ce, dice.mean(1).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, w_ce: float = 1.0, w_dice: float = 1.0,
+                      style: str = "official") -> tuple[torch.Tensor, dict]:
+    """Cross-entropy + soft Dice; logits (B, K, *spatial), target (B, *spatial) class indices.
+
+    style "official": `official_seg_terms`. style "brainid": plain cross-entropy + Dice over the
+    classes present (`soft_dice_loss`): its CE is K times stronger and absent classes add nothing,
+    which learns small structures faster from few steps (brainid-lite part 1-2 used it)."""
+    if style == "official":
+        ce, dice = official_seg_terms(logits, target)
+    elif style == "brainid":
+        ce, dice = F.cross_entropy(logits.float(), target.long()), soft_dice_loss(logits, target)
+    else:
+        raise ValueError(f"unknown segmentation loss style {style!r}")
     return w_ce * ce + w_dice * dice, {"seg_ce": float(ce.detach()), "seg_dice": float(dice.detach())}
 
 
@@ -68,7 +95,9 @@ def image_loss(pred: torch.Tensor, target: torch.Tensor, w_l1: float = 1.0, w_gr
 
 def contrastive_loss(features: torch.Tensor, subjects: int, mask: torch.Tensor | None, n_voxels: int,
                      temperature: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Voxel-wise supervised-contrastive (InfoNCE) term of the Brain-ID paper.
+    """A voxel-wise supervised-contrastive (InfoNCE) term in the spirit of the paper's; NOT the
+    official `loss_feat_contrastive` (which compares two samples' raw feature products with three
+    temperatures, and is off by default there, as this term is here).
 
     `features` (subjects*S, C, *spatial): S samples per subject sharing one anatomy. At `n_voxels`
     random voxels (inside `mask`, a (subjects, *spatial) bool tensor, when given) the positives of an

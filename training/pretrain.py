@@ -9,11 +9,12 @@ from torch import nn
 
 from BrainIDLib.labels import SEGMENTATION_LABELS
 from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.normalize import MINMAX, ROBUST
 from BrainIDLib.weights import save_model
 
 from . import losses
 from .config import Config
-from .data import GeneratorSteps, seed_for, step_loader
+from .data import GeneratorSteps, generator_normalisation, seed_for, step_loader
 from .distributed import DistInfo
 from .engine import Job
 
@@ -60,7 +61,7 @@ def pretrain_loss(cfg: Config, dist: DistInfo):
         total, parts = losses.anatomy_loss(outs["anatomy"], target, lc["anatomy_l1"], lc["anatomy_grad"])
         if lc["segmentation"] > 0:
             seg = batch["segmentation"].to(device).repeat_interleave(per, dim=0)
-            l_seg, p = losses.segmentation_loss(outs["segmentation"], seg)
+            l_seg, p = losses.segmentation_loss(outs["segmentation"], seg, style=lc["segmentation_style"])
             total = total + lc["segmentation"] * l_seg
             parts.update(p)
         if lc["contrastive"] > 0:
@@ -87,6 +88,9 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
             "description": f"Brain-ID backbone pretrained on synthetic data ({cfg['run']['max_steps']} steps)",
             "heads": {t: {"out_channels": model.heads[t].out_channels,
                           **({"labels": list(SEGMENTATION_LABELS)} if t == "segmentation" else {})} for t in model.tasks},
+            # what inference must do to a scan so that it looks like the training inputs
+            "input": {"spacing_mm": [1.0, 1.0, 1.0],
+                      "normalisation": ROBUST if generator_normalisation(cfg["data"]) == "robust" else MINMAX},
             "training": {"command": "pretrain", "steps": cfg["run"]["max_steps"], "size": cfg["data"]["size"],
                          "mild": cfg["data"]["mild"], "severe": cfg["data"]["severe"], "loss": cfg["loss"]},
         }

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from ..errors import BrainIDError
+from ..normalize import ROBUST, apply_range, normalise_tensor
 from . import contrast as C
 from . import corruption as X
 from . import spatial as S
 from .filters import lookup
-from .tables import LabelTable, get_table
+from .tables import KIND_CODES, LabelTable, get_table
 
 # (mild, severe) pairs are interpolated by severity; scalars are shared.
 PRESETS: dict[str, dict] = {
@@ -45,6 +46,13 @@ PRESETS: dict[str, dict] = {
         "ct_prob": 0.0, "flair_prob": 0.0, "t1_prob": 0.0, "t2_prob": 0.0,
         "motion_prob": (0.0, 0.0), "motion_strength": ((0.0, 0.0), (0.0, 0.0)),
         "pv_prob": 0.0, "pv_sigma": (0.0, 0.0),
+        # whole-head options (off here, as the official generator): crop centre uniform in the head's
+        # box instead of near the brain's centre; extra-cerebral labels rendered as background
+        # (a skull-stripped sample) with this probability per sample
+        "head_centre_prob": 0.0, "skull_strip_prob": 0.0,
+        # "max": divide each sample by its maximum (official); "robust": BrainIDLib.normalize, the
+        # function inference applies to real scans
+        "normalisation": "max",
         # sample mix
         "n_mild": 2, "n_severe": 2,
     },
@@ -103,6 +111,8 @@ class SubjectGenerator:
         unknown = set(overrides) - set(PRESETS[preset])
         if unknown:
             raise BrainIDError(f"unknown generator option(s) {sorted(unknown)}; known: {sorted(PRESETS[preset])}")
+        if overrides.get("normalisation", "max") not in ("max", "robust"):
+            raise BrainIDError("generator normalisation must be 'max' (official) or 'robust'")
         if schedule not in ("fixed", "curriculum"):
             raise BrainIDError("schedule must be 'fixed' or 'curriculum'")
         self.preset = preset
@@ -163,7 +173,9 @@ class SubjectGenerator:
         # ---- shared spatial transform: one grid, one resampling of labels (+ T1)
         aff = S.random_affine(rng, cfg["rotation"], cfg["shear"], cfg["scale"])
         disp = S.coarse_displacement(rng, cfg["nonlin_points"], cfg["nonlin_std_max"]) if cfg["nonlin_std_max"] > 0 else None
-        centre = S.random_centre(rng, labels, size, brain_lut=self.table.luts(0, dev)["brain"])
+        head_centre = cfg["head_centre_prob"] > 0 and float(torch.rand(1, generator=rng)) < cfg["head_centre_prob"]
+        centre = (S.uniform_centre(rng, labels) if head_centre
+                  else S.random_centre(rng, labels, size, brain_lut=self.table.luts(0, dev)["brain"]))
         flip = bool(torch.rand(1, generator=rng) < cfg["flip_prob"])
         box = S.input_box(aff["A"], centre, disp, size, labels.shape)
         sub = labels[tuple(slice(lo, hi) for lo, hi in box)]
@@ -226,10 +238,16 @@ class SubjectGenerator:
         regime = torch.zeros(n, dtype=torch.long)
         motion = torch.zeros(n)
         divisor = torch.ones(n)
+        stripped = torch.zeros(n, dtype=torch.bool)
+        if cfg["skull_strip_prob"] > 0:
+            stripped = torch.rand(n, generator=rng) < cfg["skull_strip_prob"]
+            kind = lookup(luts["kind"], warped)
+            brain_cls = cls_map.masked_fill((kind == KIND_CODES["extra"]) | (kind == KIND_CODES["extra_dark"]), 0)
+        robust = cfg["normalisation"] == "robust"
         for i in range(n):
             s = float(sev[i])
             img = clean[i]  # (1, *size): the clean image is built in place, divided at the end
-            C.gmm_image(cls_map, means[i:i + 1], stds[i:i + 1], noise_gen,
+            C.gmm_image(brain_cls if stripped[i] else cls_map, means[i:i + 1], stds[i:i + 1], noise_gen,
                         None if pv is None else pv[i:i + 1], out=img)
             C.apply_gamma(img, log_gamma[i:i + 1], rescale=False)
             X.bias_field(rng, size, [float(b_scale[i])], [float(b_std[i])], dev, out=bias[i:i + 1])
@@ -244,6 +262,11 @@ class SubjectGenerator:
             if mp > 0 and float(torch.rand(1, generator=rng)) < mp:
                 motion[i] = S.uniform(rng, *_range_at(cfg["motion_strength"], s))
                 x = X.ghosting(x, rng, float(motion[i]))
+            if robust:
+                inputs[i, 0], info = normalise_tensor(x, ROBUST)
+                img.copy_(apply_range(img, info))
+                divisor[i] = (info["hi"] - info["lo"]) * float(gfac[i])
+                continue
             top = float(x.max())
             top = top if top > 0 else 1.0
             divisor[i] = top * float(gfac[i])  # on the official (gamma-rescaled) intensity scale
@@ -259,7 +282,8 @@ class SubjectGenerator:
             "severity": sev.to(dev),
             "flipped": torch.tensor(flip),
             "params": {
-                "scale": divisor,  # inputs and clean were divided by this (the input's max)
+                "scale": divisor,  # inputs and clean were divided by this (the input's max, or robust range)
+                "skull_stripped": stripped,
                 "gamma": torch.exp(log_gamma), "bias_std": b_std, "bias_scale": b_scale, "noise_std": noise,
                 "spacing": spacing, "thickness": thickness, "regime": regime, "motion": motion,
                 "ct": torch.tensor([m == "ct" for m in modes]), "flair": torch.tensor([m == "flair" for m in modes]),

@@ -89,6 +89,13 @@ def random_centre(rng: torch.Generator, labels: torch.Tensor, size, centre_jitte
     return c
 
 
+def uniform_centre(rng: torch.Generator, labels: torch.Tensor) -> list[float]:
+    """Crop centre drawn uniformly in the head's box (all non-zero labels): crops that hold the
+    scalp, the skull base or the air beside the head, as real whole-head scans do."""
+    lo, hi = foreground_box(labels)
+    return [uniform(rng, float(lo[ax]), float(hi[ax])) for ax in range(3)]
+
+
 def sampling_grid(A: torch.Tensor, centre, disp: torch.Tensor | None, size, in_shape, device,
                   mirror_axis: int | None = None) -> torch.Tensor:
     """grid_sample grid (1, *size, 3), align_corners=True, for x_in = M (A c + d(c)) + centre, where c
