@@ -31,6 +31,7 @@ DEFAULTS: dict = {
         "log_every": 10,                # summary line + TensorBoard every N steps (log.jsonl gets every step)
         "checkpoint_every": 100,
         "stop_at_step": 0,              # >0: stop there as if interrupted (checkpoint, exit); for tests/time slots
+        "max_minutes": 0.0,             # >0: wall-clock budget of this launch: checkpoint and export when reached
         "amp": "auto",                  # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 | fp16 | off
         "progress": True,               # tqdm progress bar on rank 0
         "tensorboard": True,
@@ -54,6 +55,7 @@ DEFAULTS: dict = {
         "severe": 2,                    # severely corrupted samples per subject
         "generator": {"preset": "brainid"},  # extra keyword arguments for SubjectGenerator
         "num_workers": 0,               # DataLoader worker processes drawing subjects ahead
+        "generator_device": "cpu",      # cpu | cuda: where the generator renders (cuda needs num_workers 0)
         "cache_label_maps": 16,         # label maps kept in memory per process
     },
     "loss": {
@@ -105,10 +107,11 @@ CHOICES = {
     "optim.schedule": ("multistep", "cosine", "constant"),
     "adapt.corruption": ("mild", "severe", "none"),
     "loss.segmentation_style": ("official", "brainid"),
+    "data.generator_device": ("cpu", "cuda"),
 }
 POSITIVE = {"run.max_steps", "run.log_every", "run.checkpoint_every", "data.subjects_per_step",
             "model.f_maps", "model.levels", "model.num_groups", "loss.contrastive_voxels", "evaluate.subjects"}
-NON_NEGATIVE = {"run.stop_at_step", "run.threads", "data.mild", "data.severe", "data.num_workers",
+NON_NEGATIVE = {"run.stop_at_step", "run.max_minutes", "run.threads", "data.mild", "data.severe", "data.num_workers",
                 "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                 "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "adapt.plain_forward_gb"}
 TASK_NAMES = ("anatomy", "segmentation", "super_resolution", "bias_field")
@@ -286,6 +289,8 @@ def validate(cfg: Config) -> None:
     probs, n_sizes = cfg["data"]["size_probs"], len(crop_sizes(cfg["data"]["size"]))
     if probs and (len(probs) != n_sizes or sum(probs) <= 0):
         raise ConfigError(f"data.size_probs needs one probability per crop size ({n_sizes}), not all zero; got {probs!r}")
+    if cfg["data"]["generator_device"] == "cuda" and cfg["data"]["num_workers"] > 0:
+        raise ConfigError("data.generator_device=cuda renders in the training process: set data.num_workers=0")
     if cfg["data"]["mild"] + cfg["data"]["severe"] < 1:
         raise ConfigError("data.mild + data.severe must be at least 1 sample per subject")
     if not 0 <= cfg["optim"]["ema"] < 1:

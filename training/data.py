@@ -148,7 +148,10 @@ class GeneratorSteps(torch.utils.data.Dataset):
 
     def generator(self, size):
         if size not in self._gens:
-            self._gens[size] = make_generator(self.cfg, size)
+            device = self.cfg.get("generator_device", "cpu")
+            if device == "cuda" and not torch.cuda.is_available():
+                raise BrainIDError("data.generator_device=cuda but no CUDA GPU is visible; use data.generator_device=cpu")
+            self._gens[size] = make_generator(self.cfg, size, device)
         return self._gens[size]
 
     def size_at(self, step: int) -> tuple[int, int, int]:

@@ -275,7 +275,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
         pbar = tqdm(total=max_steps, initial=step, desc=command, unit="step", dynamic_ncols=True, file=sys.stderr)
     t_start = time.time()
     interval: dict[str, list] = {}
-    interrupted = None
+    interrupted, budget_stop = None, None
     batches = job.batches(step)
     with StopRequest() as stop:
         while step < max_steps:
@@ -319,6 +319,11 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
                 (pbar.write(line) if pbar is not None else print(line, file=sys.stderr))
                 interval.clear()
             want_stop = stop.signal is not None or (step == int(run_cfg["stop_at_step"]) and step < max_steps)
+            over_budget = run_cfg["max_minutes"] > 0 and time.time() - t_start >= 60 * float(run_cfg["max_minutes"])
+            if step < max_steps and distributed.any_rank(dist, over_budget and not want_stop):
+                budget_stop = step  # a time-boxed run (a lent GPU's minutes): checkpoint, then export below
+                checkpoint("time budget")
+                break
             if distributed.any_rank(dist, want_stop):
                 interrupted = stop.signal or f"stop_at_step {step}"
                 checkpoint("interrupted")
@@ -331,6 +336,8 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
     summary = {"command": command, "run_dir": str(run_dir), "step": step, "max_steps": max_steps,
                "interrupted": interrupted, "elapsed_s": elapsed_before + time.time() - t_start,
                "world_size": dist.world_size, "device": str(device)}
+    if budget_stop is not None:
+        summary["stopped_by_time_budget"] = True  # exported at this step; --resume continues the schedule
     if dist.enabled:
         summary["max_rank_difference"] = distributed.max_rank_difference(dist, net)
     if interrupted:

@@ -20,7 +20,9 @@ last_step() {
 }
 past_end() { [ -n "${END:-}" ] && [ "$(date -u +%s)" -ge "$(date -u -d "$END" +%s)" ]; }
 if [ "$LOCK" = none ]; then
-  echo 19 > /proc/self/autogroup 2>/dev/null || true
+  # the process runs at nice 19; its session group keeps the normal weight (GROUP_NICE=19 starves it
+  # completely while other sessions keep both cores busy)
+  echo "${GROUP_NICE:-0}" > /proc/self/autogroup 2>/dev/null || true
   if [ -f "$RUN/checkpoints/last.pt" ]; then
     exec nice -n 19 $PY -m training.cli pretrain --resume "$RUN" --set run.max_steps=$MAX
   fi

@@ -138,3 +138,20 @@ def test_robust_generator_inputs_are_the_inference_normalisation():
     for a, b in zip(official["inputs"], robust["inputs"]):
         # robust scaling is invariant to the official division by the max: same image, same result
         assert torch.allclose(normalise_tensor(a, ROBUST)[0], b, atol=1e-4)
+
+
+def test_time_budget_checkpoints_and_exports(tmp_path):
+    """run.max_minutes (the GPU recipe's time box): stop after the budget, keep a resumable checkpoint
+    and export the model at the step reached."""
+    from training.cli import main
+    from training.engine import read_log
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    nib.save(nib.Nifti1Image(phantom(), np.eye(4)), str(labels / "s0.nii.gz"))
+    run = tmp_path / "run"
+    common = ["--config", "smoke", "--set", f"data.labels={labels}", "--set", f"run.dir={run}"]
+    assert main(["pretrain", *common, "--set", "run.max_steps=50", "--set", "run.max_minutes=0.0001"]) == 0
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["stopped_by_time_budget"] and summary["step"] == len(read_log(run)) < 50
+    assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "last.pt").is_file()
