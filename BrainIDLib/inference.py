@@ -12,11 +12,12 @@ features; softmax / exp come after blending.
 
 from __future__ import annotations
 
+
 import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -386,8 +387,12 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None) -> Prediction:
+            window=None, flip_average=None) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
+
+    flip_average: also run the left/right mirrored scan and average the heads' outputs (segmentation
+    channels of left/right structures swapped back): a symmetric result at twice the network time.
+    None: as the model's metadata says (input.flip_average; on for brainid-lite).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
@@ -405,8 +410,16 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     result = Prediction(device=str(dev))
     try:
+        if flip_average is None:
+            flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
+        stop = 0.45 if flip_average else 0.85
         raw, result.mode, result.window, used = _run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, 0.85), result.messages, window)
+            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window)
+        if flip_average:
+            mirrored = replace(prep, tensor=prep.tensor.flip(2))
+            other = _run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
+                                 _Span(prog, stop, 0.85), result.messages, result.window)[0]
+            _average_mirrored(raw, other.flip(1), _mirror_channels(model, head_tasks))
         result.device = str(used)
     finally:
         if owned:
@@ -428,6 +441,32 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     del raw
     prog(1.0, "done")
     return result
+
+
+def _mirror_channels(model: BrainIDModel, heads: list[str]) -> torch.Tensor:
+    """For each head output channel, the channel that means the same after a left/right mirror: the
+    partner structure for segmentation classes, itself for everything else."""
+    from .labels import LEFT_RIGHT_PAIRS
+
+    perm = []
+    for task in heads:
+        c = model.heads[task].out_channels
+        if task != "segmentation":
+            perm += list(range(len(perm), len(perm) + c))
+            continue
+        labels = _segmentation_labels(model)
+        partner = {a: b for a, b in LEFT_RIGHT_PAIRS} | {b: a for a, b in LEFT_RIGHT_PAIRS}
+        index = {lab: i for i, lab in enumerate(labels)}
+        base = len(perm)
+        perm += [base + index.get(partner.get(lab, lab), i) for i, lab in enumerate(labels)]
+    return torch.tensor(perm)
+
+
+def _average_mirrored(raw: torch.Tensor, mirrored: torch.Tensor, perm: torch.Tensor) -> None:
+    """raw[:n] = (raw[:n] + mirrored[perm]) / 2 in place, channel by channel (n head channels; any
+    feature channels after them stay those of the unmirrored pass)."""
+    for i, j in enumerate(perm.tolist()):
+        raw[i].add_(mirrored[j].to(raw.dtype)).mul_(0.5)
 
 
 def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | None:

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     model.metadata = {
         "name": NAME, "description": DESCRIPTION,
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
-        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION},
+        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True},
         "training": {"pretrain": _run_summary(pre), "heads": _run_summary(heads) if heads.is_dir() else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         "architecture": model.arch.to_dict(),
         "tasks": list(BrainIDLib.TASKS),
         "labels": list(SEGMENTATION_LABELS),
-        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION},
+        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True},
         "licence": "Apache-2.0",
         "source": "Trained by the BrainID project (training/train_brainid_lite.sh, training/export_brainid_lite.py); "
                   "evaluation in docs/model-card.md",
