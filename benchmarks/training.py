@@ -1,7 +1,8 @@
 """Training speed: optimizer steps per second of pretraining and head adaptation.
 
 CPU (2 threads): the lite config (pretrain_lite_cpu) — generator draw time and model step time
-(forward + backward + AdamW) measured separately, plus a frozen-backbone adaptation step with the
+(forward + backward + AdamW) measured separately; float32 vs bf16 autocast, with and without
+channels-last memory format, on the same batches (time and loss-curve agreement); plus a frozen-backbone adaptation step with the
 low-memory feature path against the plain no_grad forward (the baseline). GPU (when present): the
 official config (128^3, 2 mild + 2 severe, f_maps 64) in float32 and with bf16 autocast, with
 peak memory.
@@ -76,6 +77,51 @@ def time_pretrain(cfg, device, steps: int, amp_dtype=None) -> dict:
     return out
 
 
+CPU_VARIANTS = {"fp32": (None, False), "fp32_channels_last": (None, True),
+                "bf16_autocast": (torch.bfloat16, False), "bf16_autocast_channels_last": (torch.bfloat16, True)}
+
+
+def cpu_precision_ab(cfg, steps: int) -> dict:
+    """Lite pretraining steps in float32 vs bf16 autocast, each with and without channels-last 3D,
+    from the same initial weights on the same batches, one step of each variant in turn (so machine
+    load hits them alike): median step time, ratio to float32, and how far each loss curve strays
+    from the float32 one."""
+    import copy
+
+    from training.pretrain import make_job
+
+    job = make_job(cfg, DistInfo(device=torch.device("cpu")))
+    batches = job.batches(0)
+    batch_list = [next(batches) for _ in range(steps + 1)]
+    runs = {}
+    for name, (dtype, channels_last) in CPU_VARIANTS.items():
+        net = copy.deepcopy(job.net).train()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)
+        runs[name] = {"net": net, "opt": torch.optim.AdamW(net.parameters(), lr=1e-3), "times": [], "losses": []}
+    for i, batch in enumerate(batch_list):
+        for name, (dtype, channels_last) in CPU_VARIANTS.items():
+            r = runs[name]
+            b = dict(batch, inputs=batch["inputs"].to(memory_format=torch.channels_last_3d)) if channels_last else batch
+            t0 = time.perf_counter()
+            r["opt"].zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss, _ = job.loss(r["net"], b, i)
+            loss.backward()
+            r["opt"].step()
+            if i:  # step 0 is warm-up
+                r["times"].append(time.perf_counter() - t0)
+            r["losses"].append(float(loss))
+    base = float(np.median(runs["fp32"]["times"]))
+    ref = np.array(runs["fp32"]["losses"])
+    out = {}
+    for name, r in runs.items():
+        t = float(np.median(r["times"]))
+        out[name] = {"model_step_s": round(t, 3), "time_vs_fp32": round(t / base, 3),
+                     "loss_curve_max_rel_diff_vs_fp32": round(float(np.max(np.abs(np.array(r["losses"]) - ref) / ref)), 4)}
+    return out
+
+
 def time_adapt(cfg, device, steps: int, low_memory: bool) -> dict:
     from BrainIDLib.model import Architecture, BrainIDModel
     from BrainIDLib.weights import save_model
@@ -120,6 +166,10 @@ def main() -> None:
     results["cpu_pretrain_lite"] = time_pretrain(lite, cpu, args.steps)
     print("cpu pretrain (lite, %s^3, %d+%d samples):" % (lite.data.size[0], lite.data.mild, lite.data.severe),
           json.dumps(results["cpu_pretrain_lite"]), flush=True)
+    results["cpu_precision_lite"] = ab = cpu_precision_ab(lite, args.steps)
+    print("cpu pretrain (lite), float32 vs bf16 autocast, +/- channels-last (same batches, interleaved):")
+    for name, r in ab.items():
+        print(f"  {name:30s} {json.dumps(r)}", flush=True)
     adapt_cfg = load_config("pretrain_lite_cpu", [f"data.labels={labels}", "adapt.tasks=[segmentation]",
                                                   "data.mild=1", "data.severe=0"])
     for low in (True, False):

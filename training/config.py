@@ -32,7 +32,7 @@ DEFAULTS: dict = {
         "checkpoint_every": 100,
         "stop_at_step": 0,              # >0: stop there as if interrupted (checkpoint, exit); for tests/time slots
         "max_minutes": 0.0,             # >0: wall-clock budget of this launch: checkpoint and export when reached
-        "amp": "auto",                  # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 | fp16 | off
+        "amp": "auto",                  # auto (bf16 on capable GPUs, else fp16; off on CPU) | bf16 (GPU or CPU) | fp16 | off
         "progress": True,               # tqdm progress bar on rank 0
         "tensorboard": True,
         "deterministic": False,

@@ -130,8 +130,10 @@ def versions() -> dict:
 
 def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use GradScaler) for run.amp on this device."""
+    if device.type == "cpu" and amp == "bf16":  # CPUs with native bf16 (AVX512-BF16, AMX); see benchmarks/training.py
+        return torch.bfloat16, False
     if device.type != "cuda" or amp == "off":
-        if amp in ("bf16", "fp16") and device.type != "cuda":
+        if amp == "fp16" and device.type != "cuda":
             print(f"note: run.amp={amp} is for GPUs; training in float32 on {device.type}", file=sys.stderr)
         return None, False
     if amp == "auto":
