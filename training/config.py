@@ -66,6 +66,8 @@ DEFAULTS: dict = {
         "contrastive_temperature": 0.1,
         "segmentation": 0.0,            # weight of segmentation supervision during pretraining
         "segmentation_style": "official",  # official (class-weighted CE + Dice over all classes) | brainid
+        "super_resolution": 0.0,        # pretraining: also fit these heads on detached features (0: off)
+        "bias_field": 0.0,
     },
     "optim": {
         "lr": 1.0e-4,
@@ -113,7 +115,8 @@ POSITIVE = {"run.max_steps", "run.log_every", "run.checkpoint_every", "data.subj
             "model.f_maps", "model.levels", "model.num_groups", "loss.contrastive_voxels", "evaluate.subjects"}
 NON_NEGATIVE = {"run.stop_at_step", "run.max_minutes", "run.threads", "data.mild", "data.severe", "data.num_workers",
                 "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
-                "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "adapt.plain_forward_gb"}
+                "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "loss.super_resolution", "loss.bias_field",
+                "adapt.plain_forward_gb"}
 TASK_NAMES = ("anatomy", "segmentation", "super_resolution", "bias_field")
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from BrainIDLib.labels import SEGMENTATION_LABELS
-from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.model import CONTRAST_DEPENDENT, Architecture, BrainIDModel
 from BrainIDLib.normalize import MINMAX, ROBUST
 from BrainIDLib.weights import save_model
 
@@ -28,7 +28,10 @@ class PretrainNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         feats = self.model.backbone(x)
-        return feats, {t: self.model.apply_head(t, feats, x) for t in self.model.tasks}
+        # contrast-dependent heads (super-resolution, bias field) learn on detached features: they
+        # follow the backbone as frozen-feature heads would, without shaping it
+        return feats, {t: self.model.apply_head(t, feats.detach() if t in CONTRAST_DEPENDENT else feats, x)
+                       for t in self.model.tasks}
 
 
 def build_model(cfg: Config) -> BrainIDModel:
@@ -44,6 +47,9 @@ def build_model(cfg: Config) -> BrainIDModel:
         model = BrainIDModel(arch, heads={"anatomy": 1})
     if cfg["loss"]["segmentation"] > 0 and "segmentation" not in model.heads:
         model.add_head("segmentation", len(SEGMENTATION_LABELS))
+    for task in CONTRAST_DEPENDENT:
+        if cfg["loss"][task] > 0 and task not in model.heads:
+            model.add_head(task, 1)
     return model
 
 
@@ -63,6 +69,15 @@ def pretrain_loss(cfg: Config, dist: DistInfo):
             seg = batch["segmentation"].to(device).repeat_interleave(per, dim=0)
             l_seg, p = losses.segmentation_loss(outs["segmentation"], seg, style=lc["segmentation_style"])
             total = total + lc["segmentation"] * l_seg
+            parts.update(p)
+        if lc["super_resolution"] > 0:
+            l_sr, p = losses.image_loss(outs["super_resolution"], batch["clean"].to(device), lc["anatomy_l1"], lc["anatomy_grad"])
+            total = total + lc["super_resolution"] * l_sr
+            parts.update(p)
+        if lc["bias_field"] > 0:
+            brain = (batch["segmentation"] > 0).to(device)[:, None].repeat_interleave(per, dim=0)
+            l_bf, p = losses.bias_field_loss(outs["bias_field"], batch["bias_field"].to(device), brain)
+            total = total + lc["bias_field"] * l_bf
             parts.update(p)
         if lc["contrastive"] > 0:
             mask = (batch["segmentation"] > 0).to(device)

@@ -155,3 +155,33 @@ def test_time_budget_checkpoints_and_exports(tmp_path):
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert summary["stopped_by_time_budget"] and summary["step"] == len(read_log(run)) < 50
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_pretraining_fits_contrast_dependent_heads_on_detached_features(tmp_path):
+    """loss.super_resolution / loss.bias_field train those heads beside the backbone without
+    shaping it (as heads on frozen features), and the exported model carries them."""
+    from training.cli import main
+    from training.config import load_config
+    from training.distributed import DistInfo
+    from training.pretrain import make_job
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    nib.save(nib.Nifti1Image(phantom(), np.eye(4)), str(labels / "s0.nii.gz"))
+    sets = [f"data.labels={labels}", "loss.anatomy_l1=0", "loss.anatomy_grad=0", "loss.super_resolution=1",
+            "loss.bias_field=1", "data.generator.normalisation=robust"]
+    cfg = load_config("smoke", sets)
+    job = make_job(cfg, DistInfo(device=torch.device("cpu")))
+    loss, parts = job.loss(job.net, next(job.batches(0)), 0)
+    assert {"sr_l1", "bias_l2"} <= set(parts)
+    loss.backward()
+    backbone = [p.grad for p in job.net.model.backbone.parameters()]
+    assert all(g is None or float(g.abs().max()) == 0 for g in backbone)
+    assert float(job.net.model.heads["bias_field"].conv.weight.grad.abs().max()) > 0
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "smoke", *sum((["--set", s] for s in sets + [f"run.dir={run}"]), [])]) == 0
+    import BrainIDLib as bid
+
+    model = bid.load_model(run / "model.safetensors")
+    assert {"super_resolution", "bias_field"} <= set(model.heads)
+    assert model.metadata["input"]["normalisation"]["method"] == "robust"
