@@ -8,9 +8,6 @@ across conditions and the features of one subject can be compared voxel by voxel
 Contrast families
 - gmm: the official random Gaussian-mixture contrast (generator, CT/FLAIR options off).
 - t1, t2, flair, ct: the generator's T1-/T2-/FLAIR-/CT-like class means (<family>_prob = 1).
-  Where a generator lacks t1 or t2, a fallback is used and the report says so: T1-like is the
-  canonical T1 render of the deformed labels (SynthSeg T1 priors), T2-like its inversion inside
-  the head, both corrupted here with the mild settings and the condition's regime (training.data).
 Resolution regimes (spec 3.6): 1mm, thick_slice, low_field, low_iso; the generator's own
 resolution draw is forced to the regime.
 """
@@ -31,26 +28,19 @@ from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
 
 from .config import Config, load_config, size3
-from .data import NiftiSteps, corrupt, list_files, make_generator, seed_for
+from .data import NiftiSteps, list_files, make_generator, seed_for
 from .adapt import NEEDS
 from .engine import read_log
 
 FAMILIES = ("t1", "t2", "flair", "ct", "gmm")
 REGIMES = ("1mm", "thick_slice", "low_field", "low_iso")
-FALLBACK_NOTE = ("{families}: this generator has no such contrast option; T1-like = canonical T1 render of the "
-                 "deformed labels, T2-like = its inversion inside the head, corrupted with mild gamma/bias/noise and "
-                 "the regime's resolution by training.data")
 FEATURE_VOXELS = 20000
 _SEG_IDS = torch.tensor(SEGMENTATION_LABELS)
 
 
-def family_options(family: str) -> dict | None:
-    """Generator options that force a contrast family (None: the generator lacks it)."""
-    from BrainIDLib.synth import PRESETS
-
-    keys = [f"{f}_prob" for f in FAMILIES if f != "gmm" and f"{f}_prob" in PRESETS["brainid"]]
-    if family != "gmm" and f"{family}_prob" not in keys:
-        return None
+def family_options(family: str) -> dict:
+    """Generator options that force a contrast family."""
+    keys = [f"{f}_prob" for f in FAMILIES if f != "gmm"]
     return {k: 1.0 if k == f"{family}_prob" else 0.0 for k in keys}
 
 
@@ -84,18 +74,7 @@ class ConditionSampler:
         return self._gens[key]
 
     def draw(self, labels, t1, family: str, regime: str, seed: int) -> dict:
-        native = family_options(family) is not None
-        draw = self._gen(family if native else "gmm", regime)(labels, t1=t1, seed=seed, severity=[self.severity])
-        if native:
-            return draw
-        # fallback T1-/T2-like: render of the deformed anatomy, corrupted here
-        render = draw["target_t1"][None].float()  # (1,1,*size)
-        render = render / render.max().clamp_min(1e-6)
-        if family == "t2":
-            head = (draw["labels"] > 0)[None, None]
-            render = torch.where(head, (1.05 - render).clamp(0, 1), torch.zeros_like(render))
-        sample = corrupt(render, "mild", np.random.default_rng(seed % 2**32), torch.Generator().manual_seed(seed % 2**63), regime)
-        return {**draw, "inputs": sample["inputs"], "clean": sample["clean"], "bias_field": sample["bias_field"]}
+        return self._gen(family, regime)(labels, t1=t1, seed=seed, severity=[self.severity])
 
 
 def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
@@ -149,17 +128,16 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
         families = ["real"]
         n = min(int(ec["subjects"]), len(real.subjects))
         subjects = [(Path(real.subjects[i]["image"]).name,
-                     lambda family, regime, i=i: real.draw(i, seed_for(seed, 900_001, i) % 2**32, regime))
+                     lambda family, regime, i=i: real.draw(i, seed_for(seed, 900_001, i) % 2**32, REGIMES.index(regime)))
                     for i in range(n)]
-        notes = [f"real images from data.subjects, {cfg['adapt']['corruption']} corruption, each regime simulated "
-                 "from the 1 mm image"]
+        notes = [f"real images from data.subjects, deformed and flipped as in adaptation training, "
+                 f"{cfg['adapt']['corruption']} corruption, each regime simulated from the 1 mm image"]
     else:
         sampler = ConditionSampler(cfg, size)
         files = list_files(labels_spec or cfg["data"]["labels"], "label maps to evaluate on (data.labels / --labels)")
         subjects = [(p.name, _generator_subject(sampler, p, seed_for(seed, 900_001, i) % 2**62))
                     for i, p in enumerate(files[: int(ec["subjects"])])]
-        missing = [f for f in families if family_options(f) is None]
-        notes = [FALLBACK_NOTE.format(families="/".join(missing))] if missing else []
+        notes = []
     tasks = model.tasks
     rows, examples = [], {}
     structure_dice: dict[str, list] = {}
