@@ -84,7 +84,8 @@ def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
     return lambda family, regime: sampler.draw(labels, None, family, regime, draw_seed)
 
 
-def _model_and_heads(cfg: Config, args, run_dir: Path | None):
+def model_and_heads(cfg: Config, args, run_dir: Path | None):
+    """The model and its head files, from --weights / --head, else a run directory, else the config."""
     weights = getattr(args, "weights", None) or cfg["evaluate"]["weights"]
     heads = dict(cfg["evaluate"]["heads"] or {})
     for item in getattr(args, "head", None) or []:
@@ -101,7 +102,7 @@ def _model_and_heads(cfg: Config, args, run_dir: Path | None):
     if weights is None:
         weights = cfg["model"]["init"]
     if not weights:
-        raise BrainIDError("no model to evaluate: give --run RUN_DIR, --weights FILE or evaluate.weights")
+        raise BrainIDError("no model: give --run RUN_DIR, --weights FILE or evaluate.weights")
     return BrainIDLib.load_model(weights, heads=heads or None), str(weights), heads
 
 
@@ -391,25 +392,29 @@ def _colour(label_slice: np.ndarray) -> np.ndarray:
     return np.transpose(out, (1, 0, 2))[::-1]
 
 
-def evaluate_command(args) -> dict:
+def run_config(args) -> tuple[Config, Path | None]:
+    """The config of `--run RUN_DIR` (completed with defaults), else --config; --set on top."""
     run_dir = Path(args.run) if args.run else None
-    if run_dir is not None:
-        saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise BrainIDError(f"{run_dir} is not a run directory (no config.json)")
-        from .cli import _with_defaults
+    if run_dir is None:
+        return load_config(args.config, args.overrides), None
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise BrainIDError(f"{run_dir} is not a run directory (no config.json)")
+    from .cli import _with_defaults
 
-        cfg = load_config(args.config, args.overrides, base=_with_defaults(json.loads(saved.read_text())["config"]))
-    else:
-        cfg = load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, base=_with_defaults(json.loads(saved.read_text())["config"])), run_dir
+
+
+def evaluate_command(args) -> dict:
+    cfg, run_dir = run_config(args)
     if args.print_config:
         print(json.dumps(cfg.plain(), indent=2))
         return {"markdown_path": ""}
-    model, name, heads = _model_and_heads(cfg, args, run_dir)
+    model, name, heads = model_and_heads(cfg, args, run_dir)
     out = Path(args.out or cfg["evaluate"]["out"] or ((run_dir or Path(cfg["run"]["dir"])) / "evaluation"))
     if cfg["run"]["threads"]:
         torch.set_num_threads(int(cfg["run"]["threads"]))
     return evaluate(cfg, model, out, run_dir, args.labels, name, heads)
 
 
-__all__ = ["evaluate", "evaluate_command", "FAMILIES", "REGIMES"]
+__all__ = ["evaluate", "evaluate_command", "run_config", "model_and_heads", "FAMILIES", "REGIMES"]

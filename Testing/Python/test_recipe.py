@@ -127,3 +127,101 @@ def test_one_anatomy_target_convention_on_both_paths(real_subject):
     hot[:2, :2, :2] = 1e4
     assert float(anatomy_target(hot)[lab == 2].median()) == pytest.approx(1.0)
     assert float(anatomy_target(hot).max()) > 10
+
+
+# --- official-format export -----------------------------------------------------------------
+
+from test_training import label_dir, smoke  # noqa: E402,F401 - the phantom label maps fixture
+from test_weights import OFFICIAL_HEADS, official_key_shapes  # noqa: E402 - the official key list
+
+import BrainIDLib as bid  # noqa: E402
+from BrainIDLib.model import Architecture, BrainIDModel  # noqa: E402
+from BrainIDLib.weights import save_model  # noqa: E402
+from training.cli import main  # noqa: E402
+from training.export_official import export_official  # noqa: E402
+
+ALL_HEADS = {"anatomy": 1, "segmentation": 33, "super_resolution": 1, "bias_field": 1}
+
+
+def _tensor_file(path) -> dict:
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickled objects
+    assert set(obj) == {"model"}
+    return {k: tuple(v.shape) for k, v in obj["model"].items()}
+
+
+@pytest.mark.slow
+def test_full_size_export_has_exactly_the_official_keys(tmp_path):
+    model = BrainIDModel(Architecture(), heads=ALL_HEADS)  # f_maps 64, random weights
+    files = export_official(model, tmp_path, "full")
+    assert set(files) == {"model"} | {f"{t}_head" for t in ALL_HEADS}
+    found = _tensor_file(files["model"])
+    assert list(found) == list(official_key_shapes()) and found == official_key_shapes()
+    for task in ALL_HEADS:
+        assert _tensor_file(files[f"{task}_head"]) == OFFICIAL_HEADS[task], task
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_export_cli_round_trips_through_the_official_loader(tmp_path):
+    torch.manual_seed(3)
+    model = BrainIDModel(Architecture(f_maps=8, levels=3), heads=ALL_HEADS).eval()  # 8 groups, as official
+    for p in model.parameters():  # non-default values everywhere, GroupNorm affine included
+        p.data.normal_(0, 0.3)
+    src = save_model(model, tmp_path / "small.safetensors")
+    out = tmp_path / "official"
+    assert main(["export", "--official", "--weights", str(src), "--out", str(out)]) == 0
+    pretrained = out / "small_pretrained.pth"
+    heads = {t: out / f"small_{t}_head.pth" for t in ALL_HEADS if t != "anatomy"}
+    loaded = bid.load_model(pretrained, heads=heads)  # strict key/shape checks
+    assert set(loaded.tasks) == set(ALL_HEADS)
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        feats = model.features(x)
+        torch.testing.assert_close(loaded.features(x), feats, rtol=0, atol=0)
+        for task in ALL_HEADS:
+            torch.testing.assert_close(loaded.apply_head(task, feats, x), model.apply_head(task, feats, x), rtol=0, atol=0)
+    # the anatomy head also has its own downstream file, and --heads-only skips the backbone
+    only = tmp_path / "heads"
+    assert main(["export", "--official", "--heads-only", "--weights", str(src), "--name", "h", "--out", str(only)]) == 0
+    assert sorted(p.name for p in only.iterdir()) == sorted(f"h_{t}_head.pth" for t in ALL_HEADS)
+
+
+def test_export_refuses_unclear_requests(tmp_path, capsys):
+    model = BrainIDModel(Architecture(f_maps=8, levels=3, num_groups=4), heads={"segmentation": 33})
+    src = save_model(model, tmp_path / "seg_only.safetensors")
+    assert main(["export", "--weights", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert "add --official" in capsys.readouterr().err
+    assert main(["export", "--official", "--weights", str(src), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("brainid-train: error:") and "--heads-only" in err and len(err.strip().splitlines()) == 1
+    # the official layout cannot say "4 groups": such a file would load as another network
+    four = save_model(BrainIDModel(Architecture(f_maps=8, levels=3, num_groups=4), heads={"anatomy": 1}),
+                      tmp_path / "four.safetensors")
+    assert main(["export", "--official", "--weights", str(four), "--out", str(tmp_path / "o")]) == 1
+    assert "4 groups" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+def _header(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["brainid"])
+
+
+def test_heads_trained_on_an_official_backbone_say_so(label_dir, tmp_path):
+    # an official-layout backbone (as released: torch file, backbone.* + head.final_conv_image.*)
+    base = BrainIDModel(Architecture(f_maps=8, levels=3), heads={"anatomy": 1})
+    official = export_official(base, tmp_path, "tiny")["model"]
+    assert bid.load_model(official).metadata["source"] == "official Brain-ID release"
+    run = tmp_path / "adapt"
+    assert main(["adapt", *smoke(label_dir, run, "--set", "run.max_steps=1", "--set", f"model.init={official}",
+                                 "--set", "adapt.tasks=[segmentation]")]) == 0
+    from BrainIDLib.files import sha256_of
+
+    meta = _header(run / "segmentation_head.safetensors")
+    assert meta["source"] == f"head trained by BrainID on tiny_pretrained.pth (sha256 {sha256_of(official)})"
+    assert "official" not in json.dumps(meta).replace("tiny_pretrained", "")
+    entry = json.loads((run / "models_json_entries.json").read_text())[0]
+    assert entry["source"] == meta["source"]
