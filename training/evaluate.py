@@ -255,7 +255,8 @@ def _finite(obj):
 
 
 METRIC_COLUMNS = [("dice_mean", "Dice"), ("anatomy_psnr", "Anat PSNR"), ("anatomy_ssim", "Anat SSIM"),
-                  ("anatomy_l1", "Anat L1"), ("super_resolution_psnr", "SR PSNR"), ("super_resolution_ssim", "SR SSIM"),
+                  ("anatomy_ms_ssim", "Anat MS-SSIM"), ("anatomy_l1", "Anat L1"), ("super_resolution_psnr", "SR PSNR"),
+                  ("super_resolution_ssim", "SR SSIM"), ("super_resolution_ms_ssim", "SR MS-SSIM"),
                   ("bias_field_nl2", "Bias nL2")]
 
 
@@ -279,7 +280,9 @@ def _markdown(report: dict) -> str:
     keys = [(k, n) for k, n in METRIC_COLUMNS if any(k in r for r in report["conditions"])]
     lines = [f"# Brain-ID evaluation: {report['model']}", "",
              f"Label maps: {', '.join(report['label_maps'])}; crop {report['size']}; tasks: {', '.join(report['tasks']) or 'none'}.",
-             f"PSNR is capped at {report['psnr_cap_db']:.0f} dB. Dice: mean over the 32 foreground structures present.", ""]
+             f"PSNR is capped at {report['psnr_cap_db']:.0f} dB. Dice: mean over the 32 foreground structures present. "
+             "MS-SSIM: 3D, Wang et al.'s weights, 5 scales where the crop allows (fewer, renormalised, on small "
+             "crops; see BrainIDLib.metrics).", ""]
     if keys:
         lines += ["| family | regime | " + " | ".join(n for _, n in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]

@@ -225,3 +225,61 @@ def test_heads_trained_on_an_official_backbone_say_so(label_dir, tmp_path):
     assert "official" not in json.dumps(meta).replace("tiny_pretrained", "")
     entry = json.loads((run / "models_json_entries.json").read_text())[0]
     assert entry["source"] == meta["source"]
+
+
+# --- MS-SSIM --------------------------------------------------------------------------------
+
+from BrainIDLib import metrics as M  # noqa: E402
+
+
+def _smooth(shape, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1, *[s + 4 for s in shape]), generator=g, dtype=torch.float64)
+    pool = torch.nn.functional.avg_pool3d if len(shape) == 3 else torch.nn.functional.avg_pool2d
+    return pool(x, 5, 1)[0, 0]
+
+
+def _noisy(x, std, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (x + std * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+
+
+def test_ms_ssim_known_answers():
+    x = _smooth((48, 48, 48), 0)
+    assert M.ms_ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    a, b = M.ms_ssim(_noisy(x, 0.02, 1), x, 1.0), M.ms_ssim(_noisy(x, 0.1, 1), x, 1.0)
+    assert 1 > a > b > 0
+    # scales: every axis must span the 11-voxel window at the coarsest one; weights renormalised
+    assert [M.ms_ssim_scales(s) for s in [(176,) * 3, (161,) * 3, (160,) * 3, (128,) * 3, (48,) * 3, (24, 200, 200),
+                                          (1, 200, 200), (10, 30, 30)]] == [5, 5, 4, 4, 3, 2, 5, 1]
+    small = _smooth((10, 30, 30), 2)
+    assert M.ms_ssim(_noisy(small, 0.1, 3), small, 1.0) == pytest.approx(M.ssim(_noisy(small, 0.1, 3), small, 1.0))
+    # hand-computed: two constant images have cs = 1 at every scale, so MS-SSIM is the coarsest
+    # scale's luminance term l = (2ab + C1) / (a^2 + b^2 + C1) to the power of its weight
+    c1 = (0.01 * 1.0) ** 2
+    lum = (2 * 0.5 * 0.4 + c1) / (0.5**2 + 0.4**2 + c1)
+    flat = lambda v, shape: torch.full(shape, v, dtype=torch.float64)  # noqa: E731
+    assert M.ms_ssim(flat(0.4, (1, 176, 176)), flat(0.5, (1, 176, 176)), 1.0) == pytest.approx(lum**0.1333, rel=1e-12)
+    w3 = 0.3001 / (0.0448 + 0.2856 + 0.3001)  # 48^3: three scales, weights renormalised
+    assert M.ms_ssim(flat(0.4, (48,) * 3), flat(0.5, (48,) * 3), 1.0) == pytest.approx(lum**w3, rel=1e-12)
+    # a volume constant along one axis scores as its slice does (same scales: window 3 fits 5 of them)
+    s2 = _smooth((48, 48), 4)
+    n2 = _noisy(s2, 0.05, 5)
+    vol = lambda im: im[None].expand(48, -1, -1)  # noqa: E731
+    assert M.ms_ssim(vol(n2), vol(s2), 1.0, window=3) == pytest.approx(M.ms_ssim(n2, s2, 1.0, window=3), abs=1e-12)
+    assert M.image_metrics(n2, s2)["ms_ssim"] == pytest.approx(M.ms_ssim(n2, s2))
+
+
+def test_ms_ssim_matches_pytorch_msssim():
+    ref = pytest.importorskip("pytorch_msssim")  # the test extra installs it
+    window = torch.exp(-(torch.arange(3, dtype=torch.float64) - 1) ** 2 / (2 * 1.5**2))
+    window = window / window.sum()  # float64 (the package's default window is float32)
+    x = _smooth((48, 48, 48), 6)  # even sizes at every pooled scale: both halve the same way
+    y = _noisy(x, 0.05, 7)
+    theirs = float(ref.ms_ssim(y[None, None], x[None, None], data_range=1.0, win=window.view(1, 1, 1, 1, 3)))
+    assert M.ms_ssim(y, x, 1.0, window=3) == pytest.approx(theirs, abs=1e-12)
+    # the 2D reference: our 3D value on a volume constant along one axis equals theirs on the slice
+    s2, n2 = x[0], y[0]
+    theirs_2d = float(ref.ms_ssim(n2[None, None], s2[None, None], data_range=1.0, win=window.view(1, 1, 1, 3)))
+    assert M.ms_ssim(n2[None].expand(48, -1, -1), s2[None].expand(48, -1, -1), 1.0, window=3) == pytest.approx(
+        theirs_2d, abs=1e-12)
