@@ -175,29 +175,36 @@ def ms_ssim_scales(shape, window: int = 11, max_scales: int = len(MS_SSIM_WEIGHT
     return scales
 
 
-def ms_ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, window: int = 11,
-            k1: float = 0.01, k2: float = 0.03, weights=MS_SSIM_WEIGHTS) -> float:
-    """3D multi-scale SSIM (Wang, Simoncelli & Bovik 2003): prod_j cs_j^w_j over the finer scales
-    times SSIM^w_M at the coarsest, each term clamped at 0, images halved by 2x2x2 averaging between
-    scales (an odd axis keeps its last voxel alone, as Wang's reference code with symmetric borders;
-    pytorch-msssim zero-pads there instead, so the two agree exactly on even sizes only). Scales: ms_ssim_scales (fewer than len(weights) for small volumes, the weights then
-    cut to that many and renormalised to sum 1). C1, C2 come from the full-resolution reference."""
+def _ms_ssim_from(pred, target, data_range, sigma, window, k1, k2, weights) -> tuple[float, float]:
+    """(SSIM, MS-SSIM): the finest scale's SSIM is the plain SSIM, so both come from one pass."""
     p, t = _prepare_pair(pred, target, "ms_ssim")
     c1, c2 = _constants(t, data_range, k1, k2)
     scales = ms_ssim_scales(p.shape[2:], window, len(weights))
     w = torch.tensor(list(weights)[:scales], dtype=torch.float64)
     if scales < len(weights):  # the standard 5 weights are used as published (they sum to 1.0001)
         w = w / w.sum()
-    value = 1.0
+    value, first = 1.0, None
     for j in range(scales):
         s, cs = _ssim_and_cs(p, t, c1, c2, sigma, window)
+        first = s if first is None else first
         term = s if j == scales - 1 else cs
         value *= max(term, 0.0) ** float(w[j])
         if j < scales - 1:
             kernel = [2 if n > 1 else 1 for n in p.shape[2:]]
             p = F.avg_pool3d(p, kernel, ceil_mode=True)
             t = F.avg_pool3d(t, kernel, ceil_mode=True)
-    return float(value)
+    return first, float(value)
+
+
+def ms_ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, window: int = 11,
+            k1: float = 0.01, k2: float = 0.03, weights=MS_SSIM_WEIGHTS) -> float:
+    """3D multi-scale SSIM (Wang, Simoncelli & Bovik 2003): prod_j cs_j^w_j over the finer scales
+    times SSIM^w_M at the coarsest, each term clamped at 0, images halved by 2x2x2 averaging between
+    scales (an odd axis keeps its last voxel alone, as Wang's reference code with symmetric borders;
+    pytorch-msssim zero-pads there instead, so the two agree exactly on even sizes only).
+    Scales: ms_ssim_scales (fewer than len(weights) for small volumes, the weights then cut to that
+    many and renormalised to sum 1). C1, C2 come from the full-resolution reference."""
+    return _ms_ssim_from(pred, target, data_range, sigma, window, k1, k2, weights)[1]
 
 
 def normalised_l2(pred, target, mask=None) -> float:
@@ -213,8 +220,9 @@ def normalised_l2(pred, target, mask=None) -> float:
 
 def image_metrics(pred, target, mask=None, data_range: float | None = None) -> dict:
     """L1, PSNR, SSIM and MS-SSIM of an image prediction against its reference."""
+    structural, multi_scale = _ms_ssim_from(pred, target, data_range, 1.5, 11, 0.01, 0.03, MS_SSIM_WEIGHTS)
     return {"l1": l1(pred, target, mask), "psnr": psnr(pred, target, data_range, mask),
-            "ssim": ssim(pred, target, data_range), "ms_ssim": ms_ssim(pred, target, data_range)}
+            "ssim": structural, "ms_ssim": multi_scale}
 
 
 # --- feature robustness ---------------------------------------------------------------------
