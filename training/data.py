@@ -20,7 +20,7 @@ import torch
 from BrainIDLib.errors import BrainIDError
 
 from .config import size3
-from .real_data import RealDraws, load_subject
+from .real_data import RealDraws, check_subject, load_subject
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 
@@ -209,6 +209,8 @@ class NiftiSteps(torch.utils.data.Dataset):
     def __init__(self, data_cfg: dict, seed: int, rank: int = 0, world: int = 1, corruption: str = "mild"):
         self.cfg = dict(data_cfg)
         self.subjects = read_manifest(self.cfg["subjects"])
+        for row in self.subjects:
+            check_subject(row)
         self.seed, self.rank, self.world = int(seed), rank, world
         self.size = size3(self.cfg["size"])
         self.per_step = int(self.cfg["subjects_per_step"])

@@ -44,30 +44,49 @@ IMAGE_PERCENTILES = {"method": "minmax", "percentiles": [0.5, 99.5]}
 FOREGROUND_LEVEL = 0.1  # without labels or mask, the crop is centred on voxels above this (of [0, 1])
 
 
-def load_subject(row: dict) -> dict[str, np.ndarray]:
-    """The image and its optional labels / t1 / mask (paths), reoriented to RAS so that axis 0 is
-    left/right (the flip axis); every volume must lie on the image's grid."""
-    out, ref = {}, None
-    for key, dtype in (("image", np.float32), ("labels", np.int32), ("t1", np.float32), ("mask", np.uint8)):
+KINDS = (("image", np.float32), ("labels", np.int32), ("t1", np.float32), ("mask", np.uint8))
+
+
+def _open(path: Path):
+    try:
+        return nib.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any reader failure is a fixable file problem
+        raise BrainIDError(f"cannot read {path}: {e}") from None
+
+
+def check_subject(row: dict) -> None:
+    """Headers only: every volume of a manifest row is a 3D volume on the image's grid (so a bad
+    subject fails at start-up, not at the step that first draws it)."""
+    ref = None
+    for key, _ in KINDS:
         if key not in row:
             continue
-        path = Path(row[key])
-        try:
-            img = nib.as_closest_canonical(nib.load(str(path)))
-            data = np.asanyarray(img.dataobj)
-        except Exception as e:  # noqa: BLE001 - any reader failure is a fixable file problem
-            raise BrainIDError(f"cannot read {path}: {e}") from None
-        data = np.squeeze(data)
-        if data.ndim != 3:
-            raise BrainIDError(f"{path} is not a 3D volume (shape {data.shape})")
+        img = _open(Path(row[key]))
+        shape = tuple(int(n) for n in img.shape)
+        if len(shape) < 3 or any(n > 1 for n in shape[3:]):
+            raise BrainIDError(f"{row[key]} is not a 3D volume (shape {shape})")
         if ref is None:
-            ref = (data.shape, img.affine)
-        elif data.shape != ref[0] or not np.allclose(img.affine, ref[1], atol=1e-3):
-            raise BrainIDError(f"{path} is not on the grid of its image {row['image']} "
-                               f"(shape {data.shape} vs {ref[0]}); resample it onto the image first")
+            ref = (shape[:3], img.affine)
+        elif shape[:3] != ref[0] or not np.allclose(img.affine, ref[1], atol=1e-3):
+            raise BrainIDError(f"{row[key]} is not on the grid of its image {row['image']} "
+                               f"(shape {shape[:3]} vs {ref[0]}); resample it onto the image first")
+
+
+def load_subject(row: dict) -> dict[str, np.ndarray]:
+    """The image (in [0, 1], see IMAGE_PERCENTILES) and its optional labels / t1 / mask (paths),
+    reoriented to RAS so that axis 0 is left/right (the flip axis); see check_subject."""
+    check_subject(row)
+    out = {}
+    for key, dtype in KINDS:
+        if key not in row:
+            continue
+        img = _open(Path(row[key]))
+        img = nib.as_closest_canonical(img.slicer[..., 0] if len(img.shape) > 3 else img)
+        data = np.asanyarray(img.dataobj)
         if np.issubdtype(dtype, np.integer) and data.dtype.kind == "f":
             data = np.rint(np.nan_to_num(data))
         out[key] = np.ascontiguousarray(np.nan_to_num(data).astype(dtype))
+    out["image"] = normalise(out["image"], IMAGE_PERCENTILES)[0]  # once per load, not per draw
     return out
 
 
@@ -94,13 +113,13 @@ class RealDraws:
         self.level = corruption
 
     def __call__(self, subject: dict[str, np.ndarray], seed: int, samples: int = 1, regime: int | None = None) -> dict:
-        """{inputs, clean, bias_field: (samples, 1, *size); target_t1 (1, *size) if t1; labels,
+        """One draw of a load_subject() result: {inputs, clean, bias_field: (samples, 1, *size); target_t1 (1, *size) if t1; labels,
         segmentation (*size) if labels; mask (*size) if labels or mask; flipped}. regime: force this
         index into BrainIDLib.synth.corruption.REGIMES (evaluation), else drawn per sample."""
         cfg, size = self.cfg, self.size
         rng = torch.Generator().manual_seed(int(seed))
         noise_gen = torch.Generator().manual_seed(int(seed) * 2 + 1)
-        image = torch.from_numpy(normalise(subject["image"], IMAGE_PERCENTILES)[0])
+        image = torch.from_numpy(subject["image"])
         labels = torch.from_numpy(subject["labels"]) if "labels" in subject else None
 
         # ---- shared spatial transform, as the generator draws it

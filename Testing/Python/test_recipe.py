@@ -284,3 +284,20 @@ def test_ms_ssim_matches_pytorch_msssim():
     theirs_2d = float(ref.ms_ssim(n2[None, None], s2[None, None], data_range=1.0, win=window.view(1, 1, 1, 3)))
     assert M.ms_ssim(n2[None].expand(48, -1, -1), s2[None].expand(48, -1, -1), 1.0, window=3) == pytest.approx(
         theirs_2d, abs=1e-12)
+
+
+def test_real_subjects_off_the_image_grid_fail_at_start(real_subject, tmp_path, capsys):
+    from training.cli import main as train_main
+
+    bad = tmp_path / "labels_shifted.nii.gz"
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    nib.save(nib.Nifti1Image(real_subject["labels"], shifted), str(bad))
+    manifest = tmp_path / "subjects.json"
+    manifest.write_text(json.dumps([{**real_subject["paths"], "labels": str(bad)}]))
+    model = save_model(BrainIDModel(Architecture(f_maps=8, levels=3), heads={"anatomy": 1}), tmp_path / "m.safetensors")
+    code = train_main(["adapt", "--config", "smoke", "--set", f"run.dir={tmp_path / 'run'}", "--set", f"model.init={model}",
+                       "--set", "data.source=nifti", "--set", f"data.subjects={manifest}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not on the grid of its image" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
