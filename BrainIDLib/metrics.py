@@ -1,5 +1,6 @@
-"""Evaluation metrics: Dice per FreeSurfer structure, PSNR, 3D SSIM, L1, normalised L2, and the
-feature-robustness measures of Brain-ID (intra-subject consistency, inter-subject distinctiveness).
+"""Evaluation metrics: Dice per FreeSurfer structure, PSNR, 3D SSIM and MS-SSIM, L1, normalised L2,
+and the feature-robustness measures of Brain-ID (intra-subject consistency, inter-subject
+distinctiveness).
 
 Every function accepts numpy arrays or torch tensors and returns plain Python floats (or dicts of
 them), computed in float64 on the CPU unless stated otherwise.
@@ -12,6 +13,11 @@ Conventions
   finite, and every value is clipped to that cap.
 - SSIM is the 3D Gaussian-window SSIM (sigma 1.5, window 11 voxels, shrunk to fit small volumes,
   K1=0.01, K2=0.03), averaged over the 'valid' region.
+- MS-SSIM is its multi-scale form with Wang et al.'s weights (0.0448, 0.2856, 0.3001, 0.2363,
+  0.1333) over 5 scales when the volume allows: every axis must still span the 11-voxel window at
+  the coarsest scale (at least 161 voxels per axis for 5 scales, 81 for 4, 41 for 3, 21 for 2).
+  Smaller volumes use fewer scales, with the first weights renormalised to sum 1 (one scale =
+  SSIM). Terms are clamped at 0 so that the fractional powers stay real (as pytorch-msssim does).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 from .labels import SEGMENTATION_LABELS, label_name
 
 PSNR_CAP_DB = 100.0
+# Wang et al.'s MS-SSIM exponents, finest scale first
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def _np(x) -> np.ndarray:
@@ -107,20 +115,27 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, window: int = 11,
-         k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean 3D SSIM with a separable Gaussian window (2D inputs are treated as one slice)."""
+def _prepare_pair(pred, target, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 1, D, H, W) float64 copies; 2D inputs become one slice."""
     p, t = _t64(pred), _t64(target)
-    _check_shapes(p, t, "ssim")
+    _check_shapes(p, t, what)
     if p.dim() == 2:
         p, t = p[None], t[None]
     if p.dim() != 3:
-        raise ValueError(f"ssim expects 2D or 3D images, got shape {tuple(p.shape)}")
+        raise ValueError(f"{what} expects 2D or 3D images, got shape {tuple(p.shape)}")
+    return p[None, None], t[None, None]
+
+
+def _constants(t: torch.Tensor, data_range: float | None, k1: float, k2: float) -> tuple[float, float]:
     rng = float(t.max() - t.min()) if data_range is None else float(data_range)
     if rng <= 0:
         rng = 1.0
-    c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
-    p, t = p[None, None], t[None, None]
+    return (k1 * rng) ** 2, (k2 * rng) ** 2
+
+
+def _ssim_and_cs(p: torch.Tensor, t: torch.Tensor, c1: float, c2: float, sigma: float, window: int) -> tuple[float, float]:
+    """Mean SSIM and mean contrast-structure term over the 'valid' region of (1,1,D,H,W) images;
+    the window shrinks (to an odd size) along axes shorter than it."""
     sizes = [min(window, s) for s in p.shape[2:]]
     sizes = [s if s % 2 == 1 or s == 1 else s - 1 for s in sizes]
 
@@ -137,9 +152,59 @@ def ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, wind
     s_pp = blur(p * p) - mu_p**2
     s_tt = blur(t * t) - mu_t**2
     s_pt = blur(p * t) - mu_p * mu_t
-    num = (2 * mu_p * mu_t + c1) * (2 * s_pt + c2)
-    den = (mu_p**2 + mu_t**2 + c1) * (s_pp + s_tt + c2)
-    return float((num / den).mean())
+    cs = (2 * s_pt + c2) / (s_pp + s_tt + c2)
+    luminance = (2 * mu_p * mu_t + c1) / (mu_p**2 + mu_t**2 + c1)
+    return float((luminance * cs).mean()), float(cs.mean())
+
+
+def ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, window: int = 11,
+         k1: float = 0.01, k2: float = 0.03) -> float:
+    """Mean 3D SSIM with a separable Gaussian window (2D inputs are treated as one slice)."""
+    p, t = _prepare_pair(pred, target, "ssim")
+    c1, c2 = _constants(t, data_range, k1, k2)
+    return _ssim_and_cs(p, t, c1, c2, sigma, window)[0]
+
+
+def ms_ssim_scales(shape, window: int = 11, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
+    """How many scales fit: the most (up to 5) for which every axis longer than one voxel still
+    spans a whole window at the coarsest scale (sizes halve, rounding up); at least one."""
+    sizes = [int(s) for s in shape if int(s) > 1]
+    scales = 1
+    while scales < max_scales and all(math.ceil(s / 2**scales) >= window for s in sizes):
+        scales += 1
+    return scales
+
+
+def _ms_ssim_from(pred, target, data_range, sigma, window, k1, k2, weights) -> tuple[float, float]:
+    """(SSIM, MS-SSIM): the finest scale's SSIM is the plain SSIM, so both come from one pass."""
+    p, t = _prepare_pair(pred, target, "ms_ssim")
+    c1, c2 = _constants(t, data_range, k1, k2)
+    scales = ms_ssim_scales(p.shape[2:], window, len(weights))
+    w = torch.tensor(list(weights)[:scales], dtype=torch.float64)
+    if scales < len(weights):  # the standard 5 weights are used as published (they sum to 1.0001)
+        w = w / w.sum()
+    value, first = 1.0, None
+    for j in range(scales):
+        s, cs = _ssim_and_cs(p, t, c1, c2, sigma, window)
+        first = s if first is None else first
+        term = s if j == scales - 1 else cs
+        value *= max(term, 0.0) ** float(w[j])
+        if j < scales - 1:
+            kernel = [2 if n > 1 else 1 for n in p.shape[2:]]
+            p = F.avg_pool3d(p, kernel, ceil_mode=True)
+            t = F.avg_pool3d(t, kernel, ceil_mode=True)
+    return first, float(value)
+
+
+def ms_ssim(pred, target, data_range: float | None = None, sigma: float = 1.5, window: int = 11,
+            k1: float = 0.01, k2: float = 0.03, weights=MS_SSIM_WEIGHTS) -> float:
+    """3D multi-scale SSIM (Wang, Simoncelli & Bovik 2003): prod_j cs_j^w_j over the finer scales
+    times SSIM^w_M at the coarsest, each term clamped at 0, images halved by 2x2x2 averaging between
+    scales (an odd axis keeps its last voxel alone, as Wang's reference code with symmetric borders;
+    pytorch-msssim zero-pads there instead, so the two agree exactly on even sizes only).
+    Scales: ms_ssim_scales (fewer than len(weights) for small volumes, the weights then cut to that
+    many and renormalised to sum 1). C1, C2 come from the full-resolution reference."""
+    return _ms_ssim_from(pred, target, data_range, sigma, window, k1, k2, weights)[1]
 
 
 def normalised_l2(pred, target, mask=None) -> float:
@@ -154,9 +219,10 @@ def normalised_l2(pred, target, mask=None) -> float:
 
 
 def image_metrics(pred, target, mask=None, data_range: float | None = None) -> dict:
-    """L1, PSNR and SSIM of an image prediction against its reference."""
+    """L1, PSNR, SSIM and MS-SSIM of an image prediction against its reference."""
+    structural, multi_scale = _ms_ssim_from(pred, target, data_range, 1.5, 11, 0.01, 0.03, MS_SSIM_WEIGHTS)
     return {"l1": l1(pred, target, mask), "psnr": psnr(pred, target, data_range, mask),
-            "ssim": ssim(pred, target, data_range)}
+            "ssim": structural, "ms_ssim": multi_scale}
 
 
 # --- feature robustness ---------------------------------------------------------------------
@@ -206,5 +272,6 @@ def feature_distinctiveness(features_by_subject: list, mask=None) -> float:
     return float(1.0 - np.nanmean(sims))
 
 
-__all__ = ["PSNR_CAP_DB", "dice_per_label", "mean_dice", "dice_table", "l1", "psnr", "ssim", "normalised_l2",
+__all__ = ["PSNR_CAP_DB", "MS_SSIM_WEIGHTS", "dice_per_label", "mean_dice", "dice_table", "l1", "psnr", "ssim",
+           "ms_ssim", "ms_ssim_scales", "normalised_l2",
            "image_metrics", "feature_consistency", "feature_similarity_between", "feature_distinctiveness"]

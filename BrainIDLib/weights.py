@@ -292,7 +292,9 @@ def build_model(ckpt: Checkpoint, heads: dict[str, str | os.PathLike] | None = N
 def _metadata_for(model: BrainIDModel, kind: str, extra: dict | None) -> dict:
     from . import __version__
 
-    meta = {k: v for k, v in model.metadata.items() if k not in ("official_args",)}
+    # a file written here is not the file the model was loaded from: its origin ("source") is not
+    # inherited (a head trained on the official backbone is no official release); callers state it
+    meta = {k: v for k, v in model.metadata.items() if k not in ("official_args", "source")}
     meta.update(extra or {})
     meta.update({"format": "brainid", "format_version": FORMAT_VERSION, "brainid_version": __version__,
                  "kind": kind, "architecture": model.arch.to_dict()})
@@ -321,3 +323,37 @@ def save_head(model: BrainIDModel, task: str, path: str | os.PathLike, metadata:
     tensors = {f"heads.{task}.{k}": v.detach().cpu().contiguous() for k, v in model.heads[task].state_dict().items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)}))
     return Path(path)
+
+
+# --- writing the official layout (the inverse of _read_official / read_head) -----------------
+
+def official_state(model: BrainIDModel) -> dict[str, torch.Tensor]:
+    """The `model` entry of an official pretrained file: `backbone.*` and the anatomy head as
+    `head.final_conv_image.*`, checked strictly against official_shapes."""
+    if "anatomy" not in model.heads:
+        raise BrainIDError("the official pretrained layout holds the anatomy head (head.final_conv_image) and this "
+                           "model has none; export its task heads only, or attach an anatomy head")
+    if model.arch.num_groups != Architecture().num_groups:
+        raise BrainIDError(f"this model normalises with {model.arch.num_groups} groups; the official layout has no "
+                           f"place for that and always means {Architecture().num_groups}, so the file would load "
+                           "as a different network: keep BrainID's safetensors file for it")
+    state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in model.heads["anatomy"].state_dict().items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    check_strict(_shapes(state), official_shapes(model.arch), "exported model")
+    return state
+
+
+def official_head_state(model: BrainIDModel, task: str) -> dict[str, torch.Tensor]:
+    """A downstream head in the official layout: `final_conv_<name>.*` (no `head.` prefix)."""
+    if task not in model.heads:
+        raise BrainIDError(f"the model has no {task} head (it has: {', '.join(model.tasks) or 'none'})")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.heads[task].state_dict().items()}
+    check_strict(_shapes(state), _head_shapes(task, model.arch.f_maps, model.heads[task].out_channels),
+                 f"exported {task} head")
+    return state
+
+
+def save_official(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """{"model": state} as a torch file holding tensors only (loads with weights_only=True), atomically."""
+    return atomic_write(Path(path), lambda tmp: torch.save({"model": state}, tmp))

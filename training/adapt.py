@@ -69,6 +69,12 @@ class AdaptNet(nn.Module):
         return {t: self.heads[t](feats, x) for t in self.tasks}
 
 
+def provenance(what: str, init, sha256: str | None) -> str:
+    """The `source` of a file trained here: BrainID made it, on the named backbone (never that
+    backbone's own label, e.g. "official Brain-ID release")."""
+    return f"{what} by BrainID on {Path(str(init)).name}" + (f" (sha256 {sha256})" if sha256 else "")
+
+
 def load_backbone(cfg: Config) -> BrainIDModel:
     init = cfg["model"]["init"]
     if not init:
@@ -161,9 +167,12 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
         except Exception:  # noqa: BLE001 - informative only
             pass
         outputs, entries = {}, []
+        sha = sha256_of(backbone_file) if backbone_file else None
+        head_source = provenance("head trained", cfg["model"]["init"], sha)
         if fine_tune:
             outputs["model"] = save_model(model, run_dir / "model.safetensors",
-                                          {"name": cfg["run"]["name"], "description": f"Brain-ID fine-tuned for {', '.join(ac['tasks'])}"})
+                                          {"name": cfg["run"]["name"], "description": f"Brain-ID fine-tuned for {', '.join(ac['tasks'])}",
+                                           "source": provenance("fine-tuned", cfg["model"]["init"], sha)})
         for task in ac["tasks"]:
             info = {"out_channels": OUT_CHANNELS[task], "description": ac["description"] or DESCRIPTIONS[task]}
             if task == "segmentation":
@@ -172,14 +181,15 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
             model.metadata.setdefault("heads", {})[task] = info
             path = save_head(model, task, run_dir / f"{task}_head.safetensors", {
                 "name": f"{cfg['run']['name']}-{task}", "description": info["description"],
-                "backbone": {"init": str(cfg["model"]["init"]), "sha256": sha256_of(backbone_file) if backbone_file else None,
-                             "fine_tuned": fine_tune},
+                "source": head_source,
+                "backbone": {"init": str(cfg["model"]["init"]), "sha256": sha, "fine_tuned": fine_tune},
                 "training": {"command": "adapt", "steps": cfg["run"]["max_steps"], "data": cfg["data"]["source"],
                              "corruption": ac["corruption"]}})
             outputs[f"{task}_head"] = path
             entries.append({"name": f"{cfg['run']['name']}-{task}", "kind": "head", "task": task,
                             "file": path.name, "sha256": sha256_of(path), "size_bytes": path.stat().st_size,
                             "description": info["description"], "backbone": str(cfg["model"]["init"]),
+                            "source": head_source,
                             **({"labels": info["labels"]} if task == "segmentation" else {})})
         entry_path = run_dir / "models_json_entries.json"
         atomic_write(entry_path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=2)))

@@ -1,10 +1,11 @@
-"""`brainid-train`: pretrain, adapt, evaluate and synth-preview from YAML configs.
+"""`brainid-train`: pretrain, adapt, evaluate, export and synth-preview from YAML configs.
 
     brainid-train pretrain --config pretrain_lite_cpu --set data.labels=/data/labelmaps --set run.dir=runs/lite
     brainid-train pretrain --resume runs/lite                      # continue a stopped run
     torchrun --nproc_per_node 4 -m training.cli pretrain --config pretrain_brainid --set data.labels=...
     brainid-train adapt --config adapt_segmentation --set model.init=runs/lite/model.safetensors
     brainid-train evaluate --run runs/seg                          # or --weights/--head/--labels
+    brainid-train export --official --run runs/seg --out exported/ # official-layout torch files
     brainid-train synth-preview --labels labels.nii.gz --out preview.png
 """
 
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label maps to evaluate on (folder, glob or file)")
     p.add_argument("--out", help="report folder (default: <run>/evaluation)")
     p.add_argument("--print-config", action="store_true")
+    p = sub.add_parser("export", help="write a trained model and/or its heads as official Brain-ID torch files")
+    _common(p)
+    p.add_argument("--official", action="store_true", help="the official layout: {model: {backbone.*, "
+                   "head.final_conv_image.*}} and one {model: {final_conv_<name>.*}} file per head")
+    p.add_argument("--run", help="a pretrain/adapt run directory: its model or model.init, and its heads")
+    p.add_argument("--weights", help="model file or registry name (else the run's model / model.init)")
+    p.add_argument("--head", action="append", default=[], metavar="TASK=FILE", help="a task head file (repeatable)")
+    p.add_argument("--heads-only", action="store_true", help="write the task heads only, not the backbone")
+    p.add_argument("--name", help="file name prefix (default: the run folder's or the weights file's name)")
+    p.add_argument("--out", help="folder to write into")
     p = sub.add_parser("synth-preview", help="PNG of synthetic samples drawn from one label map")
     p.add_argument("labels_pos", nargs="?", metavar="LABELS", help="same as --labels")
     p.add_argument("out_pos", nargs="?", metavar="OUT_PNG", help="same as --out")
@@ -108,6 +119,11 @@ def run_command(args) -> int:
 
         report = evaluate_command(args)
         print(report["markdown_path"])
+        return 0
+    if args.command == "export":
+        from .export_official import export_command
+
+        print(json.dumps({k: str(v) for k, v in export_command(args).items()}, indent=2))
         return 0
     if args.command == "adapt" and not getattr(args, "resume", None):
         from .fewshot import fewshot_config, run_fewshot

@@ -1,4 +1,4 @@
-"""Training data: synthetic subjects from the generator, or real NIfTI images mildly corrupted.
+"""Training data: synthetic subjects from the generator, or real NIfTI images deformed and corrupted.
 
 Every optimizer step's data is a pure function of (seed, step, rank): subject choice follows an
 epoch-wise permutation over the global sample slot (what a DistributedSampler does) and every draw
@@ -11,19 +11,16 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import math
 from collections import OrderedDict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from BrainIDLib.errors import BrainIDError
-from BrainIDLib.labels import SEGMENTATION_LABELS
 
 from .config import crop_sizes, size3
+from .real_data import RealDraws, check_subject, load_subject
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 
@@ -62,20 +59,6 @@ def subject_slot(seed: int, slot: int, n: int) -> int:
     return int(np.random.default_rng([seed, epoch]).permutation(n)[pos])
 
 
-# FreeSurfer id -> index into SEGMENTATION_LABELS (ids outside the 33 classes count as background).
-_LUT = np.zeros(max(SEGMENTATION_LABELS) + 1, dtype=np.int64)
-for _i, _lab in enumerate(SEGMENTATION_LABELS):
-    _LUT[_lab] = _i
-
-
-def labels_to_indices(labels: np.ndarray) -> np.ndarray:
-    lab = np.asarray(labels).astype(np.int64)
-    out = np.zeros_like(lab)
-    inside = (lab >= 0) & (lab < len(_LUT))
-    out[inside] = _LUT[lab[inside]]
-    return out
-
-
 class _LRU:
     def __init__(self, capacity: int):
         self.capacity, self.items = capacity, OrderedDict()
@@ -90,17 +73,6 @@ class _LRU:
             while len(self.items) > self.capacity:
                 self.items.popitem(last=False)
         return value
-
-
-def _load_array(path: Path, dtype) -> np.ndarray:
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as e:  # noqa: BLE001
-        raise BrainIDError(f"cannot read {path}: {e}") from None
-    data = np.squeeze(data)
-    if data.ndim != 3:
-        raise BrainIDError(f"{path} is not a 3D volume (shape {data.shape})")
-    return np.ascontiguousarray(data.astype(dtype))
 
 
 def collate_draws(draws: list[dict]) -> dict:
@@ -250,168 +222,30 @@ def read_manifest(spec) -> list[dict]:
     return out
 
 
-def minmax(x: torch.Tensor, lo_pct: float = 0.0, hi_pct: float = 100.0) -> torch.Tensor:
-    lo = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)], lo_pct / 100) if lo_pct > 0 else x.min()
-    hi = torch.quantile(x.flatten()[:: max(1, x.numel() // 1_000_000)], hi_pct / 100) if hi_pct < 100 else x.max()
-    return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-
-
-def _crop_start(mask: np.ndarray | None, shape, size, rng: np.random.Generator) -> list[int]:
-    starts = []
-    for axis, (n, s) in enumerate(zip(shape, size)):
-        if n <= s:
-            starts.append(0)
-            continue
-        lo, hi = 0, n - s
-        if mask is not None and mask.any():
-            idx = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-            centre = (idx[0] + idx[-1]) // 2
-            lo, hi = max(0, min(hi, centre - s // 2 - s // 8)), min(n - s, max(0, centre - s // 2 + s // 8))
-            lo, hi = min(lo, hi), max(lo, hi)
-        starts.append(int(rng.integers(lo, hi + 1)))
-    return starts
-
-
-def crop_or_pad(x: torch.Tensor, starts, size) -> torch.Tensor:
-    """Crop a (..., D, H, W) tensor at `starts` to `size`, zero-padding axes that are too short."""
-    sl = tuple(slice(s, s + n) for s, n in zip(starts, size))
-    x = x[(...,) + sl]
-    pad = []
-    for got, want in reversed(list(zip(x.shape[-3:], size))):
-        pad += [0, want - got]
-    return F.pad(x, pad) if any(pad) else x
-
-
-def _smooth_field(size, grid: int, std: float, gen: torch.Generator) -> torch.Tensor:
-    coarse = torch.randn((1, 1, grid, grid, grid), generator=gen) * std
-    return F.interpolate(coarse, size=tuple(size), mode="trilinear", align_corners=True)[0, 0]
-
-
-def _gaussian_blur_axis(x: torch.Tensor, sigma: float, axis: int) -> torch.Tensor:
-    if sigma <= 0.1:
-        return x
-    r = int(math.ceil(3 * sigma))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = (k / k.sum()).view([1, 1] + [k.numel() if a == axis else 1 for a in range(3)])
-    pad = [0] * 6
-    pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-    return F.conv3d(F.pad(x, pad, mode="replicate"), k)
-
-
-def degrade_resolution(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, str]:
-    """One of the four resolution regimes of the spec: blur by the slice thickness, downsample and
-    upsample back (x: (1, 1, D, H, W) at 1 mm)."""
-    regime = ["1mm", "thick_slice", "low_field", "low_iso"][int(rng.integers(4))]
-    return degrade_to(x, regime, rng), regime
-
-
-def degrade_to(x: torch.Tensor, regime: str, rng: np.random.Generator) -> torch.Tensor:
-    if regime == "1mm":
-        return x
-    if regime == "thick_slice":
-        spacing = np.ones(3)
-        axis = int(rng.integers(3))
-        spacing[axis] = rng.uniform(2.5, 8.5)
-        thickness = spacing.copy()
-        thickness[axis] = min(spacing[axis], rng.uniform(4, 6))
-    elif regime == "low_field":
-        spacing = np.array([1.3, 1.3, 5.0]) + rng.uniform(0, 0.4, 3)
-        thickness = spacing.copy()
-    elif regime == "low_iso":
-        spacing = rng.uniform(2, 5, 3)
-        thickness = spacing.copy()
-    else:
-        raise ValueError(f"unknown resolution regime {regime!r}")
-    size = x.shape[2:]
-    for axis in range(3):
-        if thickness[axis] > 1:
-            x = _gaussian_blur_axis(x, rng.uniform(0.85, 1.15) * math.log(5) / math.pi * thickness[axis], axis)
-    low = [max(2, int(round(n / s))) for n, s in zip(size, spacing)]
-    x = F.interpolate(x, size=low, mode="trilinear", align_corners=True)
-    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=True)
-
-
-CORRUPTION = {  # the spec's mild / severe settings, intensities on a [0, 1] scale (spec: 25-225 scale / 255)
-    "mild": {"gamma": 0.01, "bias": (0.0, 0.02), "noise": (0.0, 0.02 / 255)},
-    "severe": {"gamma": 0.1, "bias": (0.1, 0.6), "noise": (5 / 255, 15 / 255)},
-}
-
-
-def corrupt(x: torch.Tensor, level: str, rng: np.random.Generator, gen: torch.Generator,
-            regime: str | None = None) -> dict:
-    """Gamma, bias field, resolution (random regime unless given) and noise on a (1,1,D,H,W) image
-    in [0, 1].
-
-    Returns the corrupted input, the image before the resolution step (the super-resolution
-    target) and the multiplicative bias field applied."""
-    size = x.shape[2:]
-    if level == "none":
-        low = x if regime is None else degrade_to(x, regime, rng)
-        return {"inputs": low, "clean": x, "bias_field": torch.ones_like(x), "regime": regime or "1mm"}
-    p = CORRUPTION[level]
-    x = x.clamp_min(0) ** float(np.exp(rng.normal(0, p["gamma"])))
-    grid = int(rng.integers(3, 6))
-    bias = torch.exp(_smooth_field(size, grid, float(rng.uniform(*p["bias"])), gen))[None, None]
-    clean = (x * bias).clamp(0, None)
-    if regime is None:
-        low, regime = degrade_resolution(clean, rng)
-    else:
-        low = degrade_to(clean, regime, rng)
-    noisy = (low + torch.randn(low.shape, generator=gen) * float(rng.uniform(*p["noise"]))).clamp_min(0)
-    scale = noisy.max().clamp_min(1e-6)
-    return {"inputs": noisy / scale, "clean": clean / scale, "bias_field": bias, "regime": regime}
-
-
 class NiftiSteps(torch.utils.data.Dataset):
-    """Item `step` = real subjects for rank `rank` at that step, cropped and corrupted, in the same
-    dictionary layout as a generator draw (inputs, clean, target_t1, segmentation, bias_field, mask)."""
+    """Item `step` = real subjects for rank `rank` at that step, deformed, flipped and corrupted by
+    training.real_data (the paper's adaptation data), in the dictionary layout of a generator draw
+    (inputs, clean, target_t1, labels, segmentation, bias_field, mask)."""
 
     def __init__(self, data_cfg: dict, seed: int, rank: int = 0, world: int = 1, corruption: str = "mild"):
         self.cfg = dict(data_cfg)
         self.subjects = read_manifest(self.cfg["subjects"])
+        for row in self.subjects:
+            check_subject(row)
         self.seed, self.rank, self.world = int(seed), rank, world
         self.size = size3(self.cfg["size"])
         self.per_step = int(self.cfg["subjects_per_step"])
         self.samples = max(1, int(self.cfg.get("mild", 1)))
-        self.corruption = corruption
+        self.draws = RealDraws(self.size, corruption, self.cfg.get("generator"))
         self._cache = _LRU(int(self.cfg.get("cache_label_maps", 16)))
 
     def __len__(self) -> int:
         return 2**62
 
-    def _load(self, index: int) -> dict:
-        def load():
-            s = self.subjects[index]
-            out = {"image": _load_array(s["image"], np.float32)}
-            for key, dtype in (("labels", np.int32), ("t1", np.float32), ("mask", np.uint8)):
-                if key in s:
-                    out[key] = _load_array(s[key], dtype)
-                    if out[key].shape != out["image"].shape:
-                        raise BrainIDError(f"{s[key]} has shape {out[key].shape}, its image {out['image'].shape}")
-            return out
-
-        return self._cache.get(index, load)
-
-    def draw(self, index: int, seed: int, regime: str | None = None) -> dict:
-        s = self._load(index)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator().manual_seed(seed)
-        mask = s["mask"] > 0 if "mask" in s else (s["labels"] > 0 if "labels" in s else None)
-        starts = _crop_start(mask, s["image"].shape, self.size, rng)
-        image = crop_or_pad(minmax(torch.from_numpy(s["image"]), 0.5, 99.5), starts, self.size)[None, None]
-        out = {}
-        samples = [corrupt(image, self.corruption, rng, gen, regime) for _ in range(self.samples)]
-        for key in ("inputs", "clean", "bias_field"):
-            out[key] = torch.cat([smp[key] for smp in samples])
-        if "t1" in s:
-            out["target_t1"] = crop_or_pad(minmax(torch.from_numpy(s["t1"]), 0.5, 99.5), starts, self.size)[None]
-        if "labels" in s:
-            lab = crop_or_pad(torch.from_numpy(s["labels"].astype(np.int64)), starts, self.size)
-            out["labels"] = lab
-            out["segmentation"] = torch.from_numpy(labels_to_indices(lab.numpy()))
-        if mask is not None:
-            out["mask"] = crop_or_pad(torch.from_numpy(mask.astype(np.uint8)), starts, self.size).bool()
-        return out
+    def draw(self, index: int, seed: int, regime: int | None = None) -> dict:
+        """One draw of subject `index`; regime: force that index of BrainIDLib.synth.corruption.REGIMES."""
+        subject = self._cache.get(index, lambda: load_subject(self.subjects[index]))
+        return self.draws(subject, seed, self.samples, regime)
 
     def __getitem__(self, step: int) -> dict:
         draws = []

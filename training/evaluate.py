@@ -8,9 +8,6 @@ across conditions and the features of one subject can be compared voxel by voxel
 Contrast families
 - gmm: the official random Gaussian-mixture contrast (generator, CT/FLAIR options off).
 - t1, t2, flair, ct: the generator's T1-/T2-/FLAIR-/CT-like class means (<family>_prob = 1).
-  Where a generator lacks t1 or t2, a fallback is used and the report says so: T1-like is the
-  canonical T1 render of the deformed labels (SynthSeg T1 priors), T2-like its inversion inside
-  the head, both corrupted here with the mild settings and the condition's regime (training.data).
 Resolution regimes (spec 3.6): 1mm, thick_slice, low_field, low_iso; the generator's own
 resolution draw is forced to the regime.
 """
@@ -28,29 +25,22 @@ import BrainIDLib
 from BrainIDLib import metrics as M
 from BrainIDLib.devices import select_device
 from BrainIDLib.errors import BrainIDError
-from BrainIDLib.labels import SEGMENTATION_LABELS, label_name
+from BrainIDLib.labels import SEGMENTATION_LABELS
 
 from .config import Config, crop_sizes, load_config
-from .data import NiftiSteps, corrupt, list_files, make_generator, seed_for
+from .data import NiftiSteps, list_files, make_generator, seed_for
 from .adapt import NEEDS
 from .engine import read_log
 
 FAMILIES = ("t1", "t2", "flair", "ct", "gmm")
 REGIMES = ("1mm", "thick_slice", "low_field", "low_iso")
-FALLBACK_NOTE = ("{families}: this generator has no such contrast option; T1-like = canonical T1 render of the "
-                 "deformed labels, T2-like = its inversion inside the head, corrupted with mild gamma/bias/noise and "
-                 "the regime's resolution by training.data")
 FEATURE_VOXELS = 20000
 _SEG_IDS = torch.tensor(SEGMENTATION_LABELS)
 
 
-def family_options(family: str) -> dict | None:
-    """Generator options that force a contrast family (None: the generator lacks it)."""
-    from BrainIDLib.synth import PRESETS
-
-    keys = [f"{f}_prob" for f in FAMILIES if f != "gmm" and f"{f}_prob" in PRESETS["brainid"]]
-    if family != "gmm" and f"{family}_prob" not in keys:
-        return None
+def family_options(family: str) -> dict:
+    """Generator options that force a contrast family."""
+    keys = [f"{f}_prob" for f in FAMILIES if f != "gmm"]
     return {k: 1.0 if k == f"{family}_prob" else 0.0 for k in keys}
 
 
@@ -84,18 +74,7 @@ class ConditionSampler:
         return self._gens[key]
 
     def draw(self, labels, t1, family: str, regime: str, seed: int) -> dict:
-        native = family_options(family) is not None
-        draw = self._gen(family if native else "gmm", regime)(labels, t1=t1, seed=seed, severity=[self.severity])
-        if native:
-            return draw
-        # fallback T1-/T2-like: render of the deformed anatomy, corrupted here
-        render = draw["target_t1"][None].float()  # (1,1,*size)
-        render = render / render.max().clamp_min(1e-6)
-        if family == "t2":
-            head = (draw["labels"] > 0)[None, None]
-            render = torch.where(head, (1.05 - render).clamp(0, 1), torch.zeros_like(render))
-        sample = corrupt(render, "mild", np.random.default_rng(seed % 2**32), torch.Generator().manual_seed(seed % 2**63), regime)
-        return {**draw, "inputs": sample["inputs"], "clean": sample["clean"], "bias_field": sample["bias_field"]}
+        return self._gen(family, regime)(labels, t1=t1, seed=seed, severity=[self.severity])
 
 
 def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
@@ -105,7 +84,8 @@ def _generator_subject(sampler: ConditionSampler, path: Path, draw_seed: int):
     return lambda family, regime: sampler.draw(labels, None, family, regime, draw_seed)
 
 
-def _model_and_heads(cfg: Config, args, run_dir: Path | None):
+def model_and_heads(cfg: Config, args, run_dir: Path | None):
+    """The model and its head files, from --weights / --head, else a run directory, else the config."""
     weights = getattr(args, "weights", None) or cfg["evaluate"]["weights"]
     heads = dict(cfg["evaluate"]["heads"] or {})
     for item in getattr(args, "head", None) or []:
@@ -122,7 +102,7 @@ def _model_and_heads(cfg: Config, args, run_dir: Path | None):
     if weights is None:
         weights = cfg["model"]["init"]
     if not weights:
-        raise BrainIDError("no model to evaluate: give --run RUN_DIR, --weights FILE or evaluate.weights")
+        raise BrainIDError("no model: give --run RUN_DIR, --weights FILE or evaluate.weights")
     return BrainIDLib.load_model(weights, heads=heads or None), str(weights), heads
 
 
@@ -149,17 +129,16 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
         families = ["real"]
         n = min(int(ec["subjects"]), len(real.subjects))
         subjects = [(Path(real.subjects[i]["image"]).name,
-                     lambda family, regime, i=i: real.draw(i, seed_for(seed, 900_001, i) % 2**32, regime))
+                     lambda family, regime, i=i: real.draw(i, seed_for(seed, 900_001, i) % 2**32, REGIMES.index(regime)))
                     for i in range(n)]
-        notes = [f"real images from data.subjects, {cfg['adapt']['corruption']} corruption, each regime simulated "
-                 "from the 1 mm image"]
+        notes = [f"real images from data.subjects, deformed and flipped as in adaptation training, "
+                 f"{cfg['adapt']['corruption']} corruption, each regime simulated from the 1 mm image"]
     else:
         sampler = ConditionSampler(cfg, size)
         files = list_files(labels_spec or cfg["data"]["labels"], "label maps to evaluate on (data.labels / --labels)")
         subjects = [(p.name, _generator_subject(sampler, p, seed_for(seed, 900_001, i) % 2**62))
                     for i, p in enumerate(files[: int(ec["subjects"])])]
-        missing = [f for f in families if family_options(f) is None]
-        notes = [FALLBACK_NOTE.format(families="/".join(missing))] if missing else []
+        notes = []
     tasks = model.tasks
     rows, examples = [], {}
     structure_dice: dict[str, list] = {}
@@ -276,7 +255,8 @@ def _finite(obj):
 
 
 METRIC_COLUMNS = [("dice_mean", "Dice"), ("anatomy_psnr", "Anat PSNR"), ("anatomy_ssim", "Anat SSIM"),
-                  ("anatomy_l1", "Anat L1"), ("super_resolution_psnr", "SR PSNR"), ("super_resolution_ssim", "SR SSIM"),
+                  ("anatomy_ms_ssim", "Anat MS-SSIM"), ("anatomy_l1", "Anat L1"), ("super_resolution_psnr", "SR PSNR"),
+                  ("super_resolution_ssim", "SR SSIM"), ("super_resolution_ms_ssim", "SR MS-SSIM"),
                   ("bias_field_nl2", "Bias nL2")]
 
 
@@ -300,7 +280,9 @@ def _markdown(report: dict) -> str:
     keys = [(k, n) for k, n in METRIC_COLUMNS if any(k in r for r in report["conditions"])]
     lines = [f"# Brain-ID evaluation: {report['model']}", "",
              f"Label maps: {', '.join(report['label_maps'])}; crop {report['size']}; tasks: {', '.join(report['tasks']) or 'none'}.",
-             f"PSNR is capped at {report['psnr_cap_db']:.0f} dB. Dice: mean over the 32 foreground structures present.", ""]
+             f"PSNR is capped at {report['psnr_cap_db']:.0f} dB. Dice: mean over the 32 foreground structures present. "
+             "MS-SSIM: 3D, Wang et al.'s weights, 5 scales where the crop allows (fewer, renormalised, on small "
+             "crops; see BrainIDLib.metrics).", ""]
     if keys:
         lines += ["| family | regime | " + " | ".join(n for _, n in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
@@ -413,25 +395,29 @@ def _colour(label_slice: np.ndarray) -> np.ndarray:
     return np.transpose(out, (1, 0, 2))[::-1]
 
 
-def evaluate_command(args) -> dict:
+def run_config(args) -> tuple[Config, Path | None]:
+    """The config of `--run RUN_DIR` (completed with defaults), else --config; --set on top."""
     run_dir = Path(args.run) if args.run else None
-    if run_dir is not None:
-        saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise BrainIDError(f"{run_dir} is not a run directory (no config.json)")
-        from .cli import _with_defaults
+    if run_dir is None:
+        return load_config(args.config, args.overrides), None
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise BrainIDError(f"{run_dir} is not a run directory (no config.json)")
+    from .cli import _with_defaults
 
-        cfg = load_config(args.config, args.overrides, base=_with_defaults(json.loads(saved.read_text())["config"]))
-    else:
-        cfg = load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, base=_with_defaults(json.loads(saved.read_text())["config"])), run_dir
+
+
+def evaluate_command(args) -> dict:
+    cfg, run_dir = run_config(args)
     if args.print_config:
         print(json.dumps(cfg.plain(), indent=2))
         return {"markdown_path": ""}
-    model, name, heads = _model_and_heads(cfg, args, run_dir)
+    model, name, heads = model_and_heads(cfg, args, run_dir)
     out = Path(args.out or cfg["evaluate"]["out"] or ((run_dir or Path(cfg["run"]["dir"])) / "evaluation"))
     if cfg["run"]["threads"]:
         torch.set_num_threads(int(cfg["run"]["threads"]))
     return evaluate(cfg, model, out, run_dir, args.labels, name, heads)
 
 
-__all__ = ["evaluate", "evaluate_command", "FAMILIES", "REGIMES"]
+__all__ = ["evaluate", "evaluate_command", "run_config", "model_and_heads", "FAMILIES", "REGIMES"]

@@ -26,6 +26,7 @@ from . import corruption as X
 from . import spatial as S
 from .filters import lookup
 from .tables import KIND_CODES, LabelTable, get_table
+from .targets import anatomy_target
 
 # (mild, severe) pairs are interpolated by severity; scalars are shared.
 PRESETS: dict[str, dict] = {
@@ -189,10 +190,7 @@ class SubjectGenerator:
         cls_map = lookup(luts["class"], warped)
 
         if t1 is not None:
-            target = S.warp_image(t1[tuple(slice(lo, hi) for lo, hi in box)], grid)
-            wm = target[(warped == 2) | (warped == 41)]
-            scale = float(wm.median()) if wm.numel() > 10 else float(target.max())
-            target = target / max(scale, 1e-6)
+            target = anatomy_target(S.warp_image(t1[tuple(slice(lo, hi) for lo, hi in box)], grid), warped)
         else:
             target = lookup(luts["t1"], warped)
         del grid

@@ -202,6 +202,7 @@ def test_adapt_on_real_nifti(tmp_path):
     assert report["families"] == ["real"] and len(report["conditions"]) == 4
     row = report["summary"]["real"]["thick_slice"]
     assert 0 <= row["dice_mean"] <= 1 and row["anatomy_psnr"] > 0 and row["bias_field_nl2"] >= 0
+    assert 0 <= row["anatomy_ms_ssim"] <= 1 and 0 <= row["super_resolution_ms_ssim"] <= 1
     assert report["features"]["consistency"] > 0.5  # same anatomy, two regimes
     assert (tmp_path / "eval" / "evaluation.md").is_file()
 
