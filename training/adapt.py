@@ -148,7 +148,8 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
         model.backbone.to(dist.device).eval()
     seed = int(cfg["run"]["seed"])
     if cfg["data"]["source"] == "nifti":
-        data = NiftiSteps(cfg["data"], seed, dist.rank, dist.world_size, ac["corruption"])
+        data = NiftiSteps(cfg["data"], seed, dist.rank, dist.world_size, ac["corruption"],
+                          (model.metadata or {}).get("input", {}).get("normalisation"))
     else:
         data = GeneratorSteps(cfg["data"], seed, dist.rank, dist.world_size)
 

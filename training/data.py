@@ -227,8 +227,10 @@ class NiftiSteps(torch.utils.data.Dataset):
     training.real_data (the paper's adaptation data), in the dictionary layout of a generator draw
     (inputs, clean, target_t1, labels, segmentation, bias_field, mask)."""
 
-    def __init__(self, data_cfg: dict, seed: int, rank: int = 0, world: int = 1, corruption: str = "mild"):
+    def __init__(self, data_cfg: dict, seed: int, rank: int = 0, world: int = 1, corruption: str = "mild",
+                 normalisation: dict | None = None):
         self.cfg = dict(data_cfg)
+        self.normalisation = normalisation  # the model's (its metadata's input.normalisation)
         self.subjects = read_manifest(self.cfg["subjects"])
         for row in self.subjects:
             check_subject(row)
@@ -244,7 +246,7 @@ class NiftiSteps(torch.utils.data.Dataset):
 
     def draw(self, index: int, seed: int, regime: int | None = None) -> dict:
         """One draw of subject `index`; regime: force that index of BrainIDLib.synth.corruption.REGIMES."""
-        subject = self._cache.get(index, lambda: load_subject(self.subjects[index]))
+        subject = self._cache.get(index, lambda: load_subject(self.subjects[index], self.normalisation))
         return self.draws(subject, seed, self.samples, regime)
 
     def __getitem__(self, step: int) -> dict:

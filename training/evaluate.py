@@ -125,7 +125,8 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
                            f"{', '.join(REGIMES)} (unknown: {', '.join(unknown) or 'none'})")
     seed = int(cfg["run"]["seed"])
     if cfg["data"]["source"] == "nifti":  # real images: one family, each regime applied to the 1 mm image
-        real = NiftiSteps({**cfg["data"], "mild": 1}, seed, corruption=cfg["adapt"]["corruption"])
+        real = NiftiSteps({**cfg["data"], "mild": 1}, seed, corruption=cfg["adapt"]["corruption"],
+                          normalisation=(model.metadata or {}).get("input", {}).get("normalisation"))
         families = ["real"]
         n = min(int(ec["subjects"]), len(real.subjects))
         subjects = [(Path(real.subjects[i]["image"]).name,

@@ -36,7 +36,7 @@ from BrainIDLib.synth import spatial as S
 from BrainIDLib.synth.filters import lookup
 from BrainIDLib.synth.tables import get_table
 from BrainIDLib.synth.targets import anatomy_target
-from BrainIDLib.volume import normalise
+from BrainIDLib.normalize import normalise_array
 
 LEVELS = ("mild", "severe", "none")
 REAL_NOISE = {"mild": (0.0, 0.02), "severe": (0.02, 0.06)}  # noise std on the [0, 1] image scale
@@ -72,7 +72,7 @@ def check_subject(row: dict) -> None:
                                f"(shape {shape[:3]} vs {ref[0]}); resample it onto the image first")
 
 
-def load_subject(row: dict) -> dict[str, np.ndarray]:
+def load_subject(row: dict, normalisation: dict | None = None) -> dict[str, np.ndarray]:
     """The image (in [0, 1], see IMAGE_PERCENTILES) and its optional labels / t1 / mask (paths),
     reoriented to RAS so that axis 0 is left/right (the flip axis); see check_subject."""
     check_subject(row)
@@ -86,7 +86,8 @@ def load_subject(row: dict) -> dict[str, np.ndarray]:
         if np.issubdtype(dtype, np.integer) and data.dtype.kind == "f":
             data = np.rint(np.nan_to_num(data))
         out[key] = np.ascontiguousarray(np.nan_to_num(data).astype(dtype))
-    out["image"] = normalise(out["image"], IMAGE_PERCENTILES)[0]  # once per load, not per draw
+    # as inference prepares a scan for the model being adapted (its metadata's normalisation)
+    out["image"] = normalise_array(out["image"], normalisation or IMAGE_PERCENTILES)[0]  # once per load
     return out
 
 
