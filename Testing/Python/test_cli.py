@@ -247,6 +247,7 @@ def test_download_then_predict_by_name(tmp_path, scan, monkeypatch, capsys):
                        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "size": model.stat().st_size}]}]}
         (tmp_path / "models.json").write_text(json.dumps(doc))
         monkeypatch.setenv("BRAINID_REGISTRY", str(tmp_path / "models.json"))
+        monkeypatch.setenv("BRAINID_ALLOW_HTTP", "1")  # a plain-http server on 127.0.0.1
         rc, out, err = run(capsys, "download", "tiny", "--progress-format", "machine")
         assert rc == 0, err
         cached = tmp_path / "cache" / "tiny" / "tiny.safetensors"
