@@ -844,6 +844,27 @@ def _glue_points(argv: list[str]) -> list[str]:
     return out
 
 
+class _LibraryLogNotes:
+    """nibabel's header fixes ("sform_code 32767 not valid; setting to 0") as notes, for one run."""
+
+    def __enter__(self):
+        import logging
+
+        import nibabel.imageglobals  # noqa: F401 - installs its handler, replaced here
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                _note(record.getMessage(), None, None, None)
+
+        self.logger = logging.getLogger("nibabel.global")
+        self.saved = self.logger.handlers[:]
+        self.logger.handlers = [Handler()]
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.handlers = self.saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brainid` console script; returns the exit status."""
     previous = None
@@ -866,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "func", None):
                 parser.print_help(sys.stderr)
                 return EXIT_ERROR
-            return int(args.func(args) or 0)
+            with _LibraryLogNotes():
+                return int(args.func(args) or 0)
     except BrainIDError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_ERROR

@@ -580,11 +580,9 @@ def resolve_weights(name_or_path: str | os.PathLike, download_missing: bool = Tr
 
 
 def default_model(registry: Registry | None = None) -> ModelEntry | None:
-    """The registry's default model (shipped or cached), or None when no default is available."""
-    try:
-        registry = registry or load_registry()
-    except BrainIDError:
-        return None
+    """The registry's default model (shipped or cached), or None when no default is available; a
+    broken registry is reported (BrainIDError), not taken for one without a default."""
+    registry = registry or load_registry()
     if not registry.default:
         return None
     entry = registry.get(registry.default)
