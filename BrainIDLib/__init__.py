@@ -17,10 +17,12 @@ import os
 __version__ = "0.1.0"
 
 from .errors import BrainIDError  # noqa: E402
-from .model import TASKS, Architecture, BrainIDModel  # noqa: E402
+
+_MODEL = ("TASKS", "Architecture", "BrainIDModel")  # torch-backed: imported on first use, so that
+# `brainid --version` / `--help` stay fast and Ctrl-C during start-up reaches the CLI's handler
 
 
-def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> BrainIDModel:
+def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> "BrainIDModel":
     """A ready model from a registry name or a weights file, plus optional {task: head file}."""
     from .devices import select_device
     from .registry import resolve_model
@@ -36,6 +38,10 @@ _FEWSHOT = ("train_head", "segment", "FewShotHead")
 
 
 def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on first use
+    if name in _MODEL:
+        from . import model
+
+        return getattr(model, name)
     if name in ("predict", "features"):
         from . import inference
 

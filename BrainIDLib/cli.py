@@ -9,8 +9,10 @@
     brainid fewshot train --image A --annotation A_lab [--image B --annotation B_lab ...] --out HEAD.safetensors
     brainid fewshot apply --head HEAD.safetensors --input SCAN_OR_FOLDER --output DIR
 
-Every user-fixable problem (a BrainIDError) prints `brainid: error: <message>` on one line and
-exits with status 2; Ctrl-C (or SIGTERM) exits with 130 and leaves no half-written file.
+Every user-fixable problem (a BrainIDError, or a file-system error) prints `brainid: error: <message>`
+on one line and exits with status 2; inputs, output folders and model files are checked before any
+compute. Warnings become `brainid: note: <message>` lines. Ctrl-C (or SIGTERM) exits with 130 and
+leaves no half-written file; torch is imported only inside `main`, so `--version` and `--help` are fast.
 `--progress-format machine` prints `PROGRESS <fraction> <message>` lines (flushed, on stdout) and
 `OUTPUT <kind> <path>` for every file written, for front ends such as the Slicer module.
 """
@@ -23,7 +25,9 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 from .errors import BrainIDError
@@ -63,6 +67,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"),
                    help="bar: progress bars on stderr; machine: 'PROGRESS <fraction> <message>' lines on stdout")
     p.add_argument("--sample", action="store_true", help="use the sample volume shipped with BrainID as INPUT")
+    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+                   help="refuse scans whose model grid exceeds N voxels (default 32M, i.e. a 320 mm cube at 1 mm; "
+                        "or set BRAINID_MAX_VOXELS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +298,42 @@ def _input_path(args) -> Path:
     return path
 
 
+def _read_input(path: Path):
+    """The scan, read and checked (format, shape, affine, values) before any model is loaded."""
+    from .volume import load_volume
+
+    return load_volume(path)
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Fail before any compute when `folder` cannot take the outputs: a temporary file is created and
+    removed in it, or in its nearest existing parent (the folder itself is created only to write)."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BrainIDError(f"{what}: {probe} is a file, so {folder} cannot be a folder; choose another output path")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".brainid-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BrainIDError(f"{what}: cannot write in {probe} ({e.strerror or type(e).__name__}); "
+                           "choose a folder you can write to") from None
+
+
+def _like_input(img, input_path: Path):
+    """An output with the input's shape when the input is a 4D file with one volume (X, Y, Z, 1)."""
+    import nibabel as nib
+
+    shape = tuple(nib.load(str(input_path)).shape)
+    if len(shape) > 3 and len(img.shape) == 3 and tuple(img.shape) == shape[:3]:
+        import numpy as np
+
+        return nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine, img.header)
+    return img
+
+
 def _load_model(args, reporter: Reporter):
     """(model, description) from --model / the registry default / --head; never random weights."""
     from .registry import default_model, how_to_get_weights, resolve_model
@@ -370,6 +413,8 @@ def cmd_predict(args) -> int:
     input_path = _input_path(args)
     device = select_device(args.device)  # fail early on a missing GPU
     _parse_heads(args.head)  # fail early on bad --head values
+    _check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
+    volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
         model, label = _load_model(args, reporter)
@@ -385,19 +430,21 @@ def cmd_predict(args) -> int:
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
-        pred = _call(predict, image=str(input_path), tasks=tuple(tasks), model=model, device=str(device),
-                     on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
+        pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
+                     on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
+                     max_voxels=args.max_voxels)
     finally:
         reporter.close()
     for message in getattr(pred, "messages", None) or []:
-        reporter.info(str(message))
+        if str(message) not in _NOTED:  # already printed as a note
+            reporter.info(str(message))
 
     outputs = dict(pred.outputs)
     if args.on_1mm:
         outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
     paths, csv_path = output_paths(args.output, input_path, list(outputs))
     for key, img in outputs.items():
-        reporter.output(key, save_nifti(img, paths[key]))
+        reporter.output(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
     if "segmentation" in outputs and not args.no_volumes:
         labels = list(getattr(pred, "labels", None) or ()) or \
             model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
@@ -416,6 +463,8 @@ def cmd_features(args) -> int:
     out = Path(os.path.expanduser(args.output))
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise BrainIDError(f"--output must be a .nii or .nii.gz file name, got {args.output!r}")
+    _check_writable(out.parent, "--output")
+    volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
         model, label = _load_model(args, reporter)
@@ -425,8 +474,8 @@ def cmd_features(args) -> int:
         features = getattr(inference, "features", None)
         if features is None:
             raise BrainIDError("this BrainID build has no feature export; update BrainID")
-        img = _call(features, image=str(input_path), model=model, device=str(device), pca=args.pca,
-                    mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter)
+        img = _call(features, image=volume, model=model, device=str(device), pca=args.pca,
+                    mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter, max_voxels=args.max_voxels)
     finally:
         reporter.close()
     reporter.output("features", save_nifti(img, out))
@@ -477,7 +526,8 @@ def cmd_models(args) -> int:
         print(f"{r['name']}: {r['description']}")
         for f in r["files"]:
             how = "shipped" if f["shipped"] else ("downloadable" if f["downloadable"] else "manual placement")
-            print(f"  {f['role']}: {f['path']} [{f['status']}; {how}]")
+            state = f["status"] if f["status"] == how else f"{f['status']}; {how}"
+            print(f"  {f['role']}: {f['path']} [{state}]")
         if not r["verified"]:
             print("  no published SHA-256: BrainID cannot verify this file (it is still loaded safely: "
                   "tensors only, strict key/shape checks)")
@@ -619,6 +669,9 @@ def cmd_correspond(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--out must be a folder; {out} is a file")
+    _check_writable(out, "--out")
+    for scan in [source] + targets:
+        _read_input(scan)
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
@@ -705,6 +758,9 @@ def cmd_fewshot_train(args) -> int:
         raise BrainIDError(f"--out must be a file name (HEAD.safetensors), {out} is a folder")
     if not out.name.endswith(".safetensors"):
         out = out.with_name(out.name + ".safetensors")
+    _check_writable(out.parent, "--out")
+    for scan in images:
+        _read_input(scan)
     device = select_device(args.device)
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
@@ -733,6 +789,9 @@ def cmd_fewshot_apply(args) -> int:
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--output must be a folder; {out} is a file")
+    _check_writable(out, "--output")
+    for scan in inputs:
+        _read_input(scan)
     device = select_device(args.device)
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
@@ -755,7 +814,20 @@ def cmd_fewshot_apply(args) -> int:
 
 # ---------------------------------------------------------------------------------------- main
 def _one_line(message: str) -> str:
-    return " ".join(str(message).split()) or "unknown error"
+    from .validate import clean
+
+    return clean(message, 2000) or "unknown error"
+
+
+_NOTED: list[str] = []  # warnings printed as notes during this run
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (NaN voxels replaced, GPU fallbacks, library notices) as one clean line, no source path."""
+    text = _one_line(message)
+    if text not in _NOTED:
+        _NOTED.append(text)
+        print(f"{PROG}: note: {text}", file=sys.stderr, flush=True)
 
 
 def _glue_points(argv: list[str]) -> list[str]:
@@ -772,6 +844,27 @@ def _glue_points(argv: list[str]) -> list[str]:
     return out
 
 
+class _LibraryLogNotes:
+    """nibabel's header fixes ("sform_code 32767 not valid; setting to 0") as notes, for one run."""
+
+    def __enter__(self):
+        import logging
+
+        import nibabel.imageglobals  # noqa: F401 - installs its handler, replaced here
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                _note(record.getMessage(), None, None, None)
+
+        self.logger = logging.getLogger("nibabel.global")
+        self.saved = self.logger.handlers[:]
+        self.logger.handlers = [Handler()]
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.handlers = self.saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brainid` console script; returns the exit status."""
     previous = None
@@ -783,13 +876,19 @@ def main(argv: list[str] | None = None) -> int:
             previous = signal.signal(signal.SIGTERM, _terminate)
         except (ValueError, OSError):
             previous = None
+    _NOTED.clear()
     try:
-        parser = build_parser()
-        args = parser.parse_args(_glue_points(sys.argv[1:] if argv is None else list(argv)))
-        if not getattr(args, "func", None):
-            parser.print_help(sys.stderr)
-            return EXIT_ERROR
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.showwarning = _note
+            parser = build_parser()
+            args = parser.parse_args(_glue_points(sys.argv[1:] if argv is None else list(argv)))
+            if not getattr(args, "func", None):
+                parser.print_help(sys.stderr)
+                return EXIT_ERROR
+            with _LibraryLogNotes():
+                return int(args.func(args) or 0)
     except BrainIDError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_ERROR
@@ -800,11 +899,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: out of memory; try --mode tiled with a smaller --memory-gb, or --device cpu",
               file=sys.stderr, flush=True)
         return EXIT_ERROR
+    except OSError as e:  # writing outputs or the cache: a full disk, a folder removed meanwhile...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"{PROG}: error: {_one_line(e.strerror or e)}{where}; check the path and free space",
+              file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except Exception as e:
-        import torch
-
-        oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                      getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+        torch = sys.modules.get("torch")
+        oom_types = () if torch is None else tuple(
+            t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+            if t is not None)
         if oom_types and isinstance(e, oom_types):
             print(f"{PROG}: error: the GPU ran out of memory; try --mode tiled with a smaller --memory-gb, "
                   "or --device cpu", file=sys.stderr, flush=True)

@@ -353,7 +353,7 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     """Brain-ID features of a scan (path, nibabel image or Volume) on the model grid, L2-normalised
     per voxel, float16; from `cache` when it holds them (same voxels, same backbone weights)."""
     from .devices import release_memory, select_device
-    from .inference import _model_input, _Progress, _run_network, _Span, padding_mask
+    from .inference import _model_input, _Progress, _run_network, _Span, check_grid, padding_mask
     from .volume import prepare
 
     if isinstance(image, FeatureMap):
@@ -369,6 +369,7 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
             prog(1.0, "features from the cache")
             return hit
     spacing, norm = _model_input(model)
+    check_grid(vol, spacing)
     prep = prepare(vol, spacing, norm, multiple=2 ** (model.arch.levels - 1))
     prog(0.05, "image resampled to the model grid")
     dev = select_device(device)

@@ -126,27 +126,39 @@ class FewShotHead:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FewShotHead":
-        from safetensors.torch import load_file, safe_open
+        """A head file, its metadata schema-checked and its tensors' declared shapes checked before they
+        are read (see `validate`), and their values checked finite."""
+        from safetensors.torch import load_file
+
+        from .validate import clean, declared_shapes, fewshot_metadata, finite_tensors
 
         path = Path(path).expanduser()
         if not path.is_file():
             raise BrainIDError(f"few-shot head file not found: {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
+            shapes, header = declared_shapes(path)
             meta = json.loads(header["brainid"])
         except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear line
             raise BrainIDError(f"{path.name} is not a BrainID few-shot head file ({type(e).__name__}); "
                                "train one with `brainid fewshot train`") from None
-        if meta.get("format") != HEAD_FORMAT:
-            raise BrainIDError(f"{path.name} is a BrainID {meta.get('kind', meta.get('format', 'unknown'))} file, "
-                               "not a few-shot head; task heads go to `brainid predict --head TASK=FILE`")
-        if int(meta.get("format_version", 0)) > HEAD_FORMAT_VERSION:
-            raise BrainIDError(f"{path.name} was written by a newer BrainID; upgrade BrainID to read it")
-        return cls(tensors["weight"].float(), tensors["bias"].float(), meta["labels"], meta["names"],
-                   [tuple(c) for c in meta["colors"]], meta.get("name", path.stem), meta.get("description", ""),
-                   meta.get("backbone", {}), meta.get("training", {}))
+        if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+            kind = meta.get("kind", meta.get("format", "unknown")) if isinstance(meta, dict) else "unknown"
+            raise BrainIDError(f"{path.name} is a BrainID {clean(kind, 40)} file, not a few-shot head; task heads go "
+                               "to `brainid predict --head TASK=FILE`")
+        meta = fewshot_metadata(meta, path.name, HEAD_FORMAT_VERSION)
+        k = len(meta["labels"]) + 1
+        weight, bias = shapes.get("weight"), shapes.get("bias")
+        if weight is None or bias is None or len(weight) != 2 or weight[0] != k or not 1 <= weight[1] <= 4096 \
+                or bias != (k,):
+            raise BrainIDError(f"{path.name}: tensors weight {weight} and bias {bias} do not fit {k - 1} labels "
+                               f"(+ none); train the head again with `brainid fewshot train`")
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise BrainIDError(f"{path.name} is a damaged few-shot head file ({type(e).__name__}); train it again") from None
+        finite_tensors(tensors, path.name)
+        return cls(tensors["weight"].float(), tensors["bias"].float(), meta["labels"], meta["names"], meta["colors"],
+                   meta.get("name") or path.stem, meta.get("description") or "", meta["backbone"], meta["training"])
 
     def check_backbone(self, model) -> None:
         """Refuse a backbone other than the one the head was trained on."""

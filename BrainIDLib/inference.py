@@ -26,7 +26,7 @@ import torch
 from .devices import release_memory, select_device
 from .errors import BrainIDError, Cancelled
 from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, TASKS, BrainIDModel
-from .volume import Prepared, Volume, load_volume, make_nifti, prepare
+from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
 
@@ -41,6 +41,10 @@ DEFAULT_OVERLAP_FRACTION = 0.25
 MIN_WINDOW = 64
 GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
 OUTPUT_TASKS = TASKS + ("bias_corrected",)
+# Largest model grid a run accepts (a 320 mm cube at 1 mm; a head scan is ~256 mm across): bounds the
+# work before resampling, e.g. a 35x43x38 scan whose header says 19.9 mm voxels. BRAINID_MAX_VOXELS or
+# max_voxels= (CLI --max-voxels) raise it.
+MAX_GRID_VOXELS = 320**3
 
 
 @dataclass
@@ -222,7 +226,7 @@ def _forward_window(model, x, heads, want_features, device, progress_check) -> t
     """(channels, *window) float32 on the CPU: raw head outputs, then features if asked."""
     xd = x.to(device)
     with torch.no_grad(), _autocast(device):
-        feats = model.features(xd)
+        feats = model.features(xd, progress_check)
         progress_check()
         parts = _raw_heads(model, feats, xd, heads)
         if want_features:
@@ -364,11 +368,48 @@ def _model_input(model: BrainIDModel) -> tuple[list, dict]:
     return inp.get("spacing_mm", [1.0, 1.0, 1.0]), inp.get("normalisation", {"method": "minmax", "percentiles": [0.0, 100.0]})
 
 
-def _prepare(image, model, progress: _Progress) -> tuple[Volume, Prepared]:
+def grid_shape(vol: Volume, spacing_mm) -> tuple[int, int, int]:
+    """The model-grid shape `prepare` makes of `vol` at `spacing_mm`, computed from the header alone."""
+    ornt = _ras_transform(vol.affine)
+    import nibabel.orientations as nio
+
+    ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
+    ras_shape = [vol.shape[int(a)] for a in np.argsort(ornt[:, 0])]
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    return tuple(_axis_map(n, s, t).m for n, s, t in zip(ras_shape, spacing, np.broadcast_to(spacing_mm, 3)))
+
+
+def max_grid_voxels(max_voxels: int | None = None) -> int:
+    """The grid-size limit: `max_voxels`, else $BRAINID_MAX_VOXELS, else MAX_GRID_VOXELS."""
+    value = max_voxels if max_voxels is not None else os.environ.get("BRAINID_MAX_VOXELS") or MAX_GRID_VOXELS
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = 0
+    if limit <= 0:
+        raise BrainIDError(f"the voxel limit must be a positive whole number (--max-voxels / BRAINID_MAX_VOXELS), got {value!r}")
+    return limit
+
+
+def check_grid(vol: Volume, spacing_mm, max_voxels: int | None = None) -> None:
+    """Refuse, before any resampling, a scan whose model grid would exceed the voxel limit."""
+    limit = max_grid_voxels(max_voxels)
+    shape = grid_shape(vol, spacing_mm)
+    n = int(np.prod(shape))
+    if n > limit:
+        fov = "x".join(f"{e:.0f}" for e in np.array(vol.shape) * vol.spacing)
+        raise BrainIDError(
+            f"{vol.name} covers {fov} mm, i.e. {'x'.join(map(str, shape))} = {n / 1e6:.1f}M voxels on the model grid, "
+            f"more than the limit of {limit / 1e6:.1f}M; check its header's voxel size or crop it, or raise the "
+            "limit with --max-voxels N (API: max_voxels=N; or BRAINID_MAX_VOXELS=N) if you have the memory and time")
+
+
+def _prepare(image, model, progress: _Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
     progress(0.0, "reading the image")
     vol = load_volume(image)
     progress.check()
     spacing, norm = _model_input(model)
+    check_grid(vol, spacing, max_voxels)
     prep = prepare(vol, spacing, norm, multiple=2 ** (model.arch.levels - 1))
     progress(0.08, "image resampled to the model grid")
     return vol, prep
@@ -387,17 +428,18 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None, flip_average=None) -> Prediction:
+            window=None, max_voxels=None, flip_average=None) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
-
-    flip_average: also run the left/right mirrored scan and average the heads' outputs (segmentation
-    channels of left/right structures swapped back): a symmetric result at twice the network time.
-    None: as the model's metadata says (input.flip_average; on for brainid-lite).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
-    progress(fraction, message) and cancel() -> bool are called between steps and tiles.
+    progress(fraction, message) is called between steps and tiles; cancel() -> bool also between the
+    network's convolution slabs.
     window: force tiling with this window size (voxels on the model grid; int or 3 ints).
+    max_voxels: refuse scans whose model grid is larger (default MAX_GRID_VOXELS or $BRAINID_MAX_VOXELS).
+    flip_average: also run the left/right mirrored scan and average the heads' outputs (segmentation
+    channels of left/right structures swapped back): a symmetric result at twice the network time.
+    None: as the model's metadata says (input.flip_average; on for brainid-lite).
     """
     prog = _Progress(progress, cancel)
     model, owned = _resolve_model(model, heads)
@@ -406,7 +448,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     if "bias_field" in head_tasks and "bias_corrected" not in wanted and "bias_field" in wanted:
         wanted.append("bias_corrected")
     dev = select_device(device)
-    vol, prep = _prepare(image, model, prog)
+    vol, prep = _prepare(image, model, prog, max_voxels)
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     result = Prediction(device=str(dev))
     try:
@@ -553,7 +595,7 @@ def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: i
 
 
 def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
-             progress=None, cancel=None, window=None):
+             progress=None, cancel=None, window=None, max_voxels=None):
     """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
 
     On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
@@ -561,7 +603,7 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     prog = _Progress(progress, cancel)
     model, owned = _resolve_model(model, None)
     dev = select_device(device)
-    vol, prep = _prepare(image, model, prog)
+    vol, prep = _prepare(image, model, prog, max_voxels)
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     messages: list = []
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,20 +131,21 @@ class UNet3D(nn.Module):
         return levels if all_levels else x
 
     @torch.no_grad()
-    def forward_low_memory(self, x: torch.Tensor) -> torch.Tensor:
-        """Same numbers as `forward(x)` with a much smaller peak: for inference only."""
+    def forward_low_memory(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
+        """Same numbers as `forward(x)` with a much smaller peak: for inference only. `check()` is called
+        between convolution slabs, so a cancel (an exception it raises) stops a long pass within a second."""
         if x.shape[0] > 1:  # GroupNorm statistics are per sample
-            return torch.cat([self.forward_low_memory(x[i : i + 1]) for i in range(x.shape[0])])
+            return torch.cat([self.forward_low_memory(x[i : i + 1], check) for i in range(x.shape[0])])
         x = x.clone()  # layers normalise in place: never touch the caller's tensor
         skips = []
         for encoder in self.encoders:
             if encoder.pooling is not None:
                 x = F.max_pool3d(x, 2)
-            x = _double_conv_low_memory(encoder.basic_module, [x])
+            x = _double_conv_low_memory(encoder.basic_module, [x], check)
             skips.append(x)
         skips.pop()
         for decoder in self.decoders:
-            x = _double_conv_low_memory(decoder.basic_module, [skips.pop(), _Upsampled(x)])
+            x = _double_conv_low_memory(decoder.basic_module, [skips.pop(), _Upsampled(x)], check)
         return x
 
 
@@ -209,12 +211,12 @@ def _plain_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(sqs)
 
 
-def _double_conv_low_memory(module: DoubleConv, parts: list) -> torch.Tensor:
-    x = _single_conv_low_memory(module.SingleConv1, parts)
-    return _single_conv_low_memory(module.SingleConv2, [x])
+def _double_conv_low_memory(module: DoubleConv, parts: list, check=None) -> torch.Tensor:
+    x = _single_conv_low_memory(module.SingleConv1, parts, check)
+    return _single_conv_low_memory(module.SingleConv2, [x], check)
 
 
-def _single_conv_low_memory(layer: SingleConv, parts: list) -> torch.Tensor:
+def _single_conv_low_memory(layer: SingleConv, parts: list, check=None) -> torch.Tensor:
     """GroupNorm + conv + LeakyReLU over the channel concatenation of `parts` without building it.
 
     GroupNorm statistics are gathered per channel and pooled per group; each part is normalised in
@@ -259,6 +261,8 @@ def _single_conv_low_memory(layer: SingleConv, parts: list) -> torch.Tensor:
     slab = max(1, min(depth, SLAB_ELEMENTS // max(1, offset * plane)))
     out, halo = None, None
     for d0 in range(0, depth, slab):
+        if check is not None:
+            check()
         d1 = min(depth, d0 + slab)
         lo, hi = max(0, d0 - 1), min(depth, d1 + 1)
         pieces = []
@@ -345,13 +349,14 @@ class BrainIDModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last decoder level (B, f_maps, *spatial): the official `get_feature(x)[-1]`."""
+    def features(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
+        """Last decoder level (B, f_maps, *spatial): the official `get_feature(x)[-1]`. Under no-grad,
+        `check()` runs between convolution slabs (see `UNet3D.forward_low_memory`)."""
         if x.dim() != 5 or x.shape[1] != self.arch.in_channels:
             raise ValueError(f"expected input of shape (B,{self.arch.in_channels},D,H,W), got {tuple(x.shape)}")
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters()):
             return self.backbone(x)
-        return self.backbone.forward_low_memory(x)
+        return self.backbone.forward_low_memory(x, check)
 
     def apply_head(self, task: str, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         if task not in self.heads:

@@ -13,6 +13,13 @@ Environment:
     BRAINID_CACHE     cache folder (default ~/.cache/brainid)
     BRAINID_REGISTRY  a registry JSON file to use instead of the shipped Resources/models.json
     BRAINID_OFFLINE   set to 1 to never touch the network (only say where to place files)
+    BRAINID_ALLOW_UNVERIFIED  set to 1 to download files the registry gives no SHA-256 for
+    BRAINID_ALLOW_HTTP        set to 1 to download over plain http:// (the SHA-256 still decides)
+
+Downloads: one process at a time per file (an fcntl lock file, `<file>.lock`, next to the `.part`;
+a second process waits, then finds the finished file). A download never grows past the registry's
+`size`; a file without a declared size is only fetched over https with a SHA-256, and never past
+MAX_UNSIZED_BYTES.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .model import TASKS
 from .resources import resources_dir
 
 REGISTRY_VERSION = 1
+MAX_UNSIZED_BYTES = 8 << 30  # cap for a verified https download whose size the registry does not give
 CHUNK = 1 << 20
 TIMEOUT_S = 30
 USER_AGENT = "BrainID-downloader/1"
@@ -131,8 +139,11 @@ def validate_registry(data: object) -> list[str]:
     problems: list[str] = []
     if not isinstance(data, dict):
         return ["the registry must be a JSON object with a 'models' list"]
-    if int(data.get("format_version", REGISTRY_VERSION)) > REGISTRY_VERSION:
-        problems.append(f"format_version {data.get('format_version')} is newer than this BrainID understands")
+    version = data.get("format_version", REGISTRY_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        problems.append(f"'format_version' must be an integer (got {version!r:.40})")
+    elif version > REGISTRY_VERSION:
+        problems.append(f"format_version {version} is newer than this BrainID understands")
     models = data.get("models")
     if not isinstance(models, list):
         return problems + ["'models' must be a list"]
@@ -147,7 +158,11 @@ def validate_registry(data: object) -> list[str]:
             problems.append(f"{where}: 'name' must be lower-case letters, digits, '.', '_' or '-' (got {name!r})")
         else:
             where = f"model {name!r}"
-        for alias in [name] + list(m.get("aliases", []) or []):
+        aliases = m.get("aliases", []) or []
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            problems.append(f"{where}: 'aliases' must be a list of names (got {aliases!r:.40})")
+            aliases = []
+        for alias in [name] + aliases:
             if isinstance(alias, str):
                 if alias in seen:
                     problems.append(f"{where}: name or alias {alias!r} is used twice")
@@ -210,7 +225,9 @@ def validate_registry(data: object) -> list[str]:
         if roles.count("model") != 1:
             problems.append(f"{where}: exactly one file must have role 'model' (found {roles.count('model')})")
     default = data.get("default")
-    if default is not None and default not in seen:
+    if default is not None and not isinstance(default, str):
+        problems.append(f"'default' must be a model name or null (got {default!r:.40})")
+    elif default is not None and default not in seen:
         problems.append(f"'default' names {default!r}, which is not a registered model")
     return problems
 
@@ -323,12 +340,64 @@ def _offline() -> bool:
     return os.environ.get("BRAINID_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _opted_in(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_download_policy(entry: ModelEntry, f: ModelFile, url: str) -> None:
+    """Refuse what cannot be checked: no SHA-256, plain http, or no size over http."""
+    verified = f.verify and f.sha256 is not None
+    if not verified and not _opted_in("BRAINID_ALLOW_UNVERIFIED"):
+        raise BrainIDError(f"{entry.name}: the registry gives no SHA-256 for {f.filename}, so its download cannot be "
+                           "checked; add its sha256 to the registry, or set BRAINID_ALLOW_UNVERIFIED=1 to fetch it anyway")
+    if url.lower().startswith("http://") and not _opted_in("BRAINID_ALLOW_HTTP"):
+        raise BrainIDError(f"{entry.name}: {url} is plain http://; use an https:// URL in the registry, or set "
+                           "BRAINID_ALLOW_HTTP=1 to fetch it anyway (the SHA-256 is still checked)")
+    if f.size is None and not (verified and url.lower().startswith("https://")):
+        raise BrainIDError(f"{entry.name}: the registry gives no size for {f.filename}; a download of unknown size "
+                           "is only made over https with a SHA-256: add its 'size' to the registry")
+
+
+class _FileLock:
+    """An exclusive lock on `path` across processes (fcntl.flock; msvcrt on Windows), held while open.
+    The lock file stays: removing it while another process waits on it would split the lock."""
+
+    def __init__(self, path: Path):
+        self.path, self._fh = path, None
+
+    def __enter__(self):
+        self._fh = open(self.path, "a+b")
+        try:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+            import time
+
+            while True:
+                try:
+                    msvcrt.locking(self._fh.fileno(), msvcrt.LK_NBLCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()  # closing releases the lock
+
+
 class _Interrupted(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def _fetch(url: str, part: Path, f: ModelFile, progress: Progress | None, label: str) -> None:
-    """Append the rest of `url` to `part`, resuming with an HTTP Range request when possible."""
+    """Append the rest of `url` to `part`, resuming with an HTTP Range request when possible, never past
+    the declared size (or MAX_UNSIZED_BYTES)."""
     have = part.stat().st_size if part.is_file() else 0
     if f.size is not None and have > f.size:
         part.unlink()
@@ -356,7 +425,10 @@ def _fetch(url: str, part: Path, f: ModelFile, progress: Progress | None, label:
                 part.unlink(missing_ok=True)
                 return _fetch(url, part, f, progress, label)
         length = response.headers.get("Content-Length")
-        total = (have + int(length)) if length is not None else f.size
+        total = (have + int(length)) if length is not None and length.isdigit() else f.size
+        cap = f.size if f.size is not None else MAX_UNSIZED_BYTES
+        if total is not None and total > cap:
+            raise _TooLarge(f"the server announces {total} bytes, more than the {cap} the registry allows")
         mode = "ab" if have else "wb"
         done = have
         if progress:
@@ -369,6 +441,8 @@ def _fetch(url: str, part: Path, f: ModelFile, progress: Progress | None, label:
                     raise _Interrupted(f"connection lost after {done} bytes ({e.__class__.__name__})") from None
                 if not block:
                     break
+                if done + len(block) > cap:
+                    raise _TooLarge(f"the server sent more than the {cap} bytes the registry allows")
                 out.write(block)
                 done += len(block)
                 if progress:
@@ -422,14 +496,29 @@ def _ensure_file(entry: ModelEntry, f: ModelFile, progress: Progress | None, all
     if _offline():
         raise _manual_error(entry, f, "BRAINID_OFFLINE is set, so nothing is downloaded")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _FileLock(dest.with_name(dest.name + ".lock")):
+        if dest.is_file() and not force:  # another process finished it while this one waited
+            _verify_existing(entry, f, dest)
+            return dest
+        return _download_file(entry, f, dest, progress)
+
+
+def _download_file(entry: ModelEntry, f: ModelFile, dest: Path, progress: Progress | None) -> Path:
+    """Fetch `f` into `dest` (the caller holds its lock): first working URL, size and SHA-256 checked."""
     part = _part_path(dest)
     errors = []
     for url in f.urls:
+        _check_download_policy(entry, f, url)
         try:
             _fetch(url, part, f, progress, f.filename)
+            size = part.stat().st_size
         except _Interrupted as e:
             raise BrainIDError(f"download of {f.filename} from {url} was interrupted: {e}; the partial file "
                                f"{part} is kept, run `brainid download {entry.name}` again to resume") from None
+        except _TooLarge as e:
+            part.unlink(missing_ok=True)
+            errors.append(f"{url}: {e}")
+            continue
         except urllib.error.HTTPError as e:
             errors.append(f"{url}: HTTP {e.code} {e.reason}")
             continue
@@ -437,7 +526,6 @@ def _ensure_file(entry: ModelEntry, f: ModelFile, progress: Progress | None, all
             reason = getattr(e, "reason", e)
             errors.append(f"{url}: {reason}")
             continue
-        size = part.stat().st_size
         if f.size is not None and size != f.size:
             part.unlink(missing_ok=True)
             errors.append(f"{url}: got {size} bytes, expected {f.size}")
@@ -492,11 +580,9 @@ def resolve_weights(name_or_path: str | os.PathLike, download_missing: bool = Tr
 
 
 def default_model(registry: Registry | None = None) -> ModelEntry | None:
-    """The registry's default model (shipped or cached), or None when no default is available."""
-    try:
-        registry = registry or load_registry()
-    except BrainIDError:
-        return None
+    """The registry's default model (shipped or cached), or None when no default is available; a
+    broken registry is reported (BrainIDError), not taken for one without a default."""
+    registry = registry or load_registry()
     if not registry.default:
         return None
     entry = registry.get(registry.default)

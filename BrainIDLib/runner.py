@@ -197,7 +197,8 @@ class ProcessRunner:
         elif line.startswith("INFO "):
             self.message = line[5:].strip()
         if "out of memory" in line.lower():  # the engine's fallback notices (tiled / CPU), INFO or warning
-            notice = line[5:].strip() if line.startswith("INFO ") else line.split("RuntimeWarning:")[-1].strip()
+            notice = line[5:] if line.startswith("INFO ") else line.split("RuntimeWarning:")[-1]
+            notice = notice.strip().removeprefix("brainid: note:").strip()  # the CLI prints warnings as notes
             self.message = notice
             if notice not in self.notices:
                 self.notices.append(notice)

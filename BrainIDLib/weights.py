@@ -22,6 +22,7 @@ from .errors import BrainIDError
 from .files import atomic_write
 from .labels import SEGMENTATION_LABELS
 from .model import HEAD_KEYS, TASKS, Architecture, BrainIDModel, UNet3D
+from .validate import ARCH_BOUNDS, Checker, brainid_metadata, clean, declared_shapes, finite_tensors
 
 FORMAT_VERSION = 1
 METADATA_KEY = "brainid"
@@ -80,10 +81,15 @@ def check_strict(found: dict[str, tuple], expected: dict[str, tuple], what: str)
     raise BrainIDError(f"{what} does not match the Brain-ID architecture; " + "; ".join(problems))
 
 
+def backbone_shapes(arch: Architecture) -> dict[str, tuple]:
+    """Keys and shapes of the backbone's state dict, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in UNet3D(arch).state_dict().items()}
+
+
 def official_shapes(arch: Architecture = Architecture()) -> dict[str, tuple]:
     """Keys and shapes of an official pretrained file (`model` entry) for this architecture."""
-    backbone = UNet3D(arch)
-    shapes = {f"backbone.{k}": tuple(v.shape) for k, v in backbone.state_dict().items()}
+    shapes = {f"backbone.{k}": s for k, s in backbone_shapes(arch).items()}
     shapes["head.final_conv_image.weight"] = (1, arch.f_maps, 1, 1, 1)
     shapes["head.final_conv_image.bias"] = (1,)
     return shapes
@@ -99,8 +105,13 @@ def infer_architecture(backbone_state: dict[str, torch.Tensor], num_groups: int 
             "the checkpoint has no Brain-ID backbone (no 'encoders.0...' weights); "
             "is this a Brain-ID pretrained file?"
         ) from None
-    levels = 1 + max(int(k.split(".")[1]) for k in backbone_state if k.startswith("encoders."))
-    return Architecture(f_maps=int(first.shape[0]), levels=levels, num_groups=num_groups, in_channels=int(in_channels))
+    levels = 1 + max(int(k.split(".")[1]) if k.split(".")[1].isdigit() else -1
+                     for k in backbone_state if k.startswith("encoders."))
+    values = {"f_maps": int(first.shape[0]), "levels": levels, "num_groups": num_groups, "in_channels": int(in_channels)}
+    check = Checker("the checkpoint", fix="is this a Brain-ID pretrained file?")
+    for key, value in values.items():
+        check.integer(value, f"inferred {key}", *ARCH_BOUNDS[key])
+    return Architecture(**values)
 
 
 def _sniff(path: Path) -> str:
@@ -123,13 +134,13 @@ def _torch_load(path: Path) -> object:
     except pickle.UnpicklingError as e:
         raise BrainIDError(
             f"{path.name} holds Python objects that BrainID will not unpickle for safety "
-            f"({str(e).splitlines()[0][:200]}). Only tensors and argparse arguments are allowed; "
+            f"({clean(str(e).splitlines()[0])}). Only tensors and argparse arguments are allowed; "
             "get the file from a trusted source or convert it to safetensors where you trust it."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise BrainIDError(
             f"{path.name} is not a readable torch checkpoint (corrupt or truncated download?): "
-            f"{str(e).splitlines()[0][:200]}. Download it again."
+            f"{clean((str(e).splitlines() or [type(e).__name__])[0])}. Download it again."
         ) from None
 
 
@@ -163,8 +174,10 @@ def _read_official(path: Path) -> Checkpoint:
         )
     args = _official_args(obj)
     backbone = _strip_prefix(state, "backbone.")
-    arch = infer_architecture(backbone, num_groups=int(args.get("num_groups", 8)))
+    groups = Checker(path.name).integer(args.get("num_groups", 8), "args.num_groups", *ARCH_BOUNDS["num_groups"])
+    arch = infer_architecture(backbone, num_groups=groups)
     check_strict(_shapes(state), official_shapes(arch), f"official checkpoint {path.name}")
+    finite_tensors(state, path.name)
     heads = {"anatomy": {"final_conv_image.weight": state["head.final_conv_image.weight"],
                          "final_conv_image.bias": state["head.final_conv_image.bias"]}}
     meta = {"name": path.stem, "source": "official Brain-ID release", "input": DEFAULT_INPUT,
@@ -172,25 +185,34 @@ def _read_official(path: Path) -> Checkpoint:
     return Checkpoint("official", arch, backbone, heads, meta)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_safetensors(path: Path, kind: str, task: str | None = None) -> tuple[dict[str, tuple], dict]:
+    """({tensor: shape}, checked metadata) from a BrainID safetensors file's header; no tensor is read."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
+        shapes, header = declared_shapes(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise BrainIDError(f"{path.name} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+        raise BrainIDError(f"{path.name} is not a readable safetensors file (corrupt or truncated?): {clean(e)}") from None
     if METADATA_KEY not in header:
         raise BrainIDError(f"{path.name} is a safetensors file without BrainID metadata; it was not written by BrainID.")
     try:
         meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise BrainIDError(f"{path.name} has unreadable BrainID metadata: {e}") from None
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise BrainIDError(f"{path.name} was written by a newer BrainID (format {meta['format_version']}); upgrade BrainID.")
-    return tensors, meta
+    return shapes, brainid_metadata(meta, path.name, FORMAT_VERSION, kind, task)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file whose header was checked, refused if not finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BrainIDError(f"{path.name} is not a readable safetensors file (corrupt or truncated?): {clean(e)}") from None
+    finite_tensors(tensors, path.name)
+    return tensors
 
 
 def _head_shapes(task: str, features: int, out_channels: int) -> dict[str, tuple]:
@@ -200,20 +222,15 @@ def _head_shapes(task: str, features: int, out_channels: int) -> dict[str, tuple
 
 
 def _read_ours(path: Path) -> Checkpoint:
-    tensors, meta = _read_safetensors(path)
-    if meta.get("kind") != "model":
-        raise BrainIDError(f"{path.name} is a BrainID {meta.get('kind', 'unknown')} file, not a model.")
+    shapes, meta = _read_safetensors(path, "model")
     arch = Architecture.from_dict(meta["architecture"])
-    backbone = _strip_prefix(tensors, "backbone.")
-    expected = {f"backbone.{k}": tuple(v.shape) for k, v in UNet3D(arch).state_dict().items()}
-    heads = {}
-    for task, info in meta.get("heads", {}).items():
-        if task not in TASKS:
-            raise BrainIDError(f"{path.name} has a head for unknown task {task!r}")
-        heads[task] = _strip_prefix(tensors, f"heads.{task}.")
-        expected.update({f"heads.{task}.{k}": s for k, s in _head_shapes(task, arch.f_maps, int(info["out_channels"])).items()})
-    check_strict(_shapes(tensors), expected, f"BrainID model {path.name}")
-    return Checkpoint("brainid", arch, backbone, heads, meta)
+    expected = {f"backbone.{k}": s for k, s in backbone_shapes(arch).items()}
+    for task, info in meta["heads"].items():
+        expected.update({f"heads.{task}.{k}": s for k, s in _head_shapes(task, arch.f_maps, info["out_channels"]).items()})
+    check_strict(shapes, expected, f"BrainID model {path.name}")
+    tensors = _load_tensors(path)
+    heads = {task: _strip_prefix(tensors, f"heads.{task}.") for task in meta["heads"]}
+    return Checkpoint("brainid", arch, _strip_prefix(tensors, "backbone."), heads, meta)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -238,13 +255,16 @@ def read_head(path: str | os.PathLike, task: str, features: int) -> tuple[dict[s
         raise BrainIDError(f"head file not found: {path}")
     kind = _sniff(path)
     if kind == "safetensors":
-        tensors, meta = _read_safetensors(path)
-        if meta.get("kind") != "head" or meta.get("task") != task:
-            raise BrainIDError(f"{path.name} is not a {task} head (it says kind={meta.get('kind')}, task={meta.get('task')})")
-        state = _strip_prefix(tensors, f"heads.{task}.")
+        shapes, meta = _read_safetensors(path, "head", task)
+        out = meta["heads"].get(task, {}).get("out_channels")
+        found = {k: s for k, s in shapes.items() if k.startswith(f"heads.{task}.")}
+        if out is not None:  # the declared shapes must fit before the tensors are read
+            check_strict(_strip_prefix(found, f"heads.{task}."), _head_shapes(task, features, out), f"{task} head {path.name}")
+        state = _strip_prefix(_load_tensors(path), f"heads.{task}.")
     elif kind == "torch":
         state = _tensor_dict(_torch_load(path), path)
         state = _strip_prefix(state, "head.") if all(k.startswith("head.") for k in state) else state
+        finite_tensors(state, path.name)
         meta = {"heads": {task: {}}}
     else:
         raise BrainIDError(f"{path.name} is neither a torch checkpoint nor a safetensors file")

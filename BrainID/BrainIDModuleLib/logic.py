@@ -252,7 +252,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
             python = python_executable()
         common = ["--device", str(device), "--progress-format", "machine"]
         if model:
-            common += ["--model", str(model)]
+            common += [f"--model={model}"]  # one argument: a value starting with "-" is not an option
         commands = []
         engine_tasks = [t for t in tasks if t in ENGINE_TASKS]
         if engine_tasks:
@@ -279,7 +279,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
         if self.featureCacheDir:
             out += ["--feature-cache", str(self.featureCacheDir)]
         if model:
-            out += ["--model", str(model)]
+            out += [f"--model={model}"]
         return out
 
     @staticmethod

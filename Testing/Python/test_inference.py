@@ -30,7 +30,7 @@ def random_model(heads=None):
 class IdentityFeatures(BrainIDModel):
     """Features = the input image in channel 0 (zeros elsewhere): a local, exactly known 'network'."""
 
-    def features(self, x):
+    def features(self, x, check=None):
         f = torch.zeros((x.shape[0], self.arch.f_maps) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
         f[:, 0] = x[:, 0]
         return f
@@ -163,7 +163,7 @@ def test_tiling_blends_exactly_for_local_networks():
 
 def test_tiling_blends_constant_fields_exactly():
     class Ones(BrainIDModel):
-        def features(self, x):
+        def features(self, x, check=None):
             return torch.full((1, self.arch.f_maps) + tuple(x.shape[2:]), 3.5)
 
     out = inf._forward_tiled(Ones(SMALL).eval(), torch.rand(1, 1, 36, 20, 44), [], True, torch.device("cpu"), (16, 12, 16),

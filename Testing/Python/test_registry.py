@@ -95,6 +95,8 @@ def env(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("BRAINID_CACHE", str(cache))
     monkeypatch.delenv("BRAINID_OFFLINE", raising=False)
+    monkeypatch.setenv("BRAINID_ALLOW_HTTP", "1")  # the test servers listen on plain http://127.0.0.1
+    monkeypatch.delenv("BRAINID_ALLOW_UNVERIFIED", raising=False)
 
     def use(doc: dict) -> Path:
         path = tmp_path / "models.json"

@@ -201,7 +201,7 @@ def test_correspondence_job_command_and_import(tmp_path):
     cmd = job.runner.commands[0]
     assert cmd[:4] == ["py", "-m", "BrainIDLib.cli", "correspond"]
     assert "--point=-10.5,20,-3.25" in cmd  # '=': argparse would take '-10.5,...' for an option
-    assert cmd[cmd.index("--model") + 1] == "brainid-lite" and "--progress-format" in cmd
+    assert "--model=brainid-lite" in cmd and "--progress-format" in cmd  # one argument, as --point
     assert cmd.count("--target") == 2
     np.testing.assert_allclose(nib.load(cmd[cmd.index("--source") + 1]).affine, sa.ijk_to_ras(source))
     workdir = job.workdir
