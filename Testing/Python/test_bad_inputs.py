@@ -557,8 +557,15 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, scan, model_file):
     proc = subprocess.Popen([sys.executable, "-m", "BrainIDLib.cli", "predict", str(scan), "-o", f"{tmp_path / 'o'}/",
                              "--model", str(model_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(0.5)  # inside `import torch` (it takes > 1 s), before any output
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    for _ in range(5):  # on a loaded machine a library import may still swallow the first one: press again
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "brainid: interrupted"
     assert files_under(tmp_path / "o") == []
