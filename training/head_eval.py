@@ -1,8 +1,8 @@
 """Whole-head evaluation through the user's path (issue 12: evaluation that tells the truth).
 
 The model card's synthetic table scores brain-centred crops. This module scores what a user hands
-BrainID: whole heads (skull, scalp, eyes, neck, air) written as NIfTI files on their own grids and run
-through `BrainIDLib.predict`, exactly as `brainid predict` does:
+BrainID: whole heads (skull, scalp, eyes, air around; down to the skull base) written as NIfTI files on
+their own grids and run through `BrainIDLib.predict`, exactly as `brainid predict` does:
 
 - renders of held-out label maps (no deformation, whole-head field of view, mild corruption) for the
   T1-, T2-, FLAIR- and CT-like families, at 1 mm and as 5 mm axial slices (a NIfTI with 5 mm slice
@@ -44,7 +44,7 @@ from BrainIDLib.synth.corruption import LN5_OVER_PI
 from BrainIDLib.synth.filters import apply_along, downsample_matrix
 from BrainIDLib.synth.spatial import foreground_box
 from BrainIDLib.synth.tables import KIND_CODES
-from training.model_card import FAMILY_NAMES, FAMILY_OPTIONS, TISSUES, dice, nanmean, overlay, show, tissue_of
+from training.model_card import _SEG, FAMILY_NAMES, FAMILY_OPTIONS, TISSUES, dice, nanmean, overlay, show, tissue_of
 
 FAMILIES = ("t1", "t2", "flair", "ct")
 RESOLUTIONS = ("1mm", "5mm")
@@ -61,7 +61,6 @@ HU_BONE = (700.0, 1500.0)
 HU_RANGE = (-1024.0, 3071.0)  # what a 12-bit CT stores
 # left/right structures whose volume ratio the card shows
 BIG_PAIRS = (2, 3, 4, 7, 8, 10, 11, 12, 17)
-_SEG = np.array(SEGMENTATION_LABELS)
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -355,8 +354,8 @@ def evaluate_renders(model, renders: list[dict], families, log=print, plan: str 
                 f"brain={row['brain_dice']:.3f} in_air={row['outside_head_ml']:.0f}ml extra={row['extracerebral_ml']:.0f}ml "
                 f"anat_r={row['anatomy_r']:.2f} (predict {row['seconds']:.0f}s wall, {cpu:.0f}s CPU)")
             if example is None and fam == "t1" and res == "1mm":
-                example = {"title": f"{rec['name']} T1-like head render", "image": _load(rec["images"][fam, res]),
-                           "seg": out["segmentation"]}
+                example = {"title": f"{rec['name'].split('.')[0]}, T1-like render", "image": _load(rec["images"][fam, res]),
+                           "seg": out["segmentation"], "centre": _centre(truth)}
     return {"rows": rows, "baseline": baselines, "example": example}
 
 
@@ -381,10 +380,9 @@ def evaluate_real_head(model, t1_path, mask_path, log=print) -> dict:
            "mask_ml": float(mask.sum() * ml), "labelled_ml": float((seg > 0).sum() * ml), "seconds": time.time() - t0}
     log(f"real head {Path(t1_path).name}: brain-mask Dice {out['brain_dice']:.3f}, labelled outside the mask "
         f"{out['labelled_outside_mask_ml']:.0f} ml, outside the head {out['labelled_outside_head_ml']:.0f} ml ({out['seconds']:.0f}s)")
-    canon = nib.as_closest_canonical(t1_img)
-    seg_c = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(seg, t1_img.affine)).dataobj)
-    out["_example"] = {"title": f"real T1 with skull ({Path(t1_path).name})", "image": np.asarray(canon.dataobj, np.float32),
-                       "seg": seg_c}
+    canon = [np.asarray(nib.as_closest_canonical(nib.Nifti1Image(a, t1_img.affine)).dataobj) for a in (image, seg, mask.astype(np.uint8))]
+    out["_example"] = {"title": f"real T1 with skull ({Path(t1_path).name})", "image": canon[0], "seg": canon[1],
+                       "centre": _centre(canon[2])}
     return out
 
 
@@ -471,18 +469,24 @@ def table(res: dict) -> str:
     return "\n".join(L)
 
 
+def _centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """Voxel nearest the centroid of `mask` (the volume's centre when it is empty)."""
+    idx = np.argwhere(mask > 0)
+    return tuple(int(v) for v in (idx.mean(0).round() if len(idx) else np.array(mask.shape) // 2))
+
+
 def montage(path: Path, examples: list[dict]) -> Path:
-    """Input and segmentation overlay in three planes (axial, coronal, sagittal) per example."""
+    """Input and segmentation overlay in three planes (axial, coronal, sagittal) through each
+    example's "centre" (the reference brain's centroid), one row per example."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(examples), 6, figsize=(13, 2.5 * len(examples)), squeeze=False)
+    fig, axes = plt.subplots(len(examples), 6, figsize=(14, 2.6 * len(examples)), squeeze=False)
     for row, ex in zip(axes, examples):
         img, seg = ex["image"], ex["seg"]
-        brain = np.argwhere(seg > 0)
-        c = brain.mean(0).round().astype(int) if len(brain) else np.array(img.shape) // 2
+        c = ex.get("centre") or _centre(seg)
         planes = [(img[:, :, c[2]], seg[:, :, c[2]]), (img[:, c[1], :], seg[:, c[1], :]), (img[c[0]], seg[c[0]])]
         for j, (im, sg) in enumerate(planes):
             show(row[2 * j], im, ex["title"] if j == 0 else None)

