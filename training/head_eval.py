@@ -139,7 +139,7 @@ def to_hounsfield(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """A CT-like render on a Hounsfield scale: the median of each tissue kind of the label table
     (air, CSF, WM, GM) maps to HU_ANCHORS, bone's 5th/95th percentiles to HU_BONE, linear in
     between (so the map is monotone: every intensity keeps its rank), clipped to HU_RANGE.
-    Extra-cerebral soft tissue keeps its CT-like rank: darker than CSF gives negative, fat-like values."""
+    Extra-cerebral soft tissue keeps its CT-like rank (the table has no fat kind to anchor at -100)."""
     lut = default_table().luts(int(labels.max()), "cpu")["kind"].numpy()
     kind = lut[np.clip(labels, 0, len(lut) - 1)]
     xs, hs = [], []
@@ -502,14 +502,22 @@ def markdown(res: dict, figure: str | None) -> str:
     """The card's "Whole heads and real scans" section."""
     L = ["### Whole heads and real scans", ""]
     if res.get("rows"):
-        L += [f"Whole-head renders of the held-out maps ({', '.join(res['label_maps'])}; skull, scalp, eyes, neck and air "
-              f"kept, no deformation, mild corruption), written as NIfTI files and run through `BrainIDLib.predict`: "
-              f"at 1 mm and as {SLICE_MM} mm axial slices (a NIfTI with {SLICE_MM} mm slice spacing; scored on that grid "
-              f"against the labels at the slice centres). CT (HU): the CT-like renders mapped monotonically to "
-              f"Hounsfield units (air -1000, CSF 8, WM 25, GM 38, bone 700-1500). Plan `{res['plan']}` "
-              "(`training.head_eval.conditions`). Brain Dice: any label vs the 33-class truth's labelled voxels; "
-              "'labelled in air' / 'in skull/scalp': volume the model labels where the render is air / extra-cerebral "
-              "tissue; anatomy r: correlation of the T1 synthesis with the canonical T1 render inside the brain.", "",
+        rows, base = res["rows"], res.get("baseline", [])
+        L += [f"Whole-head renders of the held-out maps ({', '.join(res['label_maps'])}; skull, scalp, eyes and air "
+              f"kept down to {NECK_MM} mm below the brain, no deformation, mild corruption), written as NIfTI files and "
+              f"run through `BrainIDLib.predict`: at 1 mm and as {SLICE_MM} mm axial slices (a NIfTI with {SLICE_MM} mm "
+              "slice spacing; scored on that grid against the labels at the slice centres). CT (HU): the CT-like "
+              "renders mapped monotonically to Hounsfield units (air -1000, CSF 8, WM 25, GM 38, bone 700-1500; "
+              "extra-cerebral soft tissue keeps its CT-like rank, typically +20 to +90 HU: the label table has no fat "
+              f"kind, so there is no -100 HU fat). Plan `{res['plan']}` (`training.head_eval.conditions`: {len(rows)} predictions). Brain Dice: any "
+              "label vs the 33-class truth's labelled voxels; 'labelled in air' / 'in skull/scalp': volume the model "
+              "labels where the render is air / extra-cerebral tissue (skull, scalp, eyes, muscle); anatomy r: "
+              "correlation of the T1 synthesis with the canonical T1 render inside the brain. The baseline does not "
+              "look at the image: it copies the next map's labels, moved so that the brains' centroids coincide.", "",
+              f"Mean over all predictions: Dice 33 {fmt(nanmean(r['dice_mean'] for r in rows))}, tissue Dice "
+              f"{fmt(nanmean(r['tissue_mean'] for r in rows))}, brain Dice {fmt(nanmean(r['brain_dice'] for r in rows))}; "
+              f"baseline: {fmt(nanmean(b['dice_mean'] for b in base))}, {fmt(nanmean(b['tissue_mean'] for b in base))}, "
+              f"{fmt(nanmean(b['brain_dice'] for b in base))}.", "",
               table({k: v for k, v in res.items() if k not in ("real_head", "lr")}), ""]
     if res.get("real_head"):
         h = res["real_head"]
