@@ -48,6 +48,8 @@ class Prediction:
 
     outputs: dict = field(default_factory=dict)  # task -> nibabel.Nifti1Image
     probabilities: object | None = None  # 4D Nifti1Image (X,Y,Z,classes) when asked
+    qc: object | None = None  # BrainIDLib.qc.QCReport when asked (qc=True)
+    uncertainty: object | None = None  # per-voxel QC uncertainty in [0, 1] on the input grid (qc=True)
     outputs_1mm: dict = field(default_factory=dict)  # task -> image on the model grid (on_1mm=True)
     features_1mm: object | None = None  # 4D image on the model grid when keep_features=True
     labels: tuple = ()  # FreeSurfer id of each segmentation class
@@ -386,13 +388,14 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None) -> Prediction:
+            window=None, qc=False) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
     progress(fraction, message) and cancel() -> bool are called between steps and tiles.
     window: force tiling with this window size (voxels on the model grid; int or 3 ints).
+    qc: also score the segmentation's quality (Prediction.qc, .uncertainty; see BrainIDLib.qc).
     """
     prog = _Progress(progress, cancel)
     model, owned = _resolve_model(model, heads)
@@ -415,6 +418,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     post = _Span(prog, 0.85, 1.0)
     offset = 0
     n_steps = len(head_tasks) + 1
+    seg_probs = None
     for i, task in enumerate(head_tasks):
         post(i / n_steps, f"mapping {task} back to the input grid")
         c = model.heads[task].out_channels
@@ -423,11 +427,47 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             chunk = chunk.float()
         offset += c
         _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
+        if task == "segmentation":
+            seg_probs = chunk  # softmaxed in place by _finish_task
+    if qc and seg_probs is not None:
+        try:
+            _quality(model, vol, prep, seg_probs, used, result.mode, budget, result.window,
+                     _Span(post, len(head_tasks) / n_steps, 1.0), result)
+        finally:
+            if owned:
+                model.to("cpu")
+            release_memory(used)
     if keep_features:
         result.features_1mm = make_nifti(np.moveaxis(prep.crop(raw[offset:]).numpy(), 0, -1), prep.grid_affine)
     del raw
     prog(1.0, "done")
     return result
+
+
+def _quality(model, vol, prep, probs, device, mode, budget, window, progress, result) -> None:
+    """Prediction.qc and .uncertainty from perturbed passes of the network (BrainIDLib.qc)."""
+    from dataclasses import replace
+
+    from . import qc
+
+    labels = list(result.labels)
+    keep = None  # the padding predict() sets to background stays background in every pass
+    if 0 in labels and padding_mask(vol.array) is not None:
+        keep = prep.crop(prep.tensor[0])[0] > 1e-3
+    passes = iter(range(len(qc.PERTURBATIONS)))
+
+    def run(x):
+        k = next(passes)
+        step = _Span(progress, k / (len(qc.PERTURBATIONS) + 1), (k + 1) / (len(qc.PERTURBATIONS) + 1))
+        raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
+                           result.messages, window)[0].float()
+        raw.sub_(raw.amax(0, keepdim=True)).exp_()
+        return raw.div_(raw.sum(0, keepdim=True))
+
+    voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
+    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep)
+    progress(0.9, "uncertainty map")
+    result.uncertainty = make_nifti(_unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1).numpy(), vol.affine)
 
 
 def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | None:
