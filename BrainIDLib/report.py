@@ -23,7 +23,7 @@ from .labels import label_color
 from .qc import FLAG_BELOW
 from .volumes import volumes_table
 
-PLANE_PIXELS = 220  # longest side of one plane in the montage
+PLANE_PIXELS = 300  # longest side of one plane in the montage
 GOOD_QC = 0.7  # table colours: green from here, amber down to the flag threshold, red below it
 
 
@@ -86,9 +86,10 @@ def _heat(u: np.ndarray) -> np.ndarray:
     return np.clip(np.concatenate([3 * u, 3 * u - 1, 3 * u - 2], -1), 0, 1)
 
 
-def montage(image, overlay=None, kind: str = "labels", centre=None) -> np.ndarray:
+def montage(image, overlay=None, kind: str = "labels", centre=None, heat_max: float = 1.0) -> np.ndarray:
     """(H, W, 3) uint8: axial, coronal and sagittal planes through `centre` (RAS voxel indices,
-    default the middle), the image in grey with `overlay` (labels, or a [0, 1] map with kind="heat")."""
+    default the middle), the image in grey with `overlay` (labels, or with kind="heat" a map shown
+    from transparent at 0 to white at `heat_max`)."""
     vol, spacing = _canonical(image)
     vol = vol.astype(np.float32)
     lo, hi = np.percentile(vol, (0.5, 99.5))
@@ -100,8 +101,9 @@ def montage(image, overlay=None, kind: str = "labels", centre=None) -> np.ndarra
         if over is not None:
             o = _plane(over, spacing, axis, centre[axis])
             if kind == "heat":
-                alpha = np.clip(o.astype(np.float32) * 1.5, 0, 0.85)[..., None]
-                rgb = (1 - alpha) * rgb + alpha * _heat(o.astype(np.float32))
+                u = np.clip(o.astype(np.float32) / heat_max, 0, 1)
+                alpha = np.clip(1.5 * u, 0, 0.85)[..., None]
+                rgb = (1 - alpha) * rgb + alpha * _heat(u)
             else:
                 colour, mask = _label_rgb(np.rint(o).astype(np.int64))
                 rgb[mask] = 0.55 * rgb[mask] + 0.45 * colour[mask]
@@ -162,9 +164,13 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
     parts.append(f"<img alt='segmentation overlay' src='{_data_uri(montage(image, seg, centre=centre))}'>")
     unc = getattr(pred, "uncertainty", None)
     if unc is not None:
+        u = np.asanyarray(unc.dataobj)
+        top = max(0.05, float(np.percentile(u[u > 0], 99))) if (u > 0).any() else 1.0
         parts.append("<h2>Uncertainty</h2><p class='note'>Per-voxel entropy of the class probabilities averaged "
-                     "over the base and perturbed passes (0 = every pass sure of one class, 1 = uniform guess).</p>"
-                     f"<img alt='uncertainty' src='{_data_uri(montage(image, unc, kind='heat', centre=centre))}'>")
+                     "over the base and perturbed passes, divided by its maximum (0 = every pass sure of one class, "
+                     f"1 = uniform guess). Colour: transparent at 0, red, yellow, white at {top:.2f} (the 99th "
+                     "percentile) and above.</p>"
+                     f"<img alt='uncertainty' src='{_data_uri(montage(image, unc, 'heat', centre, top))}'>")
     rows = volumes_table(seg, labels=labels)
     by_label = qc.by_label() if qc is not None else {}
     parts.append("<h2>Structure volumes</h2><table><tr><th>label</th><th>structure</th><th>mL</th>"

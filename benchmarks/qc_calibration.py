@@ -12,7 +12,9 @@ compared with its true Dice at 1 mm (BrainIDLib.metrics). Prints:
   precision/recall, and the same with the threshold chosen on the other label maps (leave one map out);
 - the whole-scan score against each draw's mean Dice;
 - a with-skull scan against the same scan skull-stripped (intracranial mask of the reference), and
-  the shipped (real, skull-stripped) sample.
+  the shipped (real, skull-stripped) sample;
+- what QC costs: CPU seconds of `predict` on the shipped sample with and without QC (best of 3;
+  CPU time, not wall time, because the machine may be shared).
 
 Writes docs/images/qc-calibration.png (scatter plots) and docs/qc-calibration.json. Per-draw records
 are cached in --cache so an interrupted run resumes (delete it after changing the model).
@@ -102,7 +104,9 @@ def run_draws(model, label_files, draws: int, cache: Path, log) -> tuple[list, l
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # undefined for constant inputs
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
 
 
 def flag_stats(qc: np.ndarray, dice: np.ndarray, t: float) -> dict:
@@ -176,6 +180,21 @@ def skull_demo(model, label_file: Path, log) -> dict:
     return out
 
 
+def cost(model, log, repeats: int = 3) -> dict:
+    """CPU seconds of predict() on the shipped sample without and with QC (best of `repeats`)."""
+    BrainIDLib.predict(str(sample_path()), model=model, device="cpu")  # warm-up
+    best = {}
+    for qc in (False, True) * repeats:
+        t = time.process_time()
+        BrainIDLib.predict(str(sample_path()), model=model, device="cpu", qc=qc)
+        key = "with_qc_s" if qc else "without_qc_s"
+        best[key] = min(best.get(key, math.inf), time.process_time() - t)
+    best["ratio"] = best["with_qc_s"] / best["without_qc_s"]
+    log(f"cost on the sample: {best['without_qc_s']:.2f} CPU s without QC, {best['with_qc_s']:.2f} with "
+        f"({best['ratio']:.2f}x)")
+    return best
+
+
 def plot(path: Path, rows: list, scans: list, res: dict, demo: dict | None) -> None:
     import matplotlib
 
@@ -226,7 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", nargs="+", type=Path, required=True, help="held-out 1 mm label maps")
     ap.add_argument("--draws", type=int, default=10, help="draws per label map")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/brainid-qc-calibration.json"))
-    ap.add_argument("--no-demo", action="store_true", help="skip the with-skull / skull-stripped comparison")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the with-skull / skull-stripped comparison and the cost measurement")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -239,7 +259,8 @@ def main(argv=None) -> int:
     model = BrainIDLib.load_model(args.model)
     rows, scans = run_draws(model, args.labels, args.draws, args.cache, log)
     res = calibrate(rows, scans)
-    demo = None if args.no_demo else skull_demo(model, args.labels[0], log)
+    demo = None if args.quick else skull_demo(model, args.labels[0], log)
+    costs = None if args.quick else cost(model, log)
     print(f"\nper-structure Spearman(signal, true Dice) over {res['pairs']} (draw, structure) pairs, {res['draws']} draws:")
     for s, v in res["spearman_pooled"].items():
         print(f"  {s:22s} pooled {v:6.3f}   median within a structure {res['spearman_within_structure_median'][s]:6.3f}")
@@ -254,7 +275,7 @@ def main(argv=None) -> int:
     doc = {"command": "python benchmarks/qc_calibration.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
            "label_maps": [p.name for p in args.labels], "draws_per_map": args.draws,
-           "perturbations": list(Q.PERTURBATIONS), "results": res, "skull_demo": demo}
+           "perturbations": list(Q.PERTURBATIONS), "results": res, "skull_demo": demo, "cost": costs}
     (args.out / "qc-calibration.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
     log(f"wrote {args.out / 'images' / 'qc-calibration.png'} and {args.out / 'qc-calibration.json'}")
     return 0
