@@ -395,9 +395,14 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
     progress(fraction, message) and cancel() -> bool are called between steps and tiles.
     window: force tiling with this window size (voxels on the model grid; int or 3 ints).
-    qc: also score the segmentation's quality (Prediction.qc, .uncertainty; see BrainIDLib.qc).
+    qc: also score the segmentation's quality (Prediction.qc, .uncertainty; see BrainIDLib.qc): True
+        for the default perturbed passes, or a sequence of them (e.g. ("flip", "shift")).
     """
     prog = _Progress(progress, cancel)
+    if qc:
+        from .qc import check_perturbations
+
+        qc = check_perturbations(qc)
     model, owned = _resolve_model(model, heads)
     head_tasks = _check_tasks(model, tasks)
     wanted = [t for t in dict.fromkeys(tasks if not isinstance(tasks, str) else [tasks])]
@@ -431,7 +436,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             seg_probs = chunk  # softmaxed in place by _finish_task
     if qc and seg_probs is not None:
         try:
-            _quality(model, vol, prep, seg_probs, used, result.mode, budget, result.window,
+            _quality(model, vol, prep, seg_probs, qc, used, result.mode, budget, result.window,
                      _Span(post, len(head_tasks) / n_steps, 1.0), result)
         finally:
             if owned:
@@ -444,7 +449,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     return result
 
 
-def _quality(model, vol, prep, probs, device, mode, budget, window, progress, result) -> None:
+def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progress, result) -> None:
     """Prediction.qc and .uncertainty from perturbed passes of the network (BrainIDLib.qc)."""
     from dataclasses import replace
 
@@ -454,18 +459,18 @@ def _quality(model, vol, prep, probs, device, mode, budget, window, progress, re
     keep = None  # the padding predict() sets to background stays background in every pass
     if 0 in labels and padding_mask(vol.array) is not None:
         keep = prep.crop(prep.tensor[0])[0] > 1e-3
-    passes = iter(range(len(qc.PERTURBATIONS)))
+    passes = iter(range(len(kinds)))
 
     def run(x):
         k = next(passes)
-        step = _Span(progress, k / (len(qc.PERTURBATIONS) + 1), (k + 1) / (len(qc.PERTURBATIONS) + 1))
+        step = _Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
         raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
                            result.messages, window)[0].float()
         raw.sub_(raw.amax(0, keepdim=True)).exp_()
         return raw.div_(raw.sum(0, keepdim=True))
 
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
-    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep)
+    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
     progress(0.9, "uncertainty map")
     result.uncertainty = make_nifti(_unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1).numpy(), vol.affine)
 

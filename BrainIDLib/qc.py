@@ -3,9 +3,10 @@ be trusted.
 
 A trustworthy segmentation stays the same when the scan is changed in ways that do not change the
 anatomy, and has a plausible size. QC runs the network again on perturbed copies of the prepared
-input: the left/right mirror (mapped back, left and right labels swapped) and a one-voxel shift
-(a gamma change of the intensities was measured too: it added little and cost a pass). Per
-structure, on the model grid:
+input: by default the left/right mirror (mapped back, left and right labels swapped); a one-voxel
+shift can be added (`predict(..., qc=("flip", "shift"))`): on held-out draws it added little to the
+ranking for one more network pass, and a gamma change of the intensities added less. Per structure,
+on the model grid:
 
 - agreement: mean Dice between the base segmentation and each perturbed one;
 - confidence: mean top class probability (all passes averaged) inside the structure;
@@ -33,11 +34,13 @@ from typing import Callable
 
 import torch
 
+from .errors import BrainIDError
 from .files import atomic_write
 from .labels import LEFT_RIGHT_PAIRS, label_name
 from .resources import resource_path
 
-PERTURBATIONS = ("flip", "shift")
+PERTURBATIONS = ("flip",)  # the default passes (one network pass each)
+KNOWN_PERTURBATIONS = ("flip", "shift")
 FLAG_BELOW = 0.5  # structures scoring below this are flagged (chosen by benchmarks/qc_calibration.py)
 VOLUME_TOLERANCE = 0.5  # |log(volume / normal range edge)| tolerated before plausibility falls
 VOLUME_WIDTH = 0.5  # how fast plausibility falls beyond the tolerance (Gaussian width in log units)
@@ -105,13 +108,23 @@ def mirror_index(labels) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def check_perturbations(kinds) -> tuple:
+    """`kinds` as a tuple of known perturbations (True: the default ones); BrainIDError otherwise."""
+    kinds = PERTURBATIONS if kinds is True else (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in KNOWN_PERTURBATIONS]
+    if unknown or not kinds:
+        raise BrainIDError(f"unknown QC perturbation {', '.join(map(repr, unknown)) or '(none given)'}; "
+                           f"choose from {', '.join(KNOWN_PERTURBATIONS)}")
+    return kinds
+
+
 def perturb(x: torch.Tensor, kind: str) -> torch.Tensor:
     """A perturbed copy of the (1, 1, X, Y, Z) network input (RAS axes, values in [0, 1])."""
     if kind == "flip":
         return x.flip(2)
     if kind == "shift":
         return x.roll((1, 1, 1), dims=(2, 3, 4))
-    raise ValueError(f"unknown QC perturbation {kind!r}; choose from {', '.join(PERTURBATIONS)}")
+    check_perturbations([kind])
 
 
 def restore(probs: torch.Tensor, kind: str, mirror: torch.Tensor) -> torch.Tensor:

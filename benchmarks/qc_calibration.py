@@ -73,8 +73,10 @@ def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
     return rows, scan
 
 
-def run_draws(model, label_files, draws: int, cache: Path, log) -> tuple[list, list]:
-    done = json.loads(cache.read_text()) if cache.is_file() else {"rows": [], "scans": []}
+def run_draws(model, label_files, draws: int, cache: Path, kinds: tuple, log) -> tuple[list, list]:
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if done.get("perturbations") != list(kinds):  # records of other QC passes do not count
+        done = {"perturbations": list(kinds), "rows": [], "scans": []}
     seen = {(s["map"], s["draw"]) for s in done["scans"]}
     gens = make_generators()
     for path in label_files:
@@ -88,7 +90,7 @@ def run_draws(model, label_files, draws: int, cache: Path, log) -> tuple[list, l
             t0 = time.time()
             draw = gens[fam, reg](labels, seed=5000 + 97 * k, severity=[sev])
             img = nib.Nifti1Image(draw["inputs"][0, 0].numpy(), np.eye(4))
-            pred = BrainIDLib.predict(img, tasks=("segmentation",), model=model, device="cpu", qc=True)
+            pred = BrainIDLib.predict(img, tasks=("segmentation",), model=model, device="cpu", qc=kinds)
             meta = {"map": path.name, "draw": k, "family": fam, "regime": reg, "severity": sev}
             rows, scan = _records(pred, _SEG[draw["segmentation"].numpy()], meta)
             done["rows"] += rows
@@ -151,7 +153,7 @@ def calibrate(rows: list, scans: list) -> dict:
             "scan_spearman": spearman([s["scan_score"] for s in scans], [s["mean_dice"] for s in scans])}
 
 
-def skull_demo(model, label_file: Path, log) -> dict:
+def skull_demo(model, label_file: Path, kinds: tuple, log) -> dict:
     """A T1-like whole-head draw vs the same image with everything outside the intracranial mask set to 0."""
     from BrainIDLib.synth import SubjectGenerator
 
@@ -164,7 +166,7 @@ def skull_demo(model, label_file: Path, log) -> dict:
     out = {}
     for name, image in (("with skull", head), ("skull-stripped", head * (ref > 0))):
         pred = BrainIDLib.predict(nib.Nifti1Image(image, np.eye(4)), tasks=("segmentation",), model=model,
-                                  device="cpu", qc=True)
+                                  device="cpu", qc=kinds)
         _, scan = _records(pred, ref, {"map": label_file.name, "case": name})
         seg = np.asarray(pred.outputs["segmentation"].dataobj)
         scan["labelled_outside_brain_ml"] = float(((seg > 0) & (ref == 0)).sum()) / 1000.0
@@ -173,20 +175,20 @@ def skull_demo(model, label_file: Path, log) -> dict:
         log(f"{name}: scan QC {scan['scan_score']:.3f}, mean Dice {scan['mean_dice']:.3f}, labelled "
             f"{scan['total_ml']:.0f} mL (reference {scan['reference_ml']:.0f} mL; "
             f"{scan['labelled_outside_brain_ml']:.0f} mL outside the brain)")
-    pred = BrainIDLib.predict(str(sample_path()), tasks=("segmentation",), model=model, device="cpu", qc=True)
+    pred = BrainIDLib.predict(str(sample_path()), tasks=("segmentation",), model=model, device="cpu", qc=kinds)
     out["sample (real, skull-stripped)"] = {"scan_score": pred.qc.scan_score, "total_ml": pred.qc.total_volume_ml,
                                             "flagged": [s.name for s in pred.qc.flagged()]}
     log(f"shipped sample: scan QC {pred.qc.scan_score:.3f}, flagged {out['sample (real, skull-stripped)']['flagged']}")
     return out
 
 
-def cost(model, log, repeats: int = 3) -> dict:
+def cost(model, kinds: tuple, log, repeats: int = 3) -> dict:
     """CPU seconds of predict() on the shipped sample without and with QC (best of `repeats`)."""
     BrainIDLib.predict(str(sample_path()), model=model, device="cpu")  # warm-up
     best = {}
     for qc in (False, True) * repeats:
         t = time.process_time()
-        BrainIDLib.predict(str(sample_path()), model=model, device="cpu", qc=qc)
+        BrainIDLib.predict(str(sample_path()), model=model, device="cpu", qc=kinds if qc else False)
         key = "with_qc_s" if qc else "without_qc_s"
         best[key] = min(best.get(key, math.inf), time.process_time() - t)
     best["ratio"] = best["with_qc_s"] / best["without_qc_s"]
@@ -248,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="skip the with-skull / skull-stripped comparison and the cost measurement")
     ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--perturbations", nargs="+", default=list(Q.PERTURBATIONS), choices=Q.KNOWN_PERTURBATIONS,
+                    help="QC passes (default: BrainIDLib.qc's default)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -257,10 +261,11 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
 
     model = BrainIDLib.load_model(args.model)
-    rows, scans = run_draws(model, args.labels, args.draws, args.cache, log)
+    kinds = tuple(args.perturbations)
+    rows, scans = run_draws(model, args.labels, args.draws, args.cache, kinds, log)
     res = calibrate(rows, scans)
-    demo = None if args.quick else skull_demo(model, args.labels[0], log)
-    costs = None if args.quick else cost(model, log)
+    demo = None if args.quick else skull_demo(model, args.labels[0], kinds, log)
+    costs = None if args.quick else cost(model, kinds, log)
     print(f"\nper-structure Spearman(signal, true Dice) over {res['pairs']} (draw, structure) pairs, {res['draws']} draws:")
     for s, v in res["spearman_pooled"].items():
         print(f"  {s:22s} pooled {v:6.3f}   median within a structure {res['spearman_within_structure_median'][s]:6.3f}")
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     doc = {"command": "python benchmarks/qc_calibration.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
            "label_maps": [p.name for p in args.labels], "draws_per_map": args.draws,
-           "perturbations": list(Q.PERTURBATIONS), "results": res, "skull_demo": demo, "cost": costs}
+           "perturbations": list(kinds), "results": res, "skull_demo": demo, "cost": costs}
     (args.out / "qc-calibration.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
     log(f"wrote {args.out / 'images' / 'qc-calibration.png'} and {args.out / 'qc-calibration.json'}")
     return 0

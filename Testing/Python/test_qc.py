@@ -65,7 +65,7 @@ def test_mirror_index_swaps_left_and_right():
     assert torch.equal(m[m], torch.arange(len(LABELS)))
 
 
-@pytest.mark.parametrize("kind", qc.PERTURBATIONS)
+@pytest.mark.parametrize("kind", qc.KNOWN_PERTURBATIONS)
 def test_restore_undoes_each_perturbation(kind):
     x = blobs()
     back = qc.restore(hemisphere_net(qc.perturb(x, kind)), kind, qc.mirror_index(LABELS))
@@ -74,7 +74,7 @@ def test_restore_undoes_each_perturbation(kind):
 
 def test_consistent_network_scores_one_and_is_certain():
     x = blobs()
-    report, unc = qc.assess(x, hemisphere_net(x), hemisphere_net, LABELS, voxel_ml=1.0)
+    report, unc = qc.assess(x, hemisphere_net(x), hemisphere_net, LABELS, voxel_ml=1.0, kinds=("flip", "shift"))
     s = report.by_label()
     assert s[2].agreement == 1.0 and s[41].agreement == 1.0
     assert s[2].by_perturbation == {"flip": 1.0, "shift": 1.0}
@@ -86,11 +86,23 @@ def test_consistent_network_scores_one_and_is_certain():
 
 def test_left_right_confusion_is_caught_by_the_mirror_pass():
     x = blobs()
-    report, unc = qc.assess(x, all_left_net(x), all_left_net, LABELS, voxel_ml=1.0)
+    report, unc = qc.assess(x, all_left_net(x), all_left_net, LABELS, voxel_ml=1.0, kinds=("flip", "shift"))
     s = report.by_label()[2]
     assert s.by_perturbation == {"flip": 0.0, "shift": 1.0}
     assert s.agreement == pytest.approx(1 / 2) and s.confidence == pytest.approx(2 / 3)
     assert float(unc[x[0, 0] > 0.5].min()) > 0.1  # mean of one-hot left and right: uncertain
+
+
+def test_default_passes_and_unknown_ones():
+    x = blobs()
+    report, _ = qc.assess(x, all_left_net(x), all_left_net, LABELS, voxel_ml=1.0)
+    assert report.perturbations == qc.PERTURBATIONS and set(report.structures[0].by_perturbation) == set(qc.PERTURBATIONS)
+    assert qc.check_perturbations(True) == qc.PERTURBATIONS and qc.check_perturbations("shift") == ("shift",)
+    import BrainIDLib
+    from BrainIDLib.errors import BrainIDError
+
+    with pytest.raises(BrainIDError, match="unknown QC perturbation 'gamma'"):
+        BrainIDLib.predict("no-such-file.nii.gz", model="brainid-lite", qc=("flip", "gamma"))  # before any work
 
 
 def test_keep_mask_and_crop():
