@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +42,7 @@ from .resources import resource_path
 
 PERTURBATIONS = ("flip",)  # the default passes (one network pass each)
 KNOWN_PERTURBATIONS = ("flip", "shift")
-FLAG_BELOW = 0.5  # structures scoring below this are flagged (chosen by benchmarks/qc_calibration.py)
+FLAG_BELOW = 0.45  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py
 VOLUME_TOLERANCE = 0.5  # |log(volume / normal range edge)| tolerated before plausibility falls
 VOLUME_WIDTH = 0.5  # how fast plausibility falls beyond the tolerance (Gaussian width in log units)
 
@@ -218,6 +219,5 @@ def score(labels, by_kind: dict, volume_ml, confidence) -> QCReport:
             usual.append(s)
     total = float(sum(v for lab, v in zip(labels, volume_ml) if lab != 0))
     tn = volume_norms()["total"]
-    median = float(torch.tensor(usual).median()) if usual else 0.0
-    scan = median * plausibility(total, tn["min_ml"], tn["max_ml"])
+    scan = (statistics.median(usual) if usual else 0.0) * plausibility(total, tn["min_ml"], tn["max_ml"])
     return QCReport(rows, scan, total, perturbations=tuple(by_kind))

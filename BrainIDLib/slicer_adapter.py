@@ -419,14 +419,16 @@ def qc_mark(score: float, threshold: float) -> str:
     return QC_MARKS[1][1] if score >= threshold else QC_MARKS[2][1]
 
 
-def add_volumes_table(rows, name: str, reference=None, qc=None, threshold: float = 0.5):
-    """A table node with one row per structure: Label, Structure, Volume [mL]; with `qc` ({label:
-    score}) also QC and Trust (a coloured mark; structures below `threshold` read "low")."""
+def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
+    """A table node with one row per structure: Label, Structure, Volume [mL]; with `qc` (a QC report
+    as a dict: BrainIDLib.qc.QCReport.to_dict, the CLI's _qc.json) also QC and Trust (a coloured
+    mark; structures below the report's threshold read "low")."""
     table = scene().AddNewNodeByClass("vtkMRMLTableNode", scene().GenerateUniqueName(name))
     t = table.GetTable()
     cols = [vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray()]
     titles = ["Label", "Structure", "Volume [mL]"]
-    if qc is not None:
+    scores = {s["label"]: s["score"] for s in qc["structures"]} if qc else None
+    if scores is not None:
         cols += [vtk.vtkDoubleArray(), vtk.vtkStringArray()]
         titles += ["QC", "Trust"]
     for col, title in zip(cols, titles):
@@ -437,9 +439,9 @@ def add_volumes_table(rows, name: str, reference=None, qc=None, threshold: float
         t.SetValue(r, 0, vtk.vtkVariant(int(label)))
         t.SetValue(r, 1, vtk.vtkVariant(str(struct)))
         t.SetValue(r, 2, vtk.vtkVariant(float(ml)))
-        if qc is not None and int(label) in qc:
-            t.SetValue(r, 3, vtk.vtkVariant(round(float(qc[int(label)]), 3)))
-            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(qc[int(label)]), threshold)))
+        if scores is not None and int(label) in scores:
+            t.SetValue(r, 3, vtk.vtkVariant(round(float(scores[int(label)]), 3)))
+            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(scores[int(label)]), float(qc["threshold"]))))
     table.Modified()
     if reference is not None:
         place_in_study(table, reference)

@@ -231,6 +231,11 @@ def plot(path: Path, rows: list, scans: list, res: dict, demo: dict | None) -> N
             if d:
                 ax.scatter([d["scan_score"]], [d["mean_dice"]], marker=marker, s=110, c="red" if marker == "X" else "C1",
                            edgecolors="k", label=f"T1 draw, {name}")
+        real = demo.get("sample (real, skull-stripped)")
+        if real:
+            ax.axvline(real["scan_score"], color="grey", ls="--", lw=1,
+                       label=f"shipped sample (real, no per-structure truth): {real['scan_score']:.2f}")
+    ax.set_xlim(0, 1)
     ax.set_title(f"whole scan: Spearman {res['scan_spearman']:.2f} with mean Dice", fontsize=9)
     ax.set_xlabel("whole-scan QC score")
     ax.set_ylabel("mean Dice (32 structures)")

@@ -381,9 +381,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
                 nodes["segmentation"] = sa.add_segmentation(labels, name, inputVolumeNode)
                 listed = set(SEGMENTATION_LABELS) | set(np.unique(labels).tolist())  # absent structures at 0 mL
                 rows = structure_volumes(labels, sa.world_ijk_to_ras(inputVolumeNode), labels=listed)
-                scores = {s["label"]: s["score"] for s in qc["structures"]} if qc else None
-                nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode, scores,
-                                                        qc["threshold"] if qc else 0.5)
+                nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode, qc)
             elif key == "uncertainty":
                 nodes[key] = sa.add_heatmap_volume(array, name, inputVolumeNode)
             elif key == "features_pca":
