@@ -457,7 +457,8 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
 
     labels = list(result.labels)
     keep = None  # the padding predict() sets to background stays background in every pass
-    if 0 in labels and padding_mask(vol.array) is not None:
+    pad = padding_mask(vol.array) if 0 in labels else None
+    if pad is not None:
         keep = prep.crop(prep.tensor[0])[0] > 1e-3
     passes = iter(range(len(kinds)))
 
@@ -472,7 +473,10 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
     result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
     progress(0.9, "uncertainty map")
-    result.uncertainty = make_nifti(_unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1).numpy(), vol.affine)
+    unc = _unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1)
+    if pad is not None:  # certain there, as the segmentation is
+        unc[torch.from_numpy(pad)] = 0
+    result.uncertainty = make_nifti(unc.numpy(), vol.affine)
 
 
 def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | None:

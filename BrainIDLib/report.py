@@ -102,7 +102,7 @@ def montage(image, overlay=None, kind: str = "labels", centre=None, heat_max: fl
             o = _plane(over, spacing, axis, centre[axis])
             if kind == "heat":
                 u = np.clip(o.astype(np.float32) / heat_max, 0, 1)
-                alpha = np.clip(1.5 * u, 0, 0.85)[..., None]
+                alpha = 0.8 * u[..., None]
                 rgb = (1 - alpha) * rgb + alpha * _heat(u)
             else:
                 colour, mask = _label_rgb(np.rint(o).astype(np.int64))
@@ -188,10 +188,10 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
     parts.append("</table>")
     if qc is not None:
         parts.append(f"<p class='note'>QC colours: green &ge; {GOOD_QC:g}, amber &ge; {threshold:g}, red below (flagged). "
-                     "QC = mean agreement x confidence x volume plausibility. flip / shift: Dice between the "
-                     "segmentation and the one of the mirrored or one-voxel-shifted input; confidence: mean top class "
-                     "probability inside the structure; volume plausible: 1 inside the range of training label "
-                     "maps.</p>")
+                     f"QC = mean agreement x confidence x volume plausibility. {' / '.join(qc.perturbations)}: Dice "
+                     "between the segmentation and that of the mirrored (flip) or one-voxel-shifted (shift) input; "
+                     "confidence: mean top class probability inside the structure; volume plausible: 1 inside the "
+                     "range of training label maps.</p>")
     parts.append("<h2>Model and known limits</h2>"
                  f"<p class='note'>{esc(model_description or model_name)}</p><ul class='note'>"
                  "<li>QC scores rank results by how much to trust them; they are not Dice values. They were "
