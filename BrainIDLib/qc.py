@@ -4,9 +4,10 @@ be trusted.
 A trustworthy segmentation stays the same when the scan is changed in ways that do not change the
 anatomy, and has a plausible size. QC runs the network again on perturbed copies of the prepared
 input: by default the left/right mirror (mapped back, left and right labels swapped); a one-voxel
-shift can be added (`predict(..., qc=("flip", "shift"))`): on held-out draws it added little to the
-ranking for one more network pass, and a gamma change of the intensities added less. Per structure,
-on the model grid:
+shift can be added (`predict(..., qc=("flip", "shift"))`). On the first 6 held-out calibration draws
+the shift pass moved Spearman(QC, Dice) from 0.73 to 0.75 for one more network pass (QC on by
+default must cost under 2x the prediction), and a gamma change of the intensities, tried first, was
+the weakest signal (0.28 alone). Per structure, on the model grid:
 
 - agreement: mean Dice between the base segmentation and each perturbed one;
 - confidence: mean top class probability (all passes averaged) inside the structure;
