@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "output, a .nii.gz file name")
     p.add_argument("--on-1mm", action="store_true", help="also write the outputs on the model's 1 mm RAS grid")
     p.add_argument("--no-volumes", action="store_true", help="do not write the structure volumes CSV")
+    p.add_argument("--qc", action=argparse.BooleanOptionalAction, default=None,
+                   help="score how far each structure and the whole segmentation can be trusted (perturbed "
+                        "passes of the network): QC columns in the volumes CSV and <...>_qc.json "
+                        "(default: on whenever segmentation runs)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write the per-voxel QC uncertainty map (<...>_uncertainty.nii.gz, 0 sure to 1 uniform)")
+    p.add_argument("--report", action="store_true",
+                   help="also write <...>_report.html: one self-contained page with montages, volumes and QC")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -387,11 +395,22 @@ def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[s
     return paths, base.with_name(f"{base.name}_volumes.csv")
 
 
-def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
-    """Structure volumes (label, FreeSurfer name, voxels, mL; background excluded), written atomically."""
+def write_volumes_csv(seg_img, path: Path, labels=None, qc=None) -> Path:
+    """Structure volumes (label, FreeSurfer name, voxels, mL, and QC with a QC report; background
+    excluded), written atomically."""
     from .volumes import volumes_table, write_volumes_csv as write_rows
 
-    return write_rows(volumes_table(seg_img, labels=labels), path)
+    return write_rows(volumes_table(seg_img, labels=labels), path, qc=qc)
+
+
+def _qc_wanted(args, tasks: list[str]) -> bool:
+    """--qc (default on with segmentation), --uncertainty and --report checked against the tasks."""
+    asked = [o for o, on in (("--qc", args.qc), ("--uncertainty", args.uncertainty), ("--report", args.report)) if on]
+    if asked and "segmentation" not in tasks:
+        raise BrainIDError(f"{' and '.join(asked)} need the segmentation task; add --task segmentation")
+    if args.uncertainty and args.qc is False:
+        raise BrainIDError("--uncertainty comes from QC; drop --no-qc")
+    return "segmentation" in tasks and args.qc is not False
 
 
 def _check_memory(args) -> None:
@@ -427,12 +446,13 @@ def cmd_predict(args) -> int:
         if missing:
             raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
                                f"add one with --head {missing[0]}=FILE or choose another --model")
+        qc = _qc_wanted(args, tasks)
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
         pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
                      on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
-                     max_voxels=args.max_voxels)
+                     max_voxels=args.max_voxels, qc=qc)
     finally:
         reporter.close()
     for message in getattr(pred, "messages", None) or []:
@@ -440,15 +460,30 @@ def cmd_predict(args) -> int:
             reporter.info(str(message))
 
     outputs = dict(pred.outputs)
+    quality = getattr(pred, "qc", None)
+    if args.uncertainty and getattr(pred, "uncertainty", None) is not None:
+        outputs["uncertainty"] = pred.uncertainty
     if args.on_1mm:
         outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
     paths, csv_path = output_paths(args.output, input_path, list(outputs))
     for key, img in outputs.items():
         reporter.output(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
+    labels = list(getattr(pred, "labels", None) or ()) or \
+        model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
     if "segmentation" in outputs and not args.no_volumes:
-        labels = list(getattr(pred, "labels", None) or ()) or \
-            model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
-        reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels))
+        reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
+    sibling = csv_path.with_name(csv_path.name[: -len("_volumes.csv")])
+    if quality is not None:
+        from .qc import write_json
+
+        reporter.output("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
+        low = ", ".join(s.name for s in quality.flagged()) or "none"
+        reporter.info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
+    if args.report and "segmentation" in outputs:
+        from .report import write_report
+
+        reporter.output("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
+                                               label, model.metadata.get("description", ""), labels))
     return 0
 
 
