@@ -62,8 +62,9 @@ def _tissue_reference_on(img):
 def test_default_model_segments_the_shipped_sample_like_a_brain():
     """The README's main job: the default model on the shipped sample (a real T1 template). Its grey and
     white matter must agree with the template's own tissue maps, and nothing may be labelled outside
-    the brain. Floors: measured here WM 0.61 / GM 0.54 (2026-11-25, torch 2.13 CPU) minus a margin for other CPUs
-    and library versions; a model that only finds the brain scores far lower."""
+    the brain. Floors: measured here WM 0.50 / GM 0.65 (2026-12-01, part 3 model, torch 2.13 CPU; part 2
+    scored 0.61 / 0.54) minus a margin for other CPUs and library versions; a model that only finds the
+    brain scores far lower."""
     from BrainIDLib.samples import sample_path
     from training.model_card import MNI_GM, MNI_WM, dice
 
@@ -77,5 +78,18 @@ def test_default_model_segments_the_shipped_sample_like_a_brain():
     ref_gm, ref_wm = _tissue_reference_on(img)
     ref_gm &= brain
     ref_wm &= brain
-    assert dice(np.isin(seg, MNI_WM), ref_wm) > 0.50
-    assert dice(np.isin(seg, MNI_GM), ref_gm) > 0.45
+    assert dice(np.isin(seg, MNI_WM), ref_wm) > 0.45
+    assert dice(np.isin(seg, MNI_GM), ref_gm) > 0.58
+
+
+@pytest.mark.slow
+def test_default_model_is_left_right_symmetric_on_the_symmetric_sample():
+    """The sample is a symmetric template: the default model's segmentation of its mirror image must be
+    the mirror of its segmentation (left/right labels swapped) almost everywhere. Measured 0.98 for
+    the part 3 model (flip averaging on, as its metadata asks); part 2 without it: 0.68."""
+    from BrainIDLib.samples import sample_path
+    from training.head_eval import evaluate_lr
+
+    res = evaluate_lr(BrainIDLib.load_model("brainid-lite"), sample_path(), log=lambda *a: None)
+    assert res["agreement"] >= 0.9
+    assert res["max_ratio_deviation_big"] < np.log(1.25)  # left/right volumes of the big structures
