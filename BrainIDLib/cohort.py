@@ -22,6 +22,7 @@ import io
 import os
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,6 +37,8 @@ from .labels import label_name
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 SUMMARY_NAME = "cohort_volumes.csv"
 STATUS_COLUMNS = ("scan", "output", "status", "error", "seconds")
+# A scan's own problems (unreadable, out of memory, torch errors): recorded without a traceback.
+USER_ERRORS = (BrainIDError, OSError, MemoryError, RuntimeError)
 # The final gather waits for the slowest rank: a cohort may keep ranks apart for days.
 GATHER_TIMEOUT = timedelta(days=7)
 
@@ -229,7 +232,10 @@ def run_cohort(args, tasks: list[str]) -> int:
     todo: list[Scan] = []
     for scan in mine:
         row = None if args.overwrite else _finished_row(out, scan, tasks, args)
-        (rows.append(row) if row else todo.append(scan))
+        if row:
+            rows.append(row)
+        else:
+            todo.append(scan)
 
     bar = None
     if fmt == "bar":
@@ -265,10 +271,11 @@ def run_cohort(args, tasks: list[str]) -> int:
                 _write_prediction(pred, model, scan.path, str(out / scan.stem), args.on_1mm, args.no_volumes, emit)
                 row = Row(scan.index, str(scan.path), scan.stem, "ok", seconds=time.perf_counter() - start,
                           volumes_ml=_read_volumes(_expected_outputs(out, scan, tasks, args)[1]))
-            except (KeyboardInterrupt, SystemExit):
-                raise
             except Exception as e:  # noqa: BLE001 - one bad scan must not stop the cohort
                 message = _one_line(e) if str(e) else type(e).__name__
+                if not isinstance(e, USER_ERRORS):  # a bug: keep its traceback visible, go on with the others
+                    message = f"{type(e).__name__}: {message} (a BrainID bug? please report it)"
+                    traceback.print_exc(file=sys.stderr)
                 row = Row(scan.index, str(scan.path), scan.stem, "failed", message, time.perf_counter() - start)
                 note(f"{scan.path} failed: {message}")
             rows.append(row)

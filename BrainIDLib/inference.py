@@ -164,8 +164,8 @@ def _autocast(device: torch.device, precision: str = "fp32"):
     precision is bf16. GroupNorm statistics stay float32/float64 in the low-memory forward."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == "bf16":  # no cache of bf16 weight copies: they would add to the peak
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     return torch.autocast("cpu", enabled=False)
 
 

@@ -141,6 +141,23 @@ def test_next_scan_is_prepared_while_the_current_one_computes(tmp_path, model_fi
     assert [r["status"] for r in summary(tmp_path / "out")] == ["ok", "ok"]
 
 
+def test_a_bug_on_one_scan_shows_its_traceback_and_the_cohort_goes_on(tmp_path, model_file, capsys, monkeypatch):
+    import BrainIDLib.inference as inference
+
+    cohort(tmp_path / "in", 2)
+    real_predict = inference.predict
+
+    def buggy(image, *a, **k):
+        if image.volume.name == "s0.nii.gz":
+            raise TypeError("unsupported operand")
+        return real_predict(image, *a, **k)
+
+    monkeypatch.setattr(inference, "predict", buggy)
+    rc, _, err = run(capsys, "predict", tmp_path / "in", "-o", tmp_path / "out", "--model", model_file, *QUIET)
+    assert rc == 1 and "Traceback" in err and "TypeError: unsupported operand (a BrainID bug?" in err
+    assert [r["status"] for r in summary(tmp_path / "out")] == ["failed", "ok"]
+
+
 def test_cohort_usage_errors_before_the_model_loads(tmp_path, model_file, capsys, monkeypatch):
     import BrainIDLib.weights as weights
 
