@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "output, a .nii.gz file name")
     p.add_argument("--on-1mm", action="store_true", help="also write the outputs on the model's 1 mm RAS grid")
     p.add_argument("--no-volumes", action="store_true", help="do not write the structure volumes CSV")
+    p.add_argument("--qc", action=argparse.BooleanOptionalAction, default=None,
+                   help="score how far each structure and the whole segmentation can be trusted (perturbed "
+                        "passes of the network): QC columns in the volumes CSV and <...>_qc.json "
+                        "(default: on whenever segmentation runs)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write the per-voxel QC uncertainty map (<...>_uncertainty.nii.gz, 0 sure to 1 uniform)")
+    p.add_argument("--report", action="store_true",
+                   help="also write <...>_report.html: one self-contained page with montages, volumes and QC")
     p.add_argument("--overwrite", action="store_true",
                    help="cohorts: run scans whose outputs already exist again (default: skip them)")
     _add_common(p)
@@ -395,11 +403,22 @@ def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[s
     return paths, base.with_name(f"{base.name}_volumes.csv")
 
 
-def write_volumes_csv(seg_img, path: Path, labels=None) -> Path:
-    """Structure volumes (label, FreeSurfer name, voxels, mL; background excluded), written atomically."""
+def write_volumes_csv(seg_img, path: Path, labels=None, qc=None) -> Path:
+    """Structure volumes (label, FreeSurfer name, voxels, mL, and QC with a QC report; background
+    excluded), written atomically."""
     from .volumes import volumes_table, write_volumes_csv as write_rows
 
-    return write_rows(volumes_table(seg_img, labels=labels), path)
+    return write_rows(volumes_table(seg_img, labels=labels), path, qc=qc)
+
+
+def _qc_wanted(args, tasks: list[str]) -> bool:
+    """--qc (default on with segmentation), --uncertainty and --report checked against the tasks."""
+    asked = [o for o, on in (("--qc", args.qc), ("--uncertainty", args.uncertainty), ("--report", args.report)) if on]
+    if asked and "segmentation" not in tasks:
+        raise BrainIDError(f"{' and '.join(asked)} need the segmentation task; add --task segmentation")
+    if args.uncertainty and args.qc is False:
+        raise BrainIDError("--uncertainty comes from QC; drop --no-qc")
+    return "segmentation" in tasks and args.qc is not False
 
 
 def _check_memory(args) -> None:
@@ -427,18 +446,34 @@ def _model_tasks(model, label: str, tasks: list[str]) -> list[str]:
     return tasks
 
 
-def _write_prediction(pred, model, input_path: Path, output: str, on_1mm: bool, no_volumes: bool, report) -> None:
-    """Every output of `pred` (and the volumes CSV) at the paths `output` names; report(kind, path) each."""
+def _write_prediction(pred, model, label: str, input_path: Path, output: str, args, report, info) -> None:
+    """Every output of `pred` at the paths `output` names (NIfTIs, volumes CSV, QC, report, as args
+    ask); report(kind, path) for each file, info(text) for the QC line."""
     outputs = dict(pred.outputs)
-    if on_1mm:
+    quality = getattr(pred, "qc", None)
+    if args.uncertainty and getattr(pred, "uncertainty", None) is not None:
+        outputs["uncertainty"] = pred.uncertainty
+    if args.on_1mm:
         outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
     paths, csv_path = output_paths(output, input_path, list(outputs))
     for key, img in outputs.items():
         report(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
-    if "segmentation" in outputs and not no_volumes:
-        labels = list(getattr(pred, "labels", None) or ()) or \
-            model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
-        report("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels))
+    labels = list(getattr(pred, "labels", None) or ()) or \
+        model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
+    if "segmentation" in outputs and not args.no_volumes:
+        report("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
+    sibling = csv_path.with_name(csv_path.name[: -len("_volumes.csv")])
+    if quality is not None:
+        from .qc import write_json
+
+        report("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
+        low = ", ".join(s.name for s in quality.flagged()) or "none"
+        info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
+    if args.report and "segmentation" in outputs:
+        from .report import write_report
+
+        report("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
+                                      label, model.metadata.get("description", ""), labels))
 
 
 def cmd_predict(args) -> int:
@@ -460,18 +495,19 @@ def cmd_predict(args) -> int:
     try:
         model, label = _load_model(args, reporter)
         tasks = _model_tasks(model, label, tasks)
+        qc = _qc_wanted(args, tasks)
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
         pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
                      on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
-                     max_voxels=args.max_voxels, precision=args.precision)
+                     max_voxels=args.max_voxels, qc=qc, precision=args.precision)
     finally:
         reporter.close()
     for message in getattr(pred, "messages", None) or []:
         if str(message) not in _NOTED:  # already printed as a note
             reporter.info(str(message))
-    _write_prediction(pred, model, input_path, args.output, args.on_1mm, args.no_volumes, reporter.output)
+    _write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
     return 0
 
 

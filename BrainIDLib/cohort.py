@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .cli import (PROG, Reporter, _check_writable, _describe, _load_model, _model_tasks,
-                  _one_line, _parse_heads, _scans, _unique_stems, _write_prediction, output_paths)
+                  _one_line, _parse_heads, _qc_wanted, _scans, _unique_stems, _write_prediction, output_paths)
 from .errors import BrainIDError
 from .files import atomic_write
 from .labels import label_name
@@ -103,9 +103,16 @@ def _expected_outputs(out: Path, scan: Scan, tasks: list[str], args) -> tuple[li
     keys = list(dict.fromkeys(tasks + (["bias_corrected"] if "bias_field" in tasks else [])))
     if args.on_1mm:
         keys += [f"{k}_1mm" for k in keys]
+    qc = _qc_wanted(args, tasks)
+    if qc and args.uncertainty:
+        keys.append("uncertainty")
     paths, csv_path = output_paths(str(out / scan.stem), scan.path, keys)
     volumes = csv_path if "segmentation" in tasks and not args.no_volumes else None
-    return list(paths.values()) + ([volumes] if volumes else []), volumes
+    base = out / scan.stem
+    extra = [base.with_name(base.name + "_qc.json")] if qc else []
+    if args.report and "segmentation" in tasks:
+        extra.append(base.with_name(base.name + "_report.html"))
+    return list(paths.values()) + ([volumes] if volumes else []) + extra, volumes
 
 
 def _read_volumes(path: Path | None) -> dict:
@@ -213,6 +220,7 @@ def run_cohort(args, tasks: list[str]) -> int:
     finally:
         loading.close()
     tasks = _model_tasks(model, label, tasks)
+    qc = _qc_wanted(args, tasks)
     rank, world = _rank_and_world()
     if device.type == "cuda" and world > 1:
         import torch
@@ -266,9 +274,9 @@ def run_cohort(args, tasks: list[str]) -> int:
             try:
                 prepared = prefetch.get(k)
                 pred = predict(prepared, tasks=tuple(tasks), model=model, device=str(device), on_1mm=args.on_1mm,
-                               mode=args.mode, memory_budget_gb=args.memory_gb, progress=step,
+                               mode=args.mode, memory_budget_gb=args.memory_gb, progress=step, qc=qc,
                                precision=args.precision)
-                _write_prediction(pred, model, scan.path, str(out / scan.stem), args.on_1mm, args.no_volumes, emit)
+                _write_prediction(pred, model, label, scan.path, str(out / scan.stem), args, emit, lambda text: None)
                 row = Row(scan.index, str(scan.path), scan.stem, "ok", seconds=time.perf_counter() - start,
                           volumes_ml=_read_volumes(_expected_outputs(out, scan, tasks, args)[1]))
             except Exception as e:  # noqa: BLE001 - one bad scan must not stop the cohort

@@ -55,6 +55,8 @@ class Prediction:
 
     outputs: dict = field(default_factory=dict)  # task -> nibabel.Nifti1Image
     probabilities: object | None = None  # 4D Nifti1Image (X,Y,Z,classes) when asked
+    qc: object | None = None  # BrainIDLib.qc.QCReport when asked (qc=True)
+    uncertainty: object | None = None  # per-voxel QC uncertainty in [0, 1] on the input grid (qc=True)
     outputs_1mm: dict = field(default_factory=dict)  # task -> image on the model grid (on_1mm=True)
     features_1mm: object | None = None  # 4D image on the model grid when keep_features=True
     labels: tuple = ()  # FreeSurfer id of each segmentation class
@@ -511,7 +513,7 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None, max_voxels=None, flip_average=None, precision="auto") -> Prediction:
+            window=None, max_voxels=None, flip_average=None, qc=False, precision="auto") -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
@@ -523,11 +525,18 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     flip_average: also run the left/right mirrored scan and average the heads' outputs (segmentation
     channels of left/right structures swapped back): a symmetric result at twice the network time.
     None: as the model's metadata says (input.flip_average; on for brainid-lite).
+    qc: also score the segmentation's quality (Prediction.qc, .uncertainty; see BrainIDLib.qc): True
+        for the default perturbed passes, or a sequence of them (e.g. ("flip", "shift")). With
+        flip_average the mirrored pass is shared: QC compares the two passes before averaging.
     image: a path, nibabel image, Volume, or a PreparedScan from prepare_scan(image, model).
     precision: auto, fp32 or bf16 for CPU passes (see cpu_precision; auto is float32 unless bf16
     is native and was measured equivalent for this model).
     """
     prog = _Progress(progress, cancel)
+    if qc:
+        from .qc import check_perturbations
+
+        qc = check_perturbations(qc)
     model, owned = _resolve_model(model, heads)
     head_tasks = _check_tasks(model, tasks)
     wanted = [t for t in dict.fromkeys(tasks if not isinstance(tasks, str) else [tasks])]
@@ -545,11 +554,16 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         raw, result.mode, result.window, used = _run_network(
             model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window,
             precision)
+        shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
             other = _run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
                                  _Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
+            if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
+                seg = _head_slice(model, head_tasks, "segmentation")
+                shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
             _average_mirrored(raw, other.flip(1), _mirror_channels(model, head_tasks))
+            del other
         result.device = str(used)
     finally:
         if owned:
@@ -558,6 +572,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     post = _Span(prog, 0.85, 1.0)
     offset = 0
     n_steps = len(head_tasks) + 1
+    seg_probs = None
     for i, task in enumerate(head_tasks):
         post(i / n_steps, f"mapping {task} back to the input grid")
         c = model.heads[task].out_channels
@@ -566,6 +581,16 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             chunk = chunk.float()
         offset += c
         _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
+        if task == "segmentation":
+            seg_probs = chunk  # softmaxed in place by _finish_task
+    if qc and seg_probs is not None:
+        try:
+            _quality(model, vol, prep, shared.pop("base", seg_probs), qc, used, result.mode, budget, result.window,
+                     _Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
+        finally:
+            if owned:
+                model.to("cpu")
+            release_memory(used)
     if keep_features:
         result.features_1mm = make_nifti(np.moveaxis(prep.crop(raw[offset:]).numpy(), 0, -1), prep.grid_affine)
     del raw
@@ -597,6 +622,51 @@ def _average_mirrored(raw: torch.Tensor, mirrored: torch.Tensor, perm: torch.Ten
     feature channels after them stay those of the unmirrored pass)."""
     for i, j in enumerate(perm.tolist()):
         raw[i].add_(mirrored[j].to(raw.dtype)).mul_(0.5)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=0)
+
+
+def _head_slice(model: BrainIDModel, heads: list[str], task: str) -> slice:
+    """Where `task`'s channels sit in the raw output of `heads`."""
+    start = 0
+    for t in heads:
+        if t == task:
+            return slice(start, start + model.heads[t].out_channels)
+        start += model.heads[t].out_channels
+    raise KeyError(task)
+
+
+def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progress, result, shared=None) -> None:
+    """Prediction.qc and .uncertainty from perturbed passes of the network (BrainIDLib.qc); `shared`
+    holds passes predict() already ran ({kind: probabilities on the perturbed grid})."""
+    from . import qc
+
+    labels = list(result.labels)
+    keep = None  # the padding predict() sets to background stays background in every pass
+    pad = padding_mask(vol.array) if 0 in labels else None
+    if pad is not None:
+        keep = prep.crop(prep.tensor[0])[0] > 1e-3
+    passes = iter(range(len(kinds)))
+
+    def run(x):
+        k = next(passes)
+        if kinds[k] in (shared or {}):
+            return shared.pop(kinds[k])
+        step = _Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
+        raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
+                           result.messages, window, result.precision)[0].float()
+        raw.sub_(raw.amax(0, keepdim=True)).exp_()
+        return raw.div_(raw.sum(0, keepdim=True))
+
+    voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
+    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
+    progress(0.9, "uncertainty map")
+    unc = _unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1)
+    if pad is not None:  # certain there, as the segmentation is
+        unc[torch.from_numpy(pad)] = 0
+    result.uncertainty = make_nifti(unc.numpy(), vol.affine)
 
 
 def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | None:

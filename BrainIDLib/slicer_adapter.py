@@ -409,12 +409,29 @@ def segmentation_to_labels(seg, reference) -> np.ndarray:
 # ---------------------------------------------------------------- tables
 
 
-def add_volumes_table(rows, name: str, reference=None):
-    """A table node with one row per structure: Label, Structure, Volume [mL]."""
+QC_MARKS = ((0.7, "\U0001F7E2 good"), (None, "\U0001F7E1 fair"), (0.0, "\U0001F534 low"))  # green, amber, red
+
+
+def qc_mark(score: float, threshold: float) -> str:
+    """The table's coloured Trust cell: good (>= 0.7), fair (>= threshold) or low (flagged)."""
+    if score >= QC_MARKS[0][0]:
+        return QC_MARKS[0][1]
+    return QC_MARKS[1][1] if score >= threshold else QC_MARKS[2][1]
+
+
+def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
+    """A table node with one row per structure: Label, Structure, Volume [mL]; with `qc` (a QC report
+    as a dict: BrainIDLib.qc.QCReport.to_dict, the CLI's _qc.json) also QC and Trust (a coloured
+    mark; structures below the report's threshold read "low")."""
     table = scene().AddNewNodeByClass("vtkMRMLTableNode", scene().GenerateUniqueName(name))
     t = table.GetTable()
-    cols = (vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray())
-    for col, title in zip(cols, ("Label", "Structure", "Volume [mL]")):
+    cols = [vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray()]
+    titles = ["Label", "Structure", "Volume [mL]"]
+    scores = {s["label"]: s["score"] for s in qc["structures"]} if qc else None
+    if scores is not None:
+        cols += [vtk.vtkDoubleArray(), vtk.vtkStringArray()]
+        titles += ["QC", "Trust"]
+    for col, title in zip(cols, titles):
         col.SetName(title)
         t.AddColumn(col)
     for label, struct, ml in rows:
@@ -422,6 +439,9 @@ def add_volumes_table(rows, name: str, reference=None):
         t.SetValue(r, 0, vtk.vtkVariant(int(label)))
         t.SetValue(r, 1, vtk.vtkVariant(str(struct)))
         t.SetValue(r, 2, vtk.vtkVariant(float(ml)))
+        if scores is not None and int(label) in scores:
+            t.SetValue(r, 3, vtk.vtkVariant(round(float(scores[int(label)]), 3)))
+            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(scores[int(label)]), float(qc["threshold"]))))
     table.Modified()
     if reference is not None:
         place_in_study(table, reference)

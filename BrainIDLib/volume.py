@@ -230,10 +230,10 @@ def _gaussian_blur_axis(t: torch.Tensor, dim: int, sigma: float) -> torch.Tensor
     """Separable Gaussian blur of a (C, X, Y, Z) tensor along one spatial dim, edges replicated."""
     if sigma <= 0.1:
         return t
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).to(t.dtype)
+    from .synth.filters import gaussian_kernels  # the generator's kernels: one Gaussian in the project
+
+    k = gaussian_kernels(torch.tensor([float(sigma)]))[0].to(t.dtype)
+    radius = (k.numel() - 1) // 2
     moved = t.movedim(dim, -1)
     shape = moved.shape
     flat = moved.reshape(-1, 1, shape[-1])

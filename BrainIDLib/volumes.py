@@ -1,4 +1,5 @@
-"""Structure volumes (mL) from a segmentation image, with FreeSurfer names: for the CLI and Slicer."""
+"""Structure volumes (mL) from a segmentation image, with FreeSurfer names (and QC scores when
+given): for the CLI and Slicer."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .files import atomic_write
 from .labels import label_name
 
 CSV_HEADER = ("label", "name", "voxels", "volume_ml")
+QC_HEADER = ("qc_score", "qc_flagged")  # appended when a QC report is given (BrainIDLib.qc)
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,17 @@ def volumes_table(seg, labels=None, include_background: bool = False) -> list[St
     return rows
 
 
-def write_volumes_csv(rows: list[StructureVolume], path: str | os.PathLike) -> Path:
-    """The rows as CSV (CSV_HEADER columns, mL to 4 decimals), written atomically."""
+def write_volumes_csv(rows: list[StructureVolume], path: str | os.PathLike, qc=None) -> Path:
+    """The rows as CSV (CSV_HEADER columns, mL to 4 decimals), written atomically. With a QC report,
+    also each structure's QC score (3 decimals) and whether it is flagged (1/0); blank when unscored."""
+    scores = qc.by_label() if qc is not None else None
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_HEADER)
+    w.writerow(CSV_HEADER + (QC_HEADER if scores is not None else ()))
     for r in rows:
-        w.writerow((r.label, r.name, r.voxels, f"{r.ml:.4f}"))
+        row = (r.label, r.name, r.voxels, f"{r.ml:.4f}")
+        if scores is not None:
+            s = scores.get(r.label)
+            row += (f"{s.score:.3f}", int(s.flagged)) if s else ("", "")
+        w.writerow(row)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))

@@ -24,9 +24,11 @@ from BrainIDLib.weights import add_head_file, save_model
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "brainid-lite"
 DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters) trained by BrainID on 2 CPU cores from "
-               "SynthSeg label maps with the Brain-ID generator, on a 2 mm grid; heads for 33-class segmentation, "
-               "anatomy (T1 synthesis), super-resolution and bias field. A CPU-budget model: coarse anatomy is right, "
-               "small structures are not (accuracy per structure in docs/model-card.md); not the official model.")
+               "SynthSeg label maps with the Brain-ID generator, on a 2 mm grid, on whole heads and skull-stripped "
+               "renders with robust intensity normalisation (CT windowed) and left/right flip averaging at inference; "
+               "heads for 33-class segmentation, anatomy (T1 synthesis), super-resolution and bias field. A CPU-budget "
+               "model: coarse anatomy is right, small structures are not (accuracy, whole-head and real-scan figures "
+               "and known weaknesses in docs/model-card.md); not the official model.")
 SPACING = [2.0, 2.0, 2.0]
 NORMALISATION = ROBUST  # part 3 on; parts 1-2 used whole-volume min-max
 

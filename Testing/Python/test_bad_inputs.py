@@ -556,7 +556,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, scan, model_file):
         pytest.skip("POSIX signals only")
     env = {**os.environ, "PYTHONPATH": str(REPO), "BRAINID_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "BrainIDLib.cli", "predict", str(scan), "-o", f"{tmp_path / 'o'}/",
-                             "--model", str(model_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--model", str(model_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell's background job starts with SIGINT ignored, and children inherit that:
+                            # give the CLI the terminal's default, as a user at a prompt has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # inside `import torch` (it takes > 1 s), before any output
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

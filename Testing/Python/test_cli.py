@@ -123,9 +123,10 @@ def test_predict_end_to_end(tmp_path, scan, model_file, capsys):
     progress = [float(line.split()[1]) for line in out.splitlines() if line.startswith("PROGRESS ")]
     assert progress and progress == sorted(progress) and progress[-1] == 1.0
     outputs = {line.split()[1]: line.split(maxsplit=2)[2] for line in out.splitlines() if line.startswith("OUTPUT ")}
-    assert set(outputs) == set(expected) | {"volumes"}
+    assert set(outputs) == set(expected) | {"volumes", "qc"}  # QC is on with segmentation (test_qc.py)
     # atomic writes leave no temporary files behind
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted([p.name for p in expected.values()] + ["subject01_volumes.csv"])
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([p.name for p in expected.values()]
+                                                              + ["subject01_volumes.csv", "subject01_qc.json"])
 
 
 def test_output_prefix_single_file_and_1mm(tmp_path, scan, model_file, capsys):
