@@ -2,6 +2,7 @@
 
     brainid predict INPUT --task segmentation --task anatomy --output OUTDIR_OR_PREFIX [--model NAME_OR_PATH]
     brainid predict --sample --model NAME --output out/
+    brainid predict SCANS_FOLDER_OR_LIST.txt --output OUTDIR [--overwrite]     (a cohort: see cohort.py)
     brainid features INPUT --output feats.nii.gz [--pca 3]
     brainid models
     brainid download NAME
@@ -70,6 +71,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-voxels", type=int, default=None, metavar="N",
                    help="refuse scans whose model grid exceeds N voxels (default 32M, i.e. a 320 mm cube at 1 mm; "
                         "or set BRAINID_MAX_VOXELS)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="CPU arithmetic: bf16 (bfloat16 convolutions, faster on CPUs with native bf16), fp32, or "
+                        "auto: bf16 only where the CPU has it natively and the model was measured equivalent")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"brainid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("predict", help="run task heads on a scan and write one NIfTI per output",
-                       description="Run task heads on a NIfTI scan. Outputs lie on the input's exact grid.")
-    p.add_argument("input", nargs="?", metavar="INPUT", help="a NIfTI scan (.nii/.nii.gz), or 'sample'")
+    p = sub.add_parser("predict", help="run task heads on a scan (or a cohort) and write one NIfTI per output",
+                       description="Run task heads on a NIfTI scan, or on a cohort: a folder of scans or a list "
+                                   "file (.txt/.lst/.list, one path per line). Outputs lie on the input's exact grid.")
+    p.add_argument("input", nargs="?", metavar="INPUT",
+                   help="a NIfTI scan (.nii/.nii.gz), 'sample', a folder of scans or a list file (a cohort)")
     p.add_argument("--task", action="append", default=[], metavar="TASK",
                    help="segmentation, anatomy, super_resolution or bias_field; repeatable or comma-separated "
                         "(default: every task the model has)")
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the per-voxel QC uncertainty map (<...>_uncertainty.nii.gz, 0 sure to 1 uniform)")
     p.add_argument("--report", action="store_true",
                    help="also write <...>_report.html: one self-contained page with montages, volumes and QC")
+    p.add_argument("--overwrite", action="store_true",
+                   help="cohorts: run scans whose outputs already exist again (default: skip them)")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -424,75 +432,93 @@ def _describe(model, label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ commands
-def cmd_predict(args) -> int:
-    from .devices import select_device
-
-    tasks = _parse_tasks(args.task)
-    _check_memory(args)
-    input_path = _input_path(args)
-    device = select_device(args.device)  # fail early on a missing GPU
-    _parse_heads(args.head)  # fail early on bad --head values
-    _check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
-    volume = _read_input(input_path)
-    reporter = Reporter(args.progress_format)
-    try:
-        model, label = _load_model(args, reporter)
+def _model_tasks(model, label: str, tasks: list[str]) -> list[str]:
+    """The tasks to run: those asked for (every head the model has if none), each with its head."""
+    if not tasks:
+        tasks = list(model.tasks)
         if not tasks:
-            tasks = list(model.tasks)
-            if not tasks:
-                raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-        needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
-        missing = [t for t in needed if t not in model.tasks]
-        if missing:
-            raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
-                               f"add one with --head {missing[0]}=FILE or choose another --model")
-        qc = _qc_wanted(args, tasks)
-        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
-        from .inference import predict
+            raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
+    needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+    missing = [t for t in needed if t not in model.tasks]
+    if missing:
+        raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
+                           f"add one with --head {missing[0]}=FILE or choose another --model")
+    return tasks
 
-        pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
-                     on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
-                     max_voxels=args.max_voxels, qc=qc)
-    finally:
-        reporter.close()
-    for message in getattr(pred, "messages", None) or []:
-        if str(message) not in _NOTED:  # already printed as a note
-            reporter.info(str(message))
 
+def _write_prediction(pred, model, label: str, input_path: Path, output: str, args, report, info) -> None:
+    """Every output of `pred` at the paths `output` names (NIfTIs, volumes CSV, QC, report, as args
+    ask); report(kind, path) for each file, info(text) for the QC line."""
     outputs = dict(pred.outputs)
     quality = getattr(pred, "qc", None)
     if args.uncertainty and getattr(pred, "uncertainty", None) is not None:
         outputs["uncertainty"] = pred.uncertainty
     if args.on_1mm:
         outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
-    paths, csv_path = output_paths(args.output, input_path, list(outputs))
+    paths, csv_path = output_paths(output, input_path, list(outputs))
     for key, img in outputs.items():
-        reporter.output(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
+        report(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
     labels = list(getattr(pred, "labels", None) or ()) or \
         model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
     if "segmentation" in outputs and not args.no_volumes:
-        reporter.output("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
+        report("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
     sibling = csv_path.with_name(csv_path.name[: -len("_volumes.csv")])
     if quality is not None:
         from .qc import write_json
 
-        reporter.output("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
+        report("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
         low = ", ".join(s.name for s in quality.flagged()) or "none"
-        reporter.info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
+        info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
     if args.report and "segmentation" in outputs:
         from .report import write_report
 
-        reporter.output("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
-                                               label, model.metadata.get("description", ""), labels))
+        report("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
+                                      label, model.metadata.get("description", ""), labels))
+
+
+def cmd_predict(args) -> int:
+    from .cohort import is_cohort_input, run_cohort
+    from .devices import select_device
+    from .inference import cpu_precision
+
+    tasks = _parse_tasks(args.task)
+    _check_memory(args)
+    if is_cohort_input(args):
+        return run_cohort(args, tasks)
+    input_path = _input_path(args)
+    device = select_device(args.device)  # fail early on a missing GPU
+    cpu_precision(args.precision, None, device)
+    _parse_heads(args.head)  # fail early on bad --head values
+    _check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
+    volume = _read_input(input_path)
+    reporter = Reporter(args.progress_format)
+    try:
+        model, label = _load_model(args, reporter)
+        tasks = _model_tasks(model, label, tasks)
+        qc = _qc_wanted(args, tasks)
+        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        from .inference import predict
+
+        pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
+                     on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
+                     max_voxels=args.max_voxels, qc=qc, precision=args.precision)
+    finally:
+        reporter.close()
+    for message in getattr(pred, "messages", None) or []:
+        if str(message) not in _NOTED:  # already printed as a note
+            reporter.info(str(message))
+    _write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
     return 0
 
 
 def cmd_features(args) -> int:
     from .devices import select_device
+    from .inference import cpu_precision
 
     _check_memory(args)
     input_path = _input_path(args)
     device = select_device(args.device)
+    cpu_precision(args.precision, None, device)
     if args.pca is not None and args.pca < 1:
         raise BrainIDError("--pca needs a positive number of components (e.g. 3)")
     out = Path(os.path.expanduser(args.output))
@@ -510,7 +536,8 @@ def cmd_features(args) -> int:
         if features is None:
             raise BrainIDError("this BrainID build has no feature export; update BrainID")
         img = _call(features, image=volume, model=model, device=str(device), pca=args.pca,
-                    mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter, max_voxels=args.max_voxels)
+                    mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter, max_voxels=args.max_voxels,
+                    precision=args.precision)
     finally:
         reporter.close()
     reporter.output("features", save_nifti(img, out))

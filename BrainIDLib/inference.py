@@ -4,7 +4,8 @@
     pred.outputs["segmentation"]            # int16 FreeSurfer ids, same shape/affine as the input
 
 Whole-volume or tiled (overlapping windows at multiples of 2**(levels-1), blended with a smooth
-cosine ramp), chosen from a memory budget; half precision on CUDA; CUDA out-of-memory falls back to
+cosine ramp), chosen from a memory budget; half precision on CUDA, bfloat16 on the CPU when asked
+(`precision=`, see `cpu_precision`); CUDA out-of-memory falls back to
 tiling, then to the CPU, with a warning instead of a traceback. Task heads are 1x1x1 convolutions,
 i.e. linear in the features, so blending raw head outputs equals applying the heads to blended
 features; softmax / exp come after blending.
@@ -13,6 +14,7 @@ features; softmax / exp come after blending.
 from __future__ import annotations
 
 
+import json
 import logging
 import math
 import os
@@ -62,6 +64,7 @@ class Prediction:
     mode: str = "whole"
     window: tuple | None = None
     messages: list = field(default_factory=list)
+    precision: str = "fp32"  # of the CPU passes: fp32 or bf16
 
 
 class _Progress:
@@ -123,9 +126,48 @@ def _check_tasks(model: BrainIDModel, tasks) -> list[str]:
     return heads
 
 
-def _autocast(device: torch.device):
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (x86 avx512_bf16 / amx_bf16, Arm bf16). Elsewhere
+    oneDNN emulates it, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.device) -> str:
+    """'fp32' or 'bf16' for CPU passes. 'auto' is bf16 only on a CPU with native bfloat16 and for a
+    model whose metadata says bf16 was measured equivalent to float32 (input.bf16: true, written
+    by whoever measured it, e.g. with benchmarks/precision.py); float32 otherwise. GPU passes keep
+    float16 autocast on CUDA (and float32 on MPS) whatever this returns. With model None it only
+    checks the value (auto then reads fp32), for front ends that check before loading a model."""
+    precision = str(precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise BrainIDError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    if precision != "auto" and device.type != "cpu":
+        raise BrainIDError(f"precision {precision} applies to CPU runs (GPU runs use float16); use precision "
+                           "auto (--precision auto) or the CPU (--device cpu)")
+    if precision == "auto":
+        measured = model is not None and (model.metadata or {}).get("input", {}).get("bf16") is True
+        return "bf16" if measured and cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str = "fp32"):
+    """float16 on CUDA; on the CPU bfloat16 convolutions (float32 accumulation inside oneDNN) when
+    precision is bf16. GroupNorm statistics stay float32/float64 in the low-memory forward."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu" and precision == "bf16":  # no cache of bf16 weight copies: they would add to the peak
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     return torch.autocast("cpu", enabled=False)
 
 
@@ -218,16 +260,31 @@ def choose_window(model, padded_shape, device, budget_bytes: int, out_channels: 
 
 # ------------------------------------------------------------------------------- forward passes
 def _raw_heads(model: BrainIDModel, feats: torch.Tensor, image: torch.Tensor, heads: list[str]) -> list[torch.Tensor]:
+    if feats.dtype == torch.bfloat16:  # bf16 features: heads in float32, a depth slab at a time
+        return [_head_float32(model, t, feats, image) for t in heads]
     outs = []
     for t in heads:
         outs.append(model.apply_head(t, feats, image if t in CONTRAST_DEPENDENT else None))
     return outs
 
 
-def _forward_window(model, x, heads, want_features, device, progress_check) -> torch.Tensor:
+def _head_float32(model: BrainIDModel, task: str, feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """A head on bfloat16 features in float32 (logits rounded to bf16 would flip close argmaxes),
+    without a full float32 copy of the features."""
+    out = torch.empty((feats.shape[0], model.heads[task].out_channels) + tuple(feats.shape[2:]), dtype=torch.float32)
+    slab = max(1, SLAB_ELEMENTS // max(1, feats.shape[1] * feats.shape[3] * feats.shape[4]))
+    with torch.autocast("cpu", enabled=False):
+        for d0 in range(0, feats.shape[2], slab):
+            sl = (slice(None), slice(None), slice(d0, d0 + slab))
+            img = image[sl].float() if task in CONTRAST_DEPENDENT else None
+            out[sl] = model.apply_head(task, feats[sl].float(), img)
+    return out
+
+
+def _forward_window(model, x, heads, want_features, device, progress_check, precision="fp32") -> torch.Tensor:
     """(channels, *window) float32 on the CPU: raw head outputs, then features if asked."""
     xd = x.to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(device, precision):
         feats = model.features(xd, progress_check)
         progress_check()
         parts = _raw_heads(model, feats, xd, heads)
@@ -261,7 +318,7 @@ def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tens
 
 
 def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress,
-                   acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   acc_dtype: torch.dtype = torch.float32, precision: str = "fp32") -> torch.Tensor:
     """Blend overlapping windows with raised-cosine weights (each window normalises on its own)."""
     shape = tuple(x.shape[2:])
     window = tuple(min(w, s) for w, s in zip(window, shape))
@@ -271,7 +328,7 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
     for k, origin in enumerate(tiles):
         progress(k / len(tiles), f"tile {k + 1}/{len(tiles)}")
         sl = tuple(slice(o, o + w) for o, w in zip(origin, window))
-        out = _forward_window(model, x[(Ellipsis,) + sl], heads, want_features, device, progress.check)
+        out = _forward_window(model, x[(Ellipsis,) + sl], heads, want_features, device, progress.check, precision)
         prof = []
         for d, (st, w) in enumerate(zip(origin, window)):
             ramp = min(overlap, w // 2)
@@ -293,7 +350,7 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
 
 
 def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
-                 window=None):
+                 window=None, precision="fp32"):
     """Raw outputs (channels, *padded) on the CPU, with OOM fallbacks: tiled, smaller tiles, CPU."""
     multiple = 2 ** (model.arch.levels - 1)
     out_channels = sum(model.heads[t].out_channels for t in heads) + (model.arch.f_maps if want_features else 0)
@@ -321,12 +378,12 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
             model.to(device)
             if mode == "whole":
                 progress(0.0, "running the network on the whole volume")
-                out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check)
+                out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check, precision)
                 progress(1.0, "network done")
                 return out, mode, None, device
             overlap = max(multiple, int(round(min(window) * DEFAULT_OVERLAP_FRACTION / multiple)) * multiple)
             return (_forward_tiled(model, prep.tensor, heads, want_features, device, window, overlap, multiple,
-                                   progress, acc_dtype), "tiled", window, device)
+                                   progress, acc_dtype, precision), "tiled", window, device)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
             if not _is_oom(e) or device.type == "cpu":
                 if _is_oom(e):
@@ -406,8 +463,34 @@ def check_grid(vol: Volume, spacing_mm, max_voxels: int | None = None) -> None:
             "limit with --max-voxels N (API: max_voxels=N; or BRAINID_MAX_VOXELS=N) if you have the memory and time")
 
 
+@dataclass(frozen=True)
+class PreparedScan:
+    """A scan read, checked and resampled for one model's input (`prepare_scan`): predict() and
+    features() take it in place of a path, so a cohort prepares the next scan while one computes."""
+
+    volume: Volume
+    prepared: Prepared
+    model_input: str  # the model's input description it was prepared for
+
+
+def _input_key(model: BrainIDModel) -> str:
+    spacing, norm = _model_input(model)
+    return json.dumps([spacing, norm, 2 ** (model.arch.levels - 1)], sort_keys=True, default=str)
+
+
+def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None) -> PreparedScan:
+    """Read, check and resample `image` for `model` (everything predict() does before the network)."""
+    return PreparedScan(*_prepare(image, model, _Progress(None, None), max_voxels), _input_key(model))
+
+
 def _prepare(image, model, progress: _Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
     progress(0.0, "reading the image")
+    if isinstance(image, PreparedScan):
+        if image.model_input != _input_key(model):
+            raise BrainIDError("this scan was prepared for another model's input (spacing, normalisation); "
+                               "prepare it again with prepare_scan(image, model)")
+        progress(0.08, "image resampled to the model grid")
+        return image.volume, image.prepared
     vol = load_volume(image)
     progress.check()
     spacing, norm = _model_input(model)
@@ -430,7 +513,7 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None, max_voxels=None, flip_average=None, qc=False) -> Prediction:
+            window=None, max_voxels=None, flip_average=None, qc=False, precision="auto") -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
@@ -445,6 +528,9 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     qc: also score the segmentation's quality (Prediction.qc, .uncertainty; see BrainIDLib.qc): True
         for the default perturbed passes, or a sequence of them (e.g. ("flip", "shift")). With
         flip_average the mirrored pass is shared: QC compares the two passes before averaging.
+    image: a path, nibabel image, Volume, or a PreparedScan from prepare_scan(image, model).
+    precision: auto, fp32 or bf16 for CPU passes (see cpu_precision; auto is float32 unless bf16
+    is native and was measured equivalent for this model).
     """
     prog = _Progress(progress, cancel)
     if qc:
@@ -457,20 +543,22 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     if "bias_field" in head_tasks and "bias_corrected" not in wanted and "bias_field" in wanted:
         wanted.append("bias_corrected")
     dev = select_device(device)
+    precision = cpu_precision(precision, model, dev)
     vol, prep = _prepare(image, model, prog, max_voxels)
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
-    result = Prediction(device=str(dev))
+    result = Prediction(device=str(dev), precision=precision)
     try:
         if flip_average is None:
             flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
         stop = 0.45 if flip_average else 0.85
         raw, result.mode, result.window, used = _run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window)
+            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window,
+            precision)
         shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
             other = _run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
-                                 _Span(prog, stop, 0.85), result.messages, result.window)[0]
+                                 _Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
             if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
                 seg = _head_slice(model, head_tasks, "segmentation")
                 shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
@@ -568,7 +656,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
             return shared.pop(kinds[k])
         step = _Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
         raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
-                           result.messages, window)[0].float()
+                           result.messages, window, result.precision)[0].float()
         raw.sub_(raw.amax(0, keepdim=True)).exp_()
         return raw.div_(raw.sum(0, keepdim=True))
 
@@ -665,19 +753,22 @@ def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: i
 
 
 def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
-             progress=None, cancel=None, window=None, max_voxels=None):
+             progress=None, cancel=None, window=None, max_voxels=None, precision="auto"):
     """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
 
     On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
+    precision: as in predict().
     """
     prog = _Progress(progress, cancel)
     model, owned = _resolve_model(model, None)
     dev = select_device(device)
+    precision = cpu_precision(precision, model, dev)
     vol, prep = _prepare(image, model, prog, max_voxels)
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     messages: list = []
     try:
-        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.1, 0.85), messages, window)
+        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.1, 0.85), messages, window,
+                                    precision)
     finally:
         if owned:
             model.to("cpu")

@@ -173,8 +173,9 @@ def test_bad_scans_refused_before_the_model_loads(tmp_path, model_file, spy, cap
     bad = tmp_path / "bad"
     bad.mkdir()
     for what, (path, needle) in _bad_scans(bad).items():
-        rc, out, err = run(capsys, "predict", path, "-o", f"{tmp_path / 'o'}/", "--model", model_file)
-        assert_refused(rc, err, needle)
+        if what != "a folder":  # predict takes a folder as a cohort (test_cohort.py)
+            rc, out, err = run(capsys, "predict", path, "-o", f"{tmp_path / 'o'}/", "--model", model_file)
+            assert_refused(rc, err, needle)
         rc, out, err = run(capsys, "features", path, "-o", tmp_path / "f.nii.gz", "--model", model_file)
         assert_refused(rc, err, needle)
     assert spy["build_model"] == 0 and not (tmp_path / "o").exists() and not (tmp_path / "f.nii.gz").exists()

@@ -329,8 +329,8 @@ def test_bad_volumes(tmp_path, model_file, capsys):
         assert_one_line_error(rc, err, path.name)
     rc, out, err = run(capsys, "predict", tmp_path / "absent.nii.gz", "-o", tmp_path / "o", "--model", model_file)
     assert_one_line_error(rc, err, "not found")
-    rc, out, err = run(capsys, "predict", tmp_path, "-o", tmp_path / "o", "--model", model_file)
-    assert_one_line_error(rc, err, "folder")
+    rc, out, err = run(capsys, "features", tmp_path, "-o", tmp_path / "f.nii.gz", "--model", model_file)
+    assert_one_line_error(rc, err, "folder")  # (predict takes a folder as a cohort: test_cohort.py)
 
 
 def test_usage_errors_are_one_line(capsys):

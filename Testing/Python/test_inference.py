@@ -241,11 +241,11 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
     real = inf._forward_window
     seen = []
 
-    def fake(model, x, heads, want, device, check):
+    def fake(model, x, heads, want, device, check, precision="fp32"):
         seen.append((device.type, tuple(x.shape[2:])))
         if device.type == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, x, heads, want, device, check)
+        return real(model, x, heads, want, device, check, precision)
 
     monkeypatch.setattr(inf, "_forward_window", fake)
     monkeypatch.setattr(inf, "select_device", lambda d: torch.device("cuda"))
