@@ -43,7 +43,7 @@ from .resources import resource_path
 
 PERTURBATIONS = ("flip",)  # the default passes (one network pass each)
 KNOWN_PERTURBATIONS = ("flip", "shift")
-FLAG_BELOW = 0.45  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py
+FLAG_BELOW = 0.55  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py (part 3 brainid-lite)
 VOLUME_TOLERANCE = 0.5  # |log(volume / normal range edge)| tolerated before plausibility falls
 VOLUME_WIDTH = 0.5  # how fast plausibility falls beyond the tolerance (Gaussian width in log units)
 
