@@ -3,7 +3,7 @@
 Whole-volume min-max (the official code's choice) lets one hot voxel, a bright fat pad or CT's
 -1000..+3000 HU range decide where the brain lands in [0, 1]. "robust" instead:
 
-1. CT in Hounsfield units (at least `ct_air_fraction` of the voxels below -500, as air is around
+1. CT in Hounsfield units (at least CT_AIR_FRACTION, 1%, of the voxels below -500, as air is around
    -1000 HU and no MR scan stores large negative values) is clipped to a brain window first;
 2. lo = the `percentiles[0]` percentile of all voxels, hi = the `percentiles[1]` percentile of the
    *head* (voxels above lo + 10% of the robust range, FSL-bet's threshold), so the amount of air in
