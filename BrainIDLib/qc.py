@@ -11,6 +11,10 @@ the weakest signal (0.28 alone). Per structure, on the model grid:
 
 - agreement: mean Dice between the base segmentation and each perturbed one;
 - confidence: mean top class probability (all passes averaged) inside the structure;
+- expected Dice: the soft Dice between the averaged class probabilities and the hard structure,
+  2 sum_{v in S} p(v) / (|S| + sum_v p(v)): unlike confidence it also falls when the model puts
+  probability on the structure outside the voxels it labelled (an uncertain boundary or a rival
+  blob elsewhere);
 - volume plausibility: 1 inside the normal range of the structure's volume in training label maps
   (Resources/labels/structure_volumes.json, `benchmarks/qc_norms.py`), falling to 0 far outside it
   (scalp labelled as cortex, a structure nearly missing);
@@ -56,6 +60,7 @@ class StructureQC:
     agreement: float  # mean Dice with the perturbed segmentations
     volume_plausibility: float
     confidence: float  # mean top class probability (all passes averaged) inside the structure
+    expected_dice: float  # Dice the averaged probabilities expect against the hard labels (soft Dice)
     volume_ml: float  # on the model grid
     flagged: bool
     by_perturbation: dict = field(default_factory=dict)  # perturbation -> Dice with the base
@@ -193,13 +198,17 @@ def assess(x: torch.Tensor, probs: torch.Tensor, run: Callable[[torch.Tensor], t
         entropy[~keep] = 0
     counts = torch.bincount(base.reshape(-1), minlength=n).double()
     conf = torch.bincount(base.reshape(-1), weights=top.reshape(-1).double(), minlength=n) / counts.clamp_min(1)
+    inside = torch.bincount(base.reshape(-1), weights=mean.gather(0, base[None]).reshape(-1).double(), minlength=n)
+    mass = mean.reshape(n, -1).double().sum(1)
+    expected = torch.where(counts + mass > 0, 2 * inside / (counts + mass).clamp_min(1e-12), torch.ones_like(mass))
     conf[counts == 0] = 1.0  # no voxels to doubt: the volume decides whether absence is right
+    expected[counts == 0] = 1.0
     by_kind = {k: a.tolist() for k, a in zip(kinds, agreements)}
-    report = score(labels, by_kind, (counts * voxel_ml).tolist(), conf.tolist())
+    report = score(labels, by_kind, (counts * voxel_ml).tolist(), conf.tolist(), expected.tolist())
     return report, entropy.clamp_(0, 1)
 
 
-def score(labels, by_kind: dict, volume_ml, confidence) -> QCReport:
+def score(labels, by_kind: dict, volume_ml, confidence, expected_dice) -> QCReport:
     """Combine per-class measures (class order; by_kind: perturbation -> per-class Dice with the base)
     into structure and whole-scan scores."""
     norms = volume_norms()["structures"]
@@ -214,8 +223,8 @@ def score(labels, by_kind: dict, volume_ml, confidence) -> QCReport:
         dice = {k: (1.0 if math.isnan(a[i]) else float(a[i])) for k, a in by_kind.items()}
         agree = sum(dice.values()) / len(dice) if dice else 1.0
         s = agree * float(confidence[i]) * plaus
-        rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]), vol, s < FLAG_BELOW,
-                                dice))
+        rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]),
+                                float(expected_dice[i]), vol, s < FLAG_BELOW, dice))
         if norm and norm["median_ml"] > 0:
             usual.append(s)
     total = float(sum(v for lab, v in zip(labels, volume_ml) if lab != 0))

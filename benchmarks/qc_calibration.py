@@ -67,6 +67,7 @@ def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
             continue
         rows.append({**meta, "label": s.label, "dice": d, "qc": s.score, "agreement": s.agreement,
                      "volume_plausibility": s.volume_plausibility, "confidence": s.confidence,
+                     "expected_dice": s.expected_dice,
                      **{f"agree_{k}": v for k, v in s.by_perturbation.items()}})
     scan = {**meta, "scan_score": pred.qc.scan_score, "mean_dice": M.mean_dice(dice),
             "total_ml": pred.qc.total_volume_ml, "reference_ml": float((ref > 0).sum()) / 1000.0}
@@ -128,7 +129,7 @@ def best_threshold(qc: np.ndarray, dice: np.ndarray) -> dict:
 
 def calibrate(rows: list, scans: list) -> dict:
     dice = np.array([r["dice"] for r in rows])
-    signals = ["qc", "agreement", "confidence", "volume_plausibility"] + sorted(k for k in rows[0] if k.startswith("agree_"))
+    signals = ["qc", "agreement", "confidence", "expected_dice", "volume_plausibility"] + sorted(k for k in rows[0] if k.startswith("agree_"))
     pooled = {s: spearman([r[s] for r in rows], dice) for s in signals}
     within = {}
     for s in signals:

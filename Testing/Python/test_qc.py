@@ -79,6 +79,7 @@ def test_consistent_network_scores_one_and_is_certain():
     assert s[2].agreement == 1.0 and s[41].agreement == 1.0
     assert s[2].by_perturbation == {"flip": 1.0, "shift": 1.0}
     assert s[2].confidence == 1.0 and s[2].score == pytest.approx(s[2].volume_plausibility)
+    assert s[2].expected_dice == pytest.approx(1.0)
     assert s[2].volume_ml == pytest.approx(4 * 6 * 6)
     assert float(unc.max()) == pytest.approx(0.0, abs=1e-6)
     assert unc.shape == x.shape[2:]
@@ -91,6 +92,30 @@ def test_left_right_confusion_is_caught_by_the_mirror_pass():
     assert s.by_perturbation == {"flip": 0.0, "shift": 1.0}
     assert s.agreement == pytest.approx(1 / 2) and s.confidence == pytest.approx(2 / 3)
     assert float(unc[x[0, 0] > 0.5].min()) > 0.1  # mean of one-hot left and right: uncertain
+
+
+def test_probability_left_outside_the_structure_lowers_expected_dice_not_confidence():
+    """Left WM labelled with certainty where it is, plus a rival 40% of left-WM probability on a slab
+    of background (still labelled background): confidence inside stays 1, the soft Dice falls to
+    2|S| / (|S| + |S| + 0.4 |slab|)."""
+    x = blobs()
+
+    def leaky_net(inp):
+        p = hemisphere_net(inp)
+        p[:, :, 12:16, 12:16] = 0
+        p[LEFT_WM, :, 12:16, 12:16] = 0.4
+        p[0, :, 12:16, 12:16] = 0.6
+        return p
+
+    report, _ = qc.assess(x, leaky_net(x), leaky_net, LABELS, voxel_ml=1.0, kinds=("shift",))
+    s = report.by_label()[2]
+    size, slab = 4 * 6 * 6, 16 * 4 * 4
+    restored = qc.restore(leaky_net(qc.perturb(x, "shift")), "shift", qc.mirror_index(LABELS))
+    mass = float((leaky_net(x)[LEFT_WM] + restored[LEFT_WM]).sum()) / 2
+    assert s.confidence == pytest.approx(1.0)
+    assert mass == pytest.approx(size + 0.4 * slab)
+    assert s.expected_dice == pytest.approx(2 * size / (size + mass))
+    assert s.expected_dice < 0.8
 
 
 def test_default_passes_and_unknown_ones():
@@ -153,7 +178,7 @@ def test_qc_on_the_sample_ranges_and_determinism(sample_runs):
     assert float(ua[~pad].mean()) > 0.01
     assert [s.label for s in a.qc.structures] == [v for v in LABELS if v]
     for s in a.qc.structures:
-        for v in (s.score, s.agreement, s.volume_plausibility, s.confidence):
+        for v in (s.score, s.agreement, s.volume_plausibility, s.confidence, s.expected_dice):
             assert 0.0 <= v <= 1.0 and not math.isnan(v), s
         assert s.flagged == (s.score < a.qc.threshold)
         assert s.score == pytest.approx(s.agreement * s.confidence * s.volume_plausibility)
