@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the per-voxel QC uncertainty map (<...>_uncertainty.nii.gz, 0 sure to 1 uniform)")
     p.add_argument("--report", action="store_true",
                    help="also write <...>_report.html: one self-contained page with montages, volumes and QC")
+    p.add_argument("--no-cleanup", action="store_true",
+                   help="keep every island of each structure (default: each keeps its largest connected piece; "
+                        "stray islands take their next most probable label)")
     p.add_argument("--overwrite", action="store_true",
                    help="cohorts: run scans whose outputs already exist again (default: skip them)")
     _add_common(p)
@@ -501,7 +504,7 @@ def cmd_predict(args) -> int:
 
         pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
                      on_1mm=args.on_1mm, mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter,
-                     max_voxels=args.max_voxels, qc=qc, precision=args.precision)
+                     max_voxels=args.max_voxels, qc=qc, precision=args.precision, cleanup=not args.no_cleanup)
     finally:
         reporter.close()
     for message in getattr(pred, "messages", None) or []:

@@ -275,7 +275,7 @@ def run_cohort(args, tasks: list[str]) -> int:
                 prepared = prefetch.get(k)
                 pred = predict(prepared, tasks=tuple(tasks), model=model, device=str(device), on_1mm=args.on_1mm,
                                mode=args.mode, memory_budget_gb=args.memory_gb, progress=step, qc=qc,
-                               precision=args.precision)
+                               precision=args.precision, cleanup=not args.no_cleanup)
                 _write_prediction(pred, model, label, scan.path, str(out / scan.stem), args, emit, lambda text: None)
                 row = Row(scan.index, str(scan.path), scan.stem, "ok", seconds=time.perf_counter() - start,
                           volumes_ml=_read_volumes(_expected_outputs(out, scan, tasks, args)[1]))

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .cleanup import keep_largest_components_
 from .devices import release_memory, select_device
 from .errors import BrainIDError, Cancelled
 from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, TASKS, BrainIDModel
@@ -513,7 +514,7 @@ def _segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None, max_voxels=None, flip_average=None, qc=False, precision="auto") -> Prediction:
+            window=None, max_voxels=None, flip_average=None, qc=False, precision="auto", cleanup=True) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
@@ -531,6 +532,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     image: a path, nibabel image, Volume, or a PreparedScan from prepare_scan(image, model).
     precision: auto, fp32 or bf16 for CPU passes (see cpu_precision; auto is float32 unless bf16
     is native and was measured equivalent for this model).
+    cleanup: each structure keeps only its largest connected piece (BrainIDLib.cleanup); other
+    islands take their next most probable class. QC then compares its passes with the cleaned result.
     """
     prog = _Progress(progress, cancel)
     if qc:
@@ -580,7 +583,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if task != "segmentation":  # (its softmax runs in place, in the blending precision)
             chunk = chunk.float()
         offset += c
-        _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result)
+        _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result, cleanup)
         if task == "segmentation":
             seg_probs = chunk  # softmaxed in place by _finish_task
     if qc and seg_probs is not None:
@@ -678,7 +681,7 @@ def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | 
     return pad if pad.mean() >= min_fraction else None
 
 
-def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result):
+def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result, cleanup=False):
     affine = vol.affine
     if task == "segmentation":
         labels = _segmentation_labels(model)
@@ -686,6 +689,8 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
         probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
         probs.sub_(probs.amax(0, keepdim=True)).exp_()
         probs.div_(probs.sum(0, keepdim=True))
+        if cleanup:
+            keep_largest_components_(probs, labels.index(0) if 0 in labels else None)
         lut = torch.tensor(labels, dtype=torch.int16)
         idx = prep.argmax_on_input_grid(probs)
         pad = padding_mask(vol.array) if 0 in labels else None

@@ -119,16 +119,17 @@ def test_predict_outputs_on_the_exact_input_grid():
     np.array([[-1.0, 0, 0, 5], [0, 0, 1.0, -3], [0, -1.0, 0, 7], [0, 0, 0, 1]]),  # LIA 1 mm
 ])
 def test_segmentation_lands_back_exactly(affine, tmp_path):
-    """With a known local 'network', a labelled volume's segmentation must reproduce its labels."""
+    """With a known local 'network', a labelled volume's segmentation must reproduce its labels.
+    (Geometry tests turn the clean-up off: their random blocks make many islands per label.)"""
     lab = blocks((20, 16, 12))
     img = nib.Nifti1Image((lab * 50.0 + 10).astype(np.float32), affine)
-    pred = inf.predict(img, tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu")
+    pred = inf.predict(img, tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu", cleanup=False)
     seg = np.asarray(pred.outputs["segmentation"].dataobj)
     np.testing.assert_array_equal(seg, np.array([0, 17, 53])[lab])
     assert np.array_equal(pred.outputs["segmentation"].affine, affine)
     # through files: the saved output's affine is bit-identical to the saved input's
     nib.save(img, tmp_path / "in.nii.gz")
-    pred = inf.predict(tmp_path / "in.nii.gz", tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu")
+    pred = inf.predict(tmp_path / "in.nii.gz", tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu", cleanup=False)
     nib.save(pred.outputs["segmentation"], tmp_path / "seg.nii.gz")
     a, b = nib.load(tmp_path / "in.nii.gz"), nib.load(tmp_path / "seg.nii.gz")
     assert np.array_equal(a.affine, b.affine) and np.array_equal(np.asarray(b.dataobj), seg)
@@ -142,7 +143,7 @@ def test_segmentation_lands_back_exactly(affine, tmp_path):
 def test_segmentation_after_resampling_keeps_the_labels(affine):
     lab = blocks((32, 28, 12) if affine[2, 2] == 4.0 else (28, 24, 20))
     img = nib.Nifti1Image((lab * 50.0 + 10).astype(np.float32), affine)
-    pred = inf.predict(img, tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu", on_1mm=True)
+    pred = inf.predict(img, tasks="segmentation", model=identity_segmenter([0.0, 0.5, 1.0]), device="cpu", cleanup=False, on_1mm=True)
     seg = np.asarray(pred.outputs["segmentation"].dataobj)
     expected = np.array([0, 17, 53])[lab]
     assert seg.shape == lab.shape and np.array_equal(pred.outputs["segmentation"].affine, affine)
@@ -216,7 +217,7 @@ def test_cancel_stops_a_tiled_run():
     try:
         messages = []
         with pytest.raises(Cancelled):
-            inf.predict(img, tasks=["segmentation"], model=m, device="cpu", window=16,
+            inf.predict(img, tasks=["segmentation"], model=m, device="cpu", cleanup=False, window=16,
                         progress=lambda f, msg: messages.append(msg), cancel=lambda: calls["n"] >= 2)
     finally:
         inf._forward_window = inf_forward
@@ -378,7 +379,7 @@ def test_half_precision_blending_when_memory_is_tight():
     # end to end: a tight budget blends in half precision and still lands every label
     lab = blocks((40, 36, 28))
     img = nib.Nifti1Image((lab * 50.0 + 10).astype(np.float32), np.diag([-1.0, 1.0, 1.0, 1.0]))
-    pred = inf.predict(img, "segmentation", model=m, device="cpu", mode="tiled", memory_budget_gb=1e-4)
+    pred = inf.predict(img, "segmentation", model=m, device="cpu", cleanup=False, mode="tiled", memory_budget_gb=1e-4)
     assert pred.mode == "tiled"
     np.testing.assert_array_equal(np.asarray(pred.outputs["segmentation"].dataobj), np.array([0, 17, 53])[lab])
 
@@ -402,7 +403,7 @@ def test_empty_padding_is_background_whatever_the_network_says():
     img[:4], img[-4:] = 0.0, 0.0  # a 4-voxel zero slab on both ends: 33% of the volume
     # intensity 0 -> label 17, 0.5 -> 53, 1.0 -> 0: without the rule the padding would be 17
     m = identity_segmenter([1.0, 0.0, 0.5])
-    pred = inf.predict(nib.Nifti1Image(img, np.eye(4)), tasks="segmentation", model=m, device="cpu", on_1mm=True)
+    pred = inf.predict(nib.Nifti1Image(img, np.eye(4)), tasks="segmentation", model=m, device="cpu", cleanup=False, on_1mm=True)
     seg = np.asarray(pred.outputs["segmentation"].dataobj)
     assert (seg[img == 0] == 0).all()
     inner = np.zeros_like(img, dtype=bool)
@@ -412,6 +413,6 @@ def test_empty_padding_is_background_whatever_the_network_says():
     # a few dark voxels (< 5%) are tissue, not padding: they keep the network's label
     img2 = (lab * 0.5).astype(np.float32)
     img2[0, 0, :5] = 0.0
-    seg2 = np.asarray(inf.predict(nib.Nifti1Image(img2, np.eye(4)), tasks="segmentation", model=m, device="cpu").outputs["segmentation"].dataobj)
+    seg2 = np.asarray(inf.predict(nib.Nifti1Image(img2, np.eye(4)), tasks="segmentation", model=m, device="cpu", cleanup=False).outputs["segmentation"].dataobj)
     assert (seg2[0, 0, :5] == 17).all()
     assert inf.padding_mask(img2) is None and inf.padding_mask(img).mean() > 0.3
