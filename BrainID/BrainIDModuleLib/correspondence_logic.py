@@ -118,11 +118,11 @@ class CorrespondenceLogic:
         [heatmap volume node per searched volume]); also kept in `self.lastMatches`."""
         point_ras = self.pointRAS(point, pointIndex)
         targets = self.correspondenceTargets(sourceVolumeNode, targetVolumeNodes, includeSource)
-                report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
+        report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
         matches = self.engine.find_correspondence(self._image_of(sourceVolumeNode), point_ras,
-                                              [self._image_of(t) for t in targets],
-                                              model=model if model is not None else self.model, device=device,
-                                              cache=self.featureCache, progress=report, cancel=cancel)
+                                                  [self._image_of(t) for t in targets],
+                                                  model=model if model is not None else self.model, device=device,
+                                                  cache=self.featureCache, progress=report, cancel=cancel)
         found = [(np.asarray(m.point_ras, np.float64), float(m.similarity), np.asanyarray(m.heatmap.dataobj))
                  for m in sorted(matches, key=lambda m: m.target_index)]
         return self.importCorrespondence(sourceVolumeNode, point_ras, targets, found, matchNode, show)

@@ -56,6 +56,8 @@ class Panel:
 
     def setParameterNode(self, params):
         self.params = params
+        if params is not None and not params.modelName:
+            self.onModelChanged()  # a new parameter node takes the listed default model
         self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None):
@@ -134,7 +136,7 @@ class Panel:
     def onApply(self):
         p = self.params
         self.run(self.ui.applyButton, lambda: self.predict.start(
-            p.inputVolume, tasks=p.tasks(), qc=p.qc, flipAverage=p.flipAverage, **self.engineOptions())))
+            p.inputVolume, tasks=p.tasks(), qc=p.qc, flipAverage=p.flipAverage, **self.engineOptions()))
 
     def onDownload(self):
         self.run(self.ui.downloadButton, lambda: self.predict.startDownload(self.selectedModel()),
