@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-import BrainIDModuleLib  # noqa: F401 - makes BrainIDLib importable in the child process
 from BrainIDLib import tasks as task_list
 from BrainIDLib.errors import BrainIDError
 
@@ -28,16 +27,22 @@ class EngineResult:
     messages: list = field(default_factory=list)  # the engine's notes (GPU fallbacks, ...)
 
 
-def run(image, tasks, model=None, device="auto", mode="auto", qc=True, flipAverage="auto", progress=None,
-        cancel=None) -> EngineResult:
-    """Run the tasks (BrainIDLib.tasks names, 'features_pca' included) on a NIfTI image or path."""
-    import BrainIDLib as bid
-
+def check_options(tasks, flipAverage="auto") -> list[str]:
+    """The canonical task names; a clear BrainIDError for no task, an unknown one or a bad flipAverage."""
     tasks = task_list.parse(tasks)
     if not tasks:
         raise BrainIDError("select at least one task")
     if flipAverage not in FLIP_AVERAGE:
         raise BrainIDError(f"flip averaging is one of {', '.join(FLIP_AVERAGE)}, not {flipAverage!r}")
+    return tasks
+
+
+def run(image, tasks, model=None, device="auto", mode="auto", qc=True, flipAverage="auto", progress=None,
+        cancel=None) -> EngineResult:
+    """Run the tasks (BrainIDLib.tasks names, 'features_pca' included) on a NIfTI image or path."""
+    import BrainIDLib as bid
+
+    tasks = check_options(tasks, flipAverage)
     heads = [t for t in tasks if t in task_list.OUTPUT_TASKS]
     pca = "features_pca" in tasks
     result = EngineResult()

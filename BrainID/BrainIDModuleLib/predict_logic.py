@@ -46,7 +46,7 @@ class PredictLogic:
 
         from BrainIDLib import slicer_adapter as sa
 
-        tasks = task_list.parse(tasks)  # a bad task fails here, not in the child
+        tasks = self.engine.check_options(tasks, flipAverage)  # bad options fail here, not in the child
         folder, own = self.launcher.workdir(workdir)
         source, outputs = folder / "input.nii", folder / "outputs"  # uncompressed: faster for large scans
         nib.save(sa.volume_to_nifti(inputVolumeNode, world=True), str(source))

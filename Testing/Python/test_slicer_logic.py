@@ -159,6 +159,10 @@ def test_bad_input_messages(tiny_model):
         logic.process(flat, tasks=["tumour"], model=tiny_model)
     with pytest.raises(BrainIDError, match="at least one task"):
         logic.process(flat, tasks=[], model=tiny_model)
+    with pytest.raises(BrainIDError, match="flip averaging"):
+        logic.process(flat, flipAverage="sometimes", model=tiny_model)
+    with pytest.raises(BrainIDError, match="unknown task"):  # the child-process path refuses before starting
+        logic.start(flat, tasks=["tumour"], model=tiny_model)
 
 
 @pytest.mark.slow

@@ -312,3 +312,53 @@ def test_widget_apply_with_the_real_logic_runs_one_child_process(module, tmp_pat
         assert slicer.mrmlScene.GetFirstNodeByName(f"scan {suffix}") is not None, suffix
     assert slicer.mrmlScene.GetFirstNodeByName("scan features PCA").IsA("vtkMRMLVectorVolumeNode")
     assert node.GetName() == "scan"
+
+
+@pytest.mark.slow
+def test_widget_find_match_train_and_segment_through_the_cli(module, tmp_path):
+    """The sections with the real logics: each button runs `brainid correspond|fewshot` in a child process."""
+    from BrainIDModuleLib.correspondence_logic import CorrespondenceLogic
+    from BrainIDModuleLib.fewshot_logic import FewShotLogic
+
+    node = scan("scan", (24, 20, 16))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    for name, (lo, hi) in {"Core": ((8, 8, 6), (14, 12, 10)), "Rim": ((0, 0, 0), (24, 3, 16))}.items():
+        mask = np.zeros((24, 20, 16), bool)
+        mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+        sa.set_segment_mask(seg, seg.GetSegmentation().AddEmptySegment("", name), mask, node)
+    other = scan("other", (16, 18, 14))
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    points.AddControlPoint(*(sa.ijk_to_ras(node) @ np.array([10.0, 9.0, 7.0, 1.0]))[:3].tolist())
+    cache = tmp_path / "features"
+    w = module.BrainIDWidget(None, correspondenceLogic=CorrespondenceLogic(featureCacheDir=cache),
+                             fewShotLogic=FewShotLogic(featureCacheDir=cache))
+    w.setup()
+    ui = w.ui
+    ui.pointSelector.setCurrentNode(points)
+    ui.targetVolumesSelector.check(other)
+    ui.fewShotSegmentationsSelector.check(seg)
+    ui.headNameLineEdit.text = "parts"
+    ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
+    ui.deviceComboBox.currentIndex = 1  # cpu
+
+    ui.findMatchButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    assert slicer.mrmlScene.GetFirstNodeByName("BrainID match").GetNumberOfControlPoints() == 2
+    heat = slicer.mrmlScene.GetFirstNodeByName("other BrainID similarity")
+    np.testing.assert_array_equal(sa.ijk_to_ras(heat), sa.ijk_to_ras(other))
+    assert any(f.suffix == ".safetensors" for f in cache.iterdir())  # the on-disk feature cache
+
+    ui.trainHeadButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    assert ui.headLabel.text.startswith("parts: 1=Core") and ui.applyHeadButton.enabled
+
+    ui.inputSelector.setCurrentNode(other)
+    ui.applyHeadButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    out = slicer.mrmlScene.GetFirstNodeByName("other parts")
+    assert out is not None and {n for _, n, _ in sa.segments_of(out)} <= {"Core", "Rim"}

@@ -4,7 +4,6 @@ and the child-process command asking for QC (or not)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
