@@ -1,17 +1,7 @@
-"""BrainID: Brain-ID (ECCV 2024) contrast-agnostic brain MRI analysis in 3D Slicer.
-
-GUI wiring only; the work is in BrainIDModuleLib (logic, dependencies) and BrainIDLib (engine,
-CLI, runner, MRML adapter). Console use:
-
-    import BrainID
-    logic = BrainID.BrainIDLogic()
-    results = logic.process(getNode("T1"), tasks=["segmentation", "anatomy"], model="NAME_OR_FILE")
-    match, heatmaps = logic.findCorrespondence(getNode("T1"), getNode("F"), [getNode("FLAIR")])
-    head = logic.trainFewShotHead(getNode("Segmentation")); logic.applyFewShotHead(getNode("FLAIR"), head)
-(see BrainIDModuleLib/correspondence_logic.py and fewshot_logic.py).
+"""BrainID: Brain-ID (ECCV 2024) in 3D Slicer. The module shell (metadata, widget wiring, self-test); the
+work is in BrainIDModuleLib and BrainIDLib. Console: `BrainID.BrainIDLogic().process(getNode("MRHead"))`.
 """
 
-import logging
 import os
 
 import qt
@@ -21,14 +11,14 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from BrainIDModuleLib import dependencies
-from BrainIDModuleLib import logic as moduleLogic
-from BrainIDModuleLib import sections as moduleSections
+from BrainIDModuleLib.correspondence_logic import CorrespondenceLogic
+from BrainIDModuleLib.fewshot_logic import FewShotLogic
+from BrainIDModuleLib.jobs import JobLauncher
+from BrainIDModuleLib.panel import Panel
+from BrainIDModuleLib.parameters import BrainIDParameterNode
+from BrainIDModuleLib.predict_logic import PredictLogic
+from BrainIDModuleLib.sections import CorrespondenceSection, FewShotSection
 
-TASK_CHECKBOXES = {"segmentation": "segmentationCheckBox", "anatomy": "anatomyCheckBox",
-                   "super_resolution": "superResolutionCheckBox", "bias_field": "biasFieldCheckBox",
-                   "features_pca": "featuresPcaCheckBox"}
-DEVICES = {"auto": "auto", "GPU": "cuda", "CPU": "cpu"}
 CITATION = ("Liu P, Puonti O, Hu X, Alexander DC, Iglesias JE. Brain-ID: Learning Contrast-agnostic Anatomical "
             "Representations for Brain Imaging. ECCV 2024.")
 
@@ -38,16 +28,11 @@ class BrainID(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "BrainID"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
         self.parent.contributors = ["BrainID contributors"]
         self.parent.helpText = (
-            "Contrast-agnostic brain analysis with Brain-ID features: FreeSurfer-style segmentation with structure "
-            "volumes, T1 synthesis, super-resolution, bias-field correction and a feature PCA view, for MRI of any "
-            "contrast and resolution. Pick a volume, tasks and a model, then Apply. Inference runs in a separate "
-            "process, so Slicer stays responsive and Cancel stops it at once. "
-            "Also: anatomical correspondence (a point on one scan, its match and a similarity heatmap on any other) "
-            "and few-shot segmentation (paint a few structures, train a small head, segment other scans). "
-            "See <a href='https://github.com/peirong26/Brain-ID'>Brain-ID</a>.")
+            "Brain-ID features for scans of any contrast and resolution: segmentation with volumes and QC, T1 "
+            "synthesis, super-resolution, bias-field correction, feature PCA, anatomical correspondence and few-shot "
+            "segmentation. See <a href='https://github.com/peirong26/Brain-ID'>Brain-ID</a>.")
         self.parent.acknowledgementText = (
             "BrainID implements the method of: " + CITATION + " Sample data: MNI ICBM152 2009a template "
             "(copyright McConnell Brain Imaging Centre; see Resources/SampleData/LICENSE-MNI152.txt).")
@@ -55,41 +40,43 @@ class BrainID(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """The shipped sample volume(s) in the Sample Data module, SHA-256 checked (file:// URIs)."""
+    """The shipped sample in the Sample Data module as BrainID > MNI152Brain (file:// URI, SHA-256 checked)."""
     import SampleData
 
-    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "BrainID.png")
-    for sample in moduleLogic.sample_entries():
-        SampleData.SampleDataLogic.registerCustomSampleDataSource(
-            category="BrainID", sampleName="BrainID" + sample["name"], uris=sample["uri"],
-            fileNames=sample["filename"], nodeNames="BrainID" + sample["name"], thumbnailFileName=icon,
-            checksums=sample["checksum"])
+    from BrainIDLib.resources import resource_path
+    from BrainIDLib.samples import sample_manifest
+
+    sample = sample_manifest()[0]
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="BrainID", sampleName=sample["name"], nodeNames=sample["name"], fileNames=sample["filename"],
+        uris=resource_path("SampleData", sample["filename"]).as_uri(), checksums=f"SHA256:{sample['sha256']}",
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "BrainID.png"))
 
 
-class BrainIDLogic(ScriptedLoadableModuleLogic, moduleLogic.BrainIDLogic):
-    """`process()` (blocking), `start()`/`finish()` (child process); see BrainIDModuleLib.logic."""
+class BrainIDLogic(ScriptedLoadableModuleLogic):
+    """The parameter node and the three logics, sharing one job launcher (and one feature cache)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, predict=None, correspondence=None, fewShot=None, log=print):
         ScriptedLoadableModuleLogic.__init__(self)
-        moduleLogic.BrainIDLogic.__init__(self, **kwargs)
+        launcher = JobLauncher()
+        self.predict = predict or PredictLogic(launcher, log=log)
+        self.correspondence = correspondence or CorrespondenceLogic(launcher, log=log)
+        self.fewShot = fewShot or FewShotLogic(launcher, log=log, featureCache=lambda: self.correspondence.featureCache)
 
-    def setDefaultParameters(self, parameterNode):
-        defaults = {"Tasks": "segmentation", "Model": "", "Device": "auto", "HeadName": "few-shot",
-                    "ShowHeatmap": "true"}
-        for key, value in defaults.items():
-            if not parameterNode.GetParameter(key):
-                parameterNode.SetParameter(key, value)
+    def getParameterNode(self):
+        return BrainIDParameterNode(super().getParameterNode())
+
+    def process(self, inputVolumeNode, **kwargs) -> dict:
+        """Blocking run in this process (see PredictLogic.process); defaults: segmentation, default model."""
+        return self.predict.process(inputVolumeNode, **kwargs)
 
 
 class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None):
+    def __init__(self, parent=None, predictLogic=None, correspondenceLogic=None, fewShotLogic=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._updating = False
-        self.job = None  # a BrainIDJob or a download ProcessRunner while running
-        self._logShown = 0
+        self._logics = (predictLogic, correspondenceLogic, fewShotLogic)
+        self._parameterNode = self._guiTag = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -97,273 +84,64 @@ class BrainIDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = BrainIDLogic(log=self.appendLog)
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.connect("timeout()", self.onTimer)
-
-        for label in DEVICES:
-            self.ui.deviceComboBox.addItem(label)
-        self.populateModels()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        for name in TASK_CHECKBOXES.values():
-            getattr(self.ui, name).connect("toggled(bool)", self.updateParameterNodeFromGUI)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.downloadButton.connect("clicked(bool)", self.onDownloadButton)
-        self.sections = moduleSections.Sections(self)  # correspondence and few-shot sections
-        self.sections.setup()
-        self.initializeParameterNode()
-
-    def cleanup(self):
-        if self.job is not None:
-            self.job.cancel()
-        self.timer.stop()
-        self.removeObservers()
+        self.logic = BrainIDLogic(*self._logics, log=lambda text: self.panel.appendLog(text))
+        self.panel = Panel(self.ui, self.logic.predict, qt.QTimer())
+        self.panel.setup(CorrespondenceSection(self.panel, self.logic.correspondence),
+                         FewShotSection(self.panel, self.logic.fewShot))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.setParameterNode(None))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.parent.isEntered and self.enter())
+        self.enter()
 
     def enter(self):
-        self.initializeParameterNode()
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    # ---------------------------------------------------------------- parameter node <-> GUI
-    def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.GetNodeReference("InputVolume"):
-            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if node:
-                self._parameterNode.SetNodeReferenceID("InputVolume", node.GetID())
+        if self._parameterNode.inputVolume is None:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
-    def setParameterNode(self, node):
-        if node:
-            self.logic.setDefaultParameters(node)
+    def cleanup(self):
+        self.panel.cleanup()
+        self.setParameterNode(None)
+        self.removeObservers()
+
+    def setParameterNode(self, parameterNode):
         if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = node
-        if node is not None:
-            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
-
-    def updateGUIFromParameterNode(self, caller=None, event=None):
-        if self._parameterNode is None or self._updating:
-            return
-        self._updating = True
-        try:
-            p = self._parameterNode
-            self.ui.inputSelector.setCurrentNode(p.GetNodeReference("InputVolume"))
-            tasks = p.GetParameter("Tasks").split(",")
-            for task, name in TASK_CHECKBOXES.items():
-                getattr(self.ui, name).checked = task in tasks
-            index = self.ui.modelComboBox.findData(p.GetParameter("Model"))
-            if index >= 0:
-                self.ui.modelComboBox.currentIndex = index
-            elif p.GetParameter("Model"):
-                self.ui.modelComboBox.setEditText(p.GetParameter("Model"))
-            device = next((k for k, v in DEVICES.items() if v == p.GetParameter("Device")), "auto")
-            self.ui.deviceComboBox.currentText = device
-            self.sections.updateGUI(p)
-            self.updateButtons()
-        finally:
-            self._updating = False
-
-    def updateParameterNodeFromGUI(self, *args):
-        if self._parameterNode is None or self._updating:
-            return
-        wasModifying = self._parameterNode.StartModify()
-        self._parameterNode.SetNodeReferenceID("InputVolume", self.ui.inputSelector.currentNodeID)
-        self._parameterNode.SetParameter("Tasks", ",".join(self.selectedTasks()))
-        self._parameterNode.SetParameter("Model", self.selectedModel())
-        self._parameterNode.SetParameter("Device", DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
-        self.sections.updateParameterNode(self._parameterNode)
-        self._parameterNode.EndModify(wasModifying)
-        self.updateModelStatus()
-
-    def selectedTasks(self):
-        return [t for t, name in TASK_CHECKBOXES.items() if getattr(self.ui, name).checked]
-
-    def selectedModel(self):
-        data = self.ui.modelComboBox.currentData
-        return data if data else self.ui.modelComboBox.currentText.strip()
-
-    def updateButtons(self):
-        running = self.job is not None
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.ui.applyButton.enabled = running or bool(self.ui.inputSelector.currentNode() and self.selectedTasks())
-        self.ui.downloadButton.enabled = not running
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.sections.updateButtons(running)
-
-    # ---------------------------------------------------------------- models
-    def populateModels(self):
-        self.ui.modelComboBox.clear()
-        try:
-            self.models = moduleLogic.model_choices()
-        except Exception as e:  # noqa: BLE001 - show, do not break the module
-            self.models = []
-            self.appendLog(f"Could not read the model registry: {e}")
-        for m in self.models:
-            self.ui.modelComboBox.addItem(m["name"], m["name"])
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, m["description"], qt.Qt.ToolTipRole)
-        default = next((i for i, m in enumerate(self.models) if m["default"]), 0)
-        if self.models:
-            self.ui.modelComboBox.currentIndex = default
-        self.updateModelStatus()
-
-    def updateModelStatus(self):
-        name = self.selectedModel()
-        entry = next((m for m in getattr(self, "models", []) if m["name"] == name), None)
-        if entry is None:
-            self.ui.modelStatusLabel.text = "Weights file" if os.path.isfile(name) else "Not a registered model or file"
-        else:
-            self.ui.modelStatusLabel.text = f"{entry['status']} - tasks: {', '.join(entry['tasks']) or 'none'}"
-
-    # ---------------------------------------------------------------- running
-    def ensureDependencies(self):
-        return dependencies.ensure(confirm=slicer.util.confirmOkCancelDisplay, pip_install=slicer.util.pip_install,
-                                   torch_installer=dependencies.slicer_torch_installer(),
-                                   explain=slicer.util.errorDisplay)
-
-    def onApplyButton(self):
-        if self.job is not None:
-            self.job.cancel()
-            self.appendLog("Cancelled.")
-            return
-        if not self.ensureDependencies():
-            return
-        self.ui.logTextEdit.clear()
-        with slicer.util.tryWithErrorDisplay("BrainID could not start.", waitCursor=True):
-            self.job = self.logic.start(self.ui.inputSelector.currentNode(), tasks=self.selectedTasks(),
-                                        model=self.selectedModel() or None,
-                                        device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
-            self.startPolling()
-
-    def onDownloadButton(self):
-        if self.job is not None or not self.ensureDependencies():
-            return
-        self.job = self.logic.start_download(self.selectedModel())
-        self.startPolling()
-
-    def startPolling(self):
-        self._logShown = 0
-        self.ui.progressBar.value = 0
-        self.updateButtons()
-        self.timer.start()
-
-    def onTimer(self):
-        job = self.job
-        state = job.poll()
-        runner = getattr(job, "runner", job)
-        self.ui.progressBar.value = int(100 * runner.fraction)
-        self.ui.statusLabel.text = runner.message
-        for line in runner.log[self._logShown:]:
-            self.appendLog(line)
-        self._logShown = len(runner.log)
-        if state == "running":
-            return
-        self.timer.stop()
-        self.job = None
-        try:
-            if state == "cancelled":
-                self.ui.statusLabel.text = "Cancelled"
-                if isinstance(job, moduleLogic.BrainIDJob):
-                    job.cleanup()
-            elif isinstance(job, moduleLogic.BrainIDJob):
-                with slicer.util.tryWithErrorDisplay("BrainID failed.", waitCursor=True):
-                    results = self.logic.finish(job)
-                    self.sections.finished(results)
-                    notes = "; ".join(runner.notices)
-                    self.ui.statusLabel.text = f"Done: {', '.join(results)}" + (f" ({notes})" if notes else "")
-            elif state == "succeeded":
-                self.ui.statusLabel.text = "Download complete"
-                self.populateModels()
-            elif state == "failed":
-                slicer.util.errorDisplay(f"Download failed: {runner.error}")
-        finally:
-            self.updateButtons()
-
-    def appendLog(self, text):
-        if hasattr(self, "ui"):
-            self.ui.logTextEdit.appendPlainText(str(text))
-        logging.info(str(text))
+            self._parameterNode.disconnectGui(self._guiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.panel.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._guiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.panel.onParameterNodeModified)
+        self.panel.setParameterNode(parameterNode)
 
 
 class BrainIDTest(ScriptedLoadableModuleTest):
-    """Runs the full process on the registered sample with a tiny random-weight model: it checks the
-    machinery (inputs, outputs, geometry, volumes), not segmentation quality."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
+    """The sample through both paths (this process, and the child process of Apply) with a tiny random
+    model: the machinery (outputs, geometry, one engine), not segmentation quality."""
 
     def runTest(self):
-        self.setUp()
-        self.test_BrainID_sample_full_process()
-
-    def test_BrainID_sample_full_process(self):
         import tempfile
-        import time
 
         import numpy as np
         import SampleData
-
-        registerSampleData()
-        self.delayDisplay("Loading the BrainID sample volume")
-        volume = SampleData.downloadSample("BrainID" + moduleLogic.sample_entries()[0]["name"])
-        self.assertIsNotNone(volume)
-        if dependencies.missing()["torch"]:
-            self.delayDisplay("PyTorch is not installed: install the PyTorch extension to run this test")
-            return
-        moduleLogic.ensure_importable()
         import torch
 
-        from BrainIDLib import slicer_adapter
+        from BrainIDLib import slicer_adapter as sa
         from BrainIDLib.model import Architecture, BrainIDModel
+        from BrainIDLib.samples import sample_manifest
         from BrainIDLib.weights import save_model
 
+        slicer.mrmlScene.Clear()
+        registerSampleData()
+        volume = SampleData.downloadSample(sample_manifest()[0]["name"])
         torch.manual_seed(0)
-        model = BrainIDModel(Architecture(f_maps=8, levels=3),
-                             heads={"segmentation": 33, "anatomy": 1, "super_resolution": 1, "bias_field": 1})
-        path = os.path.join(tempfile.mkdtemp(), "tiny-random.safetensors")
-        save_model(model, path, {"name": "tiny-random", "description": "self-test only"})
-
-        self.delayDisplay("Running all tasks (tiny random model, CPU)")
-        results = BrainIDLogic().process(volume, tasks=list(TASK_CHECKBOXES), model=path, device="cpu")
-        for key in ("segmentation", "volumes", "anatomy", "super_resolution", "bias_field", "bias_corrected",
-                    "features_pca"):
-            self.assertIn(key, results)
-        ref = slicer_adapter.ijk_to_ras(volume)
-        for key in ("anatomy", "super_resolution", "bias_field", "bias_corrected", "features_pca"):
-            np.testing.assert_array_equal(slicer_adapter.ijk_to_ras(results[key]), ref)
-            self.assertEqual(results[key].GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        labels = slicer_adapter.segmentation_to_labels(results["segmentation"], volume)
-        total = sum(row[2] for row in slicer_adapter.table_rows(results["volumes"]))
-        self.assertAlmostEqual(total, np.count_nonzero(labels) * abs(np.linalg.det(ref[:3, :3])) / 1000.0, places=3)
-
-        self.delayDisplay("Running segmentation in a PythonSlicer child process (the GUI path)")
-        logic = BrainIDLogic()
-        job = logic.start(volume, tasks=["segmentation"], model=path, device="cpu")
-        deadline = time.monotonic() + 600
-        while job.poll() == "running" and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.1)
-        self.assertEqual(job.state, "succeeded", "\n".join(job.runner.log[-20:]))
-        child = logic.finish(job)
-        agreement = np.mean(slicer_adapter.segmentation_to_labels(child["segmentation"], volume) == labels)
-        self.assertGreater(agreement, 0.99)  # same model and input in both paths (float ties aside)
-
-        self.delayDisplay("Anatomical correspondence of a point on the sample with itself")
-        centre = np.array(volume.GetImageData().GetDimensions()) // 2
-        match, heatmaps = logic.findCorrespondence(volume, (ref @ np.r_[centre, 1.0])[:3], model=path, device="cpu")
-        self.assertEqual(match.GetNumberOfControlPoints(), 1)
-        np.testing.assert_array_equal(slicer_adapter.ijk_to_ras(heatmaps[0]), ref)
-        heat = slicer.util.arrayFromVolume(heatmaps[0])  # the point is among the voxels most similar to itself
-        self.assertLess(np.mean(heat > heat[tuple(centre[::-1])]), 0.01)  # (random features: not exactly the top)
-        self.delayDisplay("BrainID self-test passed")
+        model = BrainIDModel(Architecture(f_maps=8, levels=3), heads={"segmentation": 33, "anatomy": 1})
+        path = str(save_model(model, os.path.join(tempfile.mkdtemp(), "tiny.safetensors"), {"name": "tiny-random"}))
+        options = {"tasks": ["segmentation", "anatomy", "features_pca"], "model": path, "device": "cpu"}
+        job = BrainIDLogic().predict.start(volume, **options)
+        self.assertEqual(job.runner.wait(timeout=600), "succeeded", "\n".join(job.runner.log[-20:]))
+        both = (BrainIDLogic().process(volume, **options), job.finish())
+        for results in both:
+            self.assertEqual(set(results), {"segmentation", "volumes", "uncertainty", "anatomy", "features_pca"})
+            np.testing.assert_array_equal(sa.ijk_to_ras(results["features_pca"]), sa.ijk_to_ras(volume))
+        same = np.mean(sa.segmentation_to_labels(both[0]["segmentation"], volume)
+                       == sa.segmentation_to_labels(both[1]["segmentation"], volume))
+        self.assertGreater(same, 0.99)  # one engine in both paths

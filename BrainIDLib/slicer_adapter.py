@@ -18,10 +18,16 @@ BrainID follows what Slicer shows (the node's IJKToRAS), so results always overl
 Every result is created on the input's exact grid (its IJKToRAS, and its parent transform if
 any), in the input's subject-hierarchy folder (study).
 
-Nothing else in BrainIDLib imports `slicer`.
+MRML nodes in and out only: what the views show and reading/writing files through storage nodes
+belong to the Slicer module (BrainID/BrainIDModuleLib/views.py, storage.py). Segments carry
+standard terminology codes (Resources/labels/terminology.json). Nothing else in BrainIDLib
+imports `slicer`.
 """
 
 from __future__ import annotations
+
+import json
+from functools import lru_cache
 
 import numpy as np
 
@@ -32,14 +38,6 @@ from .errors import BrainIDError
 
 RGB_COMPONENTS = 3
 
-# Terminology used for segments (Slicer's "TerminologyEntry" tag):
-# context~category~type~typeModifier~anatomicContext~region~regionModifier, codes "scheme^value^meaning".
-TERMINOLOGY_CONTEXT = "BrainID - FreeSurfer labels"
-ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
-LATERALITY = {"Left": ("SCT", "7771000", "Left"), "Right": ("SCT", "24028007", "Right")}
-FREESURFER_SCHEME = "FreeSurferColorLUT"
-
-
 # ---------------------------------------------------------------- scene / logics
 
 
@@ -48,11 +46,6 @@ def scene():
     if s is None:
         raise BrainIDError("no MRML scene: run inside 3D Slicer, or call slicer_adapter.init_headless_scene()")
     return s
-
-
-def has_gui() -> bool:
-    app = getattr(slicer, "app", None)
-    return app is not None and hasattr(app, "layoutManager") and app.layoutManager() is not None
 
 
 def init_headless_scene():
@@ -214,13 +207,26 @@ def place_in_study(node, reference) -> None:
 # ---------------------------------------------------------------- segmentation
 
 
-def terminology_entry(label: int, name: str) -> str:
-    """Slicer terminology string for a FreeSurfer label (category: anatomical structure, type: FS id)."""
-    cat = "^".join(ANATOMICAL_STRUCTURE)
-    typ = f"{FREESURFER_SCHEME}^{int(label)}^{name}"
-    side = next((LATERALITY[s] for s in LATERALITY if name.startswith(s + "-")), None)
-    modifier = "^".join(side) if side else "^^"
-    return f"{TERMINOLOGY_CONTEXT}~{cat}~{typ}~{modifier}~Anatomic codes - DICOM master list~^^~^^"
+@lru_cache(maxsize=1)
+def _terminology() -> dict:
+    from .resources import resource_path
+
+    return json.loads(resource_path("labels", "terminology.json").read_text(encoding="utf-8"))
+
+
+def terminology_entry(label: int) -> str | None:
+    """Slicer's terminology string (context~category~type~modifier~anatomic context~region~region
+    modifier; codes "scheme^value^meaning") with standard codes (SNOMED CT, DICOM) for a FreeSurfer
+    label, from Resources/labels/terminology.json; None for a label without a standard code."""
+    table = _terminology()
+    entry = table["structures"].get(str(int(label)))
+    if entry is None or entry["type"] is None:
+        return None
+    code = "^".join
+    category = table["categories"][entry.get("category", "anatomical")]
+    modifier = table["modifiers"][entry["modifier"]] if "modifier" in entry else ("", "", "")
+    return "~".join((table["context"], code(category), code(entry["type"]), code(modifier),
+                     table["anatomic_context"], "^^", "^^"))
 
 
 def label_table(labels) -> list[tuple[int, str, tuple[int, int, int]]]:
@@ -276,7 +282,9 @@ def add_segmentation(label_ijk: np.ndarray, name: str, reference, labels=None):
         seg_name, rgb = by_value[value]
         segment.SetName(seg_name)
         segment.SetColor(rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0)
-        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(value, seg_name))
+        entry = terminology_entry(value)
+        if entry is not None:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
         segment.SetTag("FreeSurferLabel", str(value))
     if reference is not None:
         place_in_study(seg, reference)
@@ -454,52 +462,6 @@ def table_rows(table) -> list[tuple[int, str, float]]:
             for r in range(t.GetNumberOfRows())]
 
 
-# ---------------------------------------------------------------- files (storage nodes)
-
-
-def load_volume_file(path, name: str | None = None):
-    node = scene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "")
-    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        scene().RemoveNode(node)
-        scene().RemoveNode(storage)
-        raise BrainIDError(f"Slicer could not read {path}")
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def _write_with_storage_node(node, path, storage_class: str) -> None:
-    """Write through a temporary storage node (slicer.util.saveNode needs Qt)."""
-    storage = scene().AddNewNodeByClass(storage_class)
-    storage.SetFileName(str(path))
-    try:
-        if not storage.WriteData(node):
-            raise BrainIDError(f"Slicer could not write {path}")
-    finally:
-        scene().RemoveNode(storage)
-
-
-def save_volume_file(node, path) -> None:
-    _write_with_storage_node(node, path, "vtkMRMLVolumeArchetypeStorageNode")
-
-
-def save_segmentation_file(seg, path) -> None:
-    _write_with_storage_node(seg, path, "vtkMRMLSegmentationStorageNode")
-
-
-def load_segmentation_file(path, name: str = "Segmentation"):
-    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    if not storage.ReadData(seg):
-        raise BrainIDError(f"Slicer could not read the segmentation {path}")
-    seg.SetAndObserveStorageNodeID(storage.GetID())
-    seg.CreateDefaultDisplayNodes()
-    return seg
-
-
 # ---------------------------------------------------------------- markups (points)
 
 
@@ -565,36 +527,3 @@ def add_heatmap_volume(array_ijk: np.ndarray, name: str, reference, node=None, w
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(float(window[0]), float(window[1]))
     return node
-
-
-def show_heatmap(background, heatmap, point_ras=None, opacity: float = 0.5) -> bool:
-    """Background volume with the heatmap as foreground in the slice views, centred on `point_ras`;
-    False (and nothing done) without a GUI."""
-    if not has_gui():
-        return False
-    slicer.util.setSliceViewerLayers(background=background, foreground=heatmap, foregroundOpacity=opacity,
-                                     label=None, fit=point_ras is None)
-    if point_ras is not None:
-        slicer.modules.markups.logic().JumpSlicesToLocation(*[float(v) for v in point_ras], True)
-    return True
-
-
-def hide_foreground() -> bool:
-    if not has_gui():
-        return False
-    slicer.util.setSliceViewerLayers(foreground=None)
-    return True
-
-
-# ---------------------------------------------------------------- views
-
-
-def show_results(background, segmentation=None) -> bool:
-    """Input in the slice views with the segmentation overlaid; False (and nothing done) without a GUI."""
-    if segmentation is not None and segmentation.GetDisplayNode() is not None:
-        segmentation.GetDisplayNode().SetVisibility(True)
-        segmentation.GetDisplayNode().SetOpacity2DFill(0.5)
-    if not has_gui():
-        return False
-    slicer.util.setSliceViewerLayers(background=background, foreground=None, label=None, fit=True)
-    return True

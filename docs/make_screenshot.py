@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "BrainID"))  # BrainIDModuleLib.storage: reading files through MRML storage nodes
 OUT = REPO / "docs" / "images" / "slicer-result.png"
 SAMPLE = REPO / "Resources" / "SampleData" / "MNI152-brain-1.5mm.nii.gz"
 VIEW = 360  # pixels per slice view
@@ -168,11 +169,12 @@ def main(argv=None) -> int:
 
     from BrainIDLib import slicer_adapter as sa
     from BrainIDLib.labels import label_color, label_name
+    from BrainIDModuleLib.storage import load_volume_file
 
     scene = sa.init_headless_scene()
     app_logic = slicer.vtkMRMLApplicationLogic()
     app_logic.SetMRMLScene(scene)
-    volume = sa.load_volume_file(SAMPLE, "MNI152 sample")
+    volume = load_volume_file(SAMPLE, "MNI152 sample")
     _, affine = sa.array_from_volume(volume)
     if args.predict:
         import BrainIDLib

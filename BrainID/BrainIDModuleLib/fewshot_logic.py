@@ -5,7 +5,7 @@ same structures on other scans of any contrast. Heads are small files: save, sha
 Console use (blocking):
 
     import BrainID
-    logic = BrainID.BrainIDLogic()
+    logic = BrainID.BrainIDLogic().fewShot
     head = logic.trainFewShotHead(getNode("Segmentation"), name="ventricles", model="brainid-lite")
     logic.saveHead(head, "/tmp/ventricles.safetensors")
     head = logic.loadHead("/tmp/ventricles.safetensors")
@@ -16,8 +16,7 @@ name on different scans are the same structure. By default each segmentation's v
 it was painted on (Segment Editor's source volume). `segments=` restricts to some segment names/ids.
 
 GUI use: `startFewShotTrain(...)` / `startFewShotApply(...)` run `brainid fewshot train|apply` in a
-child process (progress, cancel); `finish(job)` returns {"head": head} or {"segmentation": node}.
-Part of `BrainIDLogic` (mixed in).
+child process (progress, cancel); `job.finish()` returns {"head": head} or {"segmentation": node}.
 """
 
 from __future__ import annotations
@@ -25,6 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from BrainIDModuleLib import views
+from BrainIDModuleLib.jobs import JobLauncher, cli_options
 
 
 def _rgb255(color) -> tuple[int, int, int]:
@@ -56,14 +58,28 @@ def head_name(head) -> str:
     return str(getattr(head, "name", None) or "few-shot")
 
 
-class FewShotMixin:
-    fewShotHead = None  # the current head (last trained or loaded)
+class FewShotLogic:
+    """`engine`: BrainIDLib's public few-shot API (`train_head`, `segment`, `FewShotHead`) unless
+    injected; `featureCache`: a zero-argument function giving the FeatureCache to share (the
+    correspondence logic's), None for none; `model`, `featureCacheDir` as in CorrespondenceLogic."""
 
-    def _fewshot_lib(self):
-        lib = getattr(self, "_fewshot", None)
-        if lib is None:
-            from BrainIDLib import fewshot as lib
-        return lib
+    def __init__(self, launcher: JobLauncher | None = None, engine=None, log=print, model=None, featureCache=None,
+                 featureCacheDir=None):
+        self.launcher = launcher or JobLauncher()
+        self._engine = engine
+        self.log = log
+        self.model = model
+        self._featureCache = featureCache or (lambda: None)
+        self.featureCacheDir = featureCacheDir
+        self.fewShotHead = None  # the current head (last trained or loaded)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            import BrainIDLib as bid
+
+            self._engine = bid  # train_head, segment and FewShotHead are public there
+        return self._engine
 
     # ------------------------------------------------------------ annotations from segmentations
     def fewShotAnnotations(self, segmentationNodes, volumeNodes=None, segments=None):
@@ -123,20 +139,13 @@ class FewShotMixin:
     def trainFewShotHead(self, segmentationNodes, volumeNodes=None, segments=None, name="few-shot", model=None,
                          device="auto", steps=None, progress=None, cancel=None):
         """Train a head on the painted segments; it becomes `self.fewShotHead` and is returned."""
-        from BrainIDModuleLib.logic import ensure_importable
-
-        ensure_importable()
         images, annotations, names, colors = self._annotated_images(segmentationNodes, volumeNodes, segments)
         kwargs = {} if steps is None else {"steps": int(steps)}
         report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
-        try:
-            head = self._fewshot_lib().train_head(images, annotations, names=dict(enumerate(names, 1)),
-                                                  colors=dict(enumerate(colors, 1)),
-                                                  model=model if model is not None else self.model, device=device,
-                                                  cache=getattr(self, "featureCache", None), progress=report,
-                                                  cancel=cancel, name=name or "few-shot", **kwargs)
-        finally:
-            self._release(device)
+        head = self.engine.train_head(images, annotations, names=dict(enumerate(names, 1)),
+                                      colors=dict(enumerate(colors, 1)), model=model if model is not None else self.model,
+                                      device=device, cache=self._featureCache(), progress=report, cancel=cancel,
+                                      name=name or "few-shot", **kwargs)
         self.fewShotHead = head
         self.log(f"BrainID: trained head '{head_name(head)}' ({', '.join(n for _, n, _ in head_table(head))})")
         return head
@@ -159,10 +168,7 @@ class FewShotMixin:
         return path
 
     def loadHead(self, path):
-        from BrainIDModuleLib.logic import ensure_importable
-
-        ensure_importable()
-        head = self._fewshot_lib().FewShotHead.load(str(path))
+        head = self.engine.FewShotHead.load(str(path))
         self.fewShotHead = head
         return head
 
@@ -170,21 +176,15 @@ class FewShotMixin:
                          show=True):
         """Segment the head's structures on `volumeNode`: a new segmentation node, one segment per
         structure found, named and coloured from the head."""
-        from BrainIDModuleLib.logic import ensure_importable
-
-        ensure_importable()
-        head = self._head(head)
         from BrainIDLib import slicer_adapter as sa
+
+        head = self._head(head)
 
         report = progress or (lambda f, m: self.log(f"BrainID {100 * f:3.0f}% {m}"))
         model = model if model is not None else self.model
         kwargs = {} if model is None else {"model": model}  # None: the backbone the head names
-        try:
-            result = self._fewshot_lib().segment(sa.volume_to_nifti(volumeNode, world=True), head, device=device,
-                                                 cache=getattr(self, "featureCache", None), progress=report,
-                                                 cancel=cancel, **kwargs)
-        finally:
-            self._release(device)
+        result = self.engine.segment(sa.volume_to_nifti(volumeNode, world=True), head, device=device,
+                                     cache=self._featureCache(), progress=report, cancel=cancel, **kwargs)
         return self.importFewShotSegmentation(volumeNode, head, np.asanyarray(result.dataobj), show)
 
     def _head(self, head):
@@ -203,70 +203,64 @@ class FewShotMixin:
         seg = sa.add_labelled_segmentation(np.asarray(labels_ijk).astype(np.int16),
                                            f"{volumeNode.GetName()} {head_name(head)}", volumeNode, head_table(head))
         if show:
-            sa.show_results(volumeNode, seg)
+            views.show_results(volumeNode, seg)
         return seg
 
     # ------------------------------------------------------------ non-blocking (CLI child process)
     def startFewShotTrain(self, segmentationNodes, volumeNodes=None, segments=None, name="few-shot", model=None,
                           device="auto", steps=None, workdir=None):
+        """`brainid fewshot train` in a child process; the job's `finish()` returns {"head": head}."""
         import nibabel as nib
 
         images, annotations, names, colors = self._annotated_images(segmentationNodes, volumeNodes, segments)
-        workdir, own = self._workdir(workdir)
-        cmd = self._python_cmd() + ["fewshot", "train"]
+        workdir, own = self.launcher.workdir(workdir)
+        args = ["fewshot", "train"]
         for i, (img, ann) in enumerate(zip(images, annotations)):
             nib.save(img, str(workdir / f"scan{i}.nii"))
             nib.save(ann, str(workdir / f"scan{i}_annotation.nii.gz"))
-            cmd += ["--image", str(workdir / f"scan{i}.nii"), "--annotation", str(workdir / f"scan{i}_annotation.nii.gz")]
+            args += ["--image", workdir / f"scan{i}.nii", "--annotation", workdir / f"scan{i}_annotation.nii.gz"]
         head_path = workdir / "head.safetensors"
-        cmd += ["--names", ",".join(f"{k}={n.replace(',', ' ')}" for k, n in enumerate(names, 1)),
-                "--out", str(head_path), "--name", name or "few-shot"] + self._cli_common(model, device)
+        args += ["--names", ",".join(f"{k}={n.replace(',', ' ')}" for k, n in enumerate(names, 1)),
+                 "--out", head_path, "--name", name or "few-shot"] + cli_options(model, device, self.featureCacheDir)
         if steps:
-            cmd += ["--steps", str(int(steps))]
-        context = {"head": str(head_path), "colors": colors}
-        volume = self._first_volume(segmentationNodes, volumeNodes)
-        return self._start_job("fewshot-train", [cmd], volume, workdir, workdir, own, context)
+            args += ["--steps", int(steps)]
+        command = self.launcher.command("BrainIDLib.cli", *args)
+        return self.launcher.start([command], lambda job: self._finishTrain(head_path, colors), workdir, own)
 
-    def _first_volume(self, segmentationNodes, volumeNodes):
-        from BrainIDLib import slicer_adapter as sa
-
-        if volumeNodes is not None:
-            return volumeNodes if hasattr(volumeNodes, "IsA") else volumeNodes[0]
-        seg = segmentationNodes if hasattr(segmentationNodes, "IsA") else segmentationNodes[0]
-        return sa.reference_volume_of(seg)
-
-    def _finish_fewshot_train(self, job, show=True) -> dict:
-        head = self.loadHead(job.context["head"])
-        painted = {k: tuple(c) for k, c in enumerate(job.context["colors"], 1)}
+    def _finishTrain(self, head_path: Path, colors) -> dict:
+        head = self.loadHead(head_path)
+        painted = {k: tuple(c) for k, c in enumerate(colors, 1)}
         head.colors = [painted.get(int(v), tuple(c)) for v, c in zip(head.labels, head.colors)]  # CLI: names only
         return {"head": head}
 
     def startFewShotApply(self, volumeNode, head=None, model=None, device="auto", workdir=None):
+        """`brainid fewshot apply` in a child process; the job's `finish()` returns {"segmentation": node}."""
         import nibabel as nib
 
         from BrainIDLib import slicer_adapter as sa
 
         head = self._head(head)
-        workdir, own = self._workdir(workdir)
+        workdir, own = self.launcher.workdir(workdir)
         scan, head_path, out = workdir / "scan.nii", workdir / "head.safetensors", workdir / "outputs"
         out.mkdir(exist_ok=True)
         nib.save(sa.volume_to_nifti(volumeNode, world=True), str(scan))
         head.save(head_path)
-        cmd = self._python_cmd() + ["fewshot", "apply", "--head", str(head_path), "--input", str(scan), "--output",
-                                    str(out)] + self._cli_common(model, device)
-        return self._start_job("fewshot-apply", [cmd], volumeNode, workdir, out, own, {"head": head})
+        command = self.launcher.command("BrainIDLib.cli", "fewshot", "apply", "--head", head_path, "--input", scan,
+                                        "--output", out, *cli_options(model, device, self.featureCacheDir))
+        nodeID = volumeNode.GetID()
+        return self.launcher.start([command], lambda job: self._finishApply(nodeID, head, out), workdir, own)
 
-    def _finish_fewshot_apply(self, job, show=True) -> dict:
+    def _finishApply(self, nodeID: str, head, out: Path) -> dict:
         import nibabel as nib
 
         from BrainIDLib import slicer_adapter as sa
         from BrainIDLib.errors import BrainIDError
 
-        volume = sa.scene().GetNodeByID(job.input_node_id)
+        volume = sa.scene().GetNodeByID(nodeID)
         if volume is None:
             raise BrainIDError("the volume was removed from the scene while BrainID was running")
-        files = sorted(job.outputs_dir.rglob("*.nii*"))
+        files = sorted(out.rglob("*.nii*"))
         if not files:
             raise BrainIDError("brainid fewshot apply wrote no segmentation")
         labels = np.asanyarray(nib.load(str(files[0])).dataobj)
-        return {"segmentation": self.importFewShotSegmentation(volume, job.context["head"], labels, show)}
+        return {"segmentation": self.importFewShotSegmentation(volume, head, labels)}

@@ -570,9 +570,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, scan, model_file):
 
 def test_slicer_passes_model_as_one_argument(tmp_path):
     sys.path.insert(0, str(REPO / "BrainID"))
-    from BrainIDModuleLib.logic import BrainIDLogic
+    from BrainIDModuleLib.jobs import cli_options
 
-    logic = BrainIDLogic(python="py")
-    cmds = logic.cli_commands(tmp_path / "in.nii.gz", tmp_path, ["segmentation", "features_pca"], model="-odd-name")
-    assert all("--model=-odd-name" in c and "--model" not in c for c in cmds)
-    assert "--model=-odd-name" in logic._cli_common(model="-odd-name")
+    args = cli_options(model="-odd-name")  # what the module's correspondence / few-shot commands end with
+    assert "--model=-odd-name" in args and "--model" not in args
+    from BrainIDModuleLib.engine import _arguments  # and the module's own child process reads it back
+
+    assert _arguments(["in.nii", "out", "--task", "segmentation", "--model=-odd-name"]).model == "-odd-name"

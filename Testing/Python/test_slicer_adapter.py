@@ -1,4 +1,5 @@
-"""The MRML adapter against a real MRML scene (slicer-core): geometry, files, segmentations, tables."""
+"""The MRML adapter against a real MRML scene (slicer-core): geometry, segmentations with standard
+terminology, tables; files through the module's storage helpers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import nibabel as nib  # noqa: E402
 from BrainIDLib import slicer_adapter as sa  # noqa: E402
 from BrainIDLib.errors import BrainIDError  # noqa: E402
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_color, label_name  # noqa: E402
+from BrainIDModuleLib import storage, views  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -68,11 +70,11 @@ def test_volume_roundtrip_keeps_geometry_and_values(kind, tmp_path):
 
     # through files: Slicer writes (LPS on disk), nibabel reads the same RAS geometry, and back
     path = tmp_path / f"{kind}.nii.gz"
-    sa.save_volume_file(node, path)
+    storage.save_volume_file(node, path)
     img = nib.load(str(path))
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
     np.testing.assert_allclose(np.asanyarray(img.dataobj), data, atol=1e-5)
-    back = sa.load_volume_file(path)
+    back = storage.load_volume_file(path)
     np.testing.assert_allclose(sa.ijk_to_ras(back), affine, atol=1e-5)
     np.testing.assert_allclose(sa.array_from_volume(back)[0], data, atol=1e-5)
 
@@ -99,7 +101,7 @@ def test_qform_sform_disagreement(sform_code, slicer_uses, tmp_path):
     path = tmp_path / "qs.nii.gz"
     nib.save(img, str(path))
 
-    node = sa.load_volume_file(path)
+    node = storage.load_volume_file(path)
     expected = s if slicer_uses == "sform" else q
     np.testing.assert_allclose(sa.ijk_to_ras(node), expected)
     np.testing.assert_allclose(nib.load(str(path)).affine, s)  # nibabel: sform
@@ -109,7 +111,7 @@ def test_qform_sform_disagreement(sform_code, slicer_uses, tmp_path):
     np.testing.assert_allclose(nii.affine, expected)
     nib.save(nii, str(tmp_path / "engine_input.nii.gz"))
     np.testing.assert_allclose(nib.load(str(tmp_path / "engine_input.nii.gz")).affine, expected, atol=1e-5)
-    again = sa.load_volume_file(tmp_path / "engine_input.nii.gz")
+    again = storage.load_volume_file(tmp_path / "engine_input.nii.gz")
     np.testing.assert_allclose(sa.ijk_to_ras(again), expected, atol=1e-5)
 
 
@@ -142,7 +144,7 @@ def labelled_volume(shape=(20, 18, 16)):
     return lab
 
 
-def test_segmentation_names_colours_terminology_and_export(tmp_path):
+def test_segmentation_names_colours_and_export(tmp_path):
     lab = labelled_volume()
     ref = sa.add_scalar_volume(np.random.rand(*lab.shape), "T1", affine=geometry("oblique"))
     seg = sa.add_segmentation(lab, "T1 segmentation", ref)
@@ -153,19 +155,60 @@ def test_segmentation_names_colours_terminology_and_export(tmp_path):
         value = int(sa.segment_tag(segment, "FreeSurferLabel"))
         assert segment.GetName() == label_name(value)
         np.testing.assert_allclose(segment.GetColor(), np.array(label_color(value)) / 255.0)
-        term = sa.segment_tag(segment, segment.GetTerminologyEntryTagName())
-        assert f"^{value}^{label_name(value)}" in term and "Anatomical Structure" in term
-        if label_name(value).startswith("Left-"):
-            assert "SCT^7771000^Left" in term
     np.testing.assert_array_equal(sa.segmentation_to_labels(seg, ref), lab)
 
     # storage node round trip (.seg.nrrd), names/colours/labels survive
     path = tmp_path / "seg.seg.nrrd"
-    sa.save_segmentation_file(seg, path)
-    again = sa.load_segmentation_file(path)
+    storage.save_segmentation_file(seg, path)
+    again = storage.load_segmentation_file(path)
     names = sorted(again.GetSegmentation().GetNthSegment(i).GetName() for i in range(4))
     assert names == sorted(label_name(v) for v in (2, 17, 24, 53))
     np.testing.assert_array_equal(sa.segmentation_to_labels(again, ref), lab)
+
+
+# SNOMED CT codes of the structures, as Slicer's DICOM master terminology and DICOM CID 7140 give them
+# (Resources/labels/terminology.json states the source of each); the few DICOM-coded (DCM) structures
+# have no SNOMED CT code.
+EXPECTED_TYPES = {"Hippocampus": "5366008", "Amygdala": "4958002", "Thalamus": "42695009", "Caudate": "11000004",
+                  "Putamen": "89278009", "Pallidum": "14738005", "Lateral-Ventricle": "66720007",
+                  "Cerebral-White-Matter": "68523003", "Cerebral-Cortex": "40146001", "Brain-Stem": "119238007",
+                  "3rd-Ventricle": "49841001", "4th-Ventricle": "35918002", "Cerebellum-Cortex": "25991003",
+                  "Cerebellum-White-Matter": "33060004", "Accumbens-area": "427667007", "CSF": "65216001",
+                  "Optic-Chiasm": "244453006", "VentralDC": "110700", "WM-hypointensities": "110701"}
+SIDES = {"Left": ("7771000", "Left"), "Right": ("24028007", "Right")}
+
+
+def test_every_predicted_segment_carries_standard_terminology_codes():
+    """Every structure of the 33-class segmentation, through a real MRML segmentation node, and each
+    entry parsed back by Slicer's own terminology logic."""
+    structures = [v for v in SEGMENTATION_LABELS if v]
+    lab = np.zeros((len(structures), 3, 3), np.int16)
+    for i, value in enumerate(structures):
+        lab[i] = value
+    ref = sa.add_scalar_volume(np.ones(lab.shape, np.float32), "T1")
+    seg = sa.add_segmentation(lab, "T1 segmentation", ref)
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(structures) == 32
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        name = segment.GetName()
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(sa.segment_tag(segment, segment.GetTerminologyEntryTagName()), entry)
+        category, kind, modifier = entry.GetCategoryObject(), entry.GetTypeObject(), entry.GetTypeModifierObject()
+        assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
+        assert category.GetCodingSchemeDesignator() == "SCT" and category.GetCodeValue() in ("123037004", "49755003")
+        side = next((s for s in SIDES if name.startswith(s + "-")), None)
+        base = name[len(side) + 1:] if side else name
+        assert kind.GetCodeValue() == EXPECTED_TYPES[base], name
+        assert kind.GetCodingSchemeDesignator() == ("DCM" if base in ("VentralDC", "WM-hypointensities") else "SCT")
+        assert kind.GetCodeMeaning(), name
+        if side:  # left and right modifiers the right way round
+            assert (modifier.GetCodingSchemeDesignator(), modifier.GetCodeValue(), modifier.GetCodeMeaning()) == \
+                ("SCT", *SIDES[side]), name
+        else:
+            assert not modifier.GetCodeValue(), name
+    assert sa.terminology_entry(31) is None  # choroid plexus: no standard code in the sources (the JSON says so)
 
 
 def test_freesurfer_colours_match_freesurfer_lut():
@@ -230,5 +273,5 @@ def test_bad_inputs_give_clear_messages():
 def test_show_results_without_gui_is_harmless():
     ref = sa.add_scalar_volume(np.zeros((4, 4, 4)), "ref")
     seg = sa.add_segmentation(np.full((4, 4, 4), 17, np.int16), "seg", ref)
-    assert sa.show_results(ref, seg) is False
+    assert views.show_results(ref, seg) is False
     assert seg.GetDisplayNode().GetVisibility()

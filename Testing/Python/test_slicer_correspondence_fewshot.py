@@ -20,11 +20,15 @@ from slicer_helpers import require_slicer
 
 slicer = require_slicer()
 
-from BrainIDModuleLib import logic as lg  # noqa: E402
+from BrainIDModuleLib.correspondence_logic import CorrespondenceLogic  # noqa: E402
+from BrainIDModuleLib.fewshot_logic import FewShotLogic  # noqa: E402
+from BrainIDModuleLib.jobs import JobLauncher  # noqa: E402
+from BrainIDModuleLib.storage import load_volume_file  # noqa: E402
 from BrainIDModuleLib.fewshot_logic import head_table  # noqa: E402
 
 from BrainIDLib import slicer_adapter as sa  # noqa: E402
 from BrainIDLib.errors import BrainIDError  # noqa: E402
+from BrainIDLib.samples import sample_path  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +126,7 @@ def test_find_correspondence_heatmaps_on_target_grids_and_match_points():
     points = sa.scene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
     points.AddControlPoint(*voxel_ras(source, (8, 9, 10)).tolist())
     engine = FakeCorrespondence(hit=(4, 5, 6))
-    logic = lg.BrainIDLogic(correspondence=engine, log=lambda m: None)
+    logic = CorrespondenceLogic(engine=engine, log=lambda m: None)
 
     match, heatmaps = logic.findCorrespondence(source, points, [flair], model="m", device="cpu")
     call = engine.calls[0]
@@ -196,7 +200,7 @@ def test_correspondence_job_command_and_import(tmp_path):
         def poll(self):
             return self.state
 
-    logic = lg.BrainIDLogic(runner_factory=Runner, python="py", log=lambda m: None)
+    logic = CorrespondenceLogic(JobLauncher(Runner, python="py"), log=lambda m: None)
     job = logic.startCorrespondence(source, [-10.5, 20.0, -3.25], [other], model="brainid-lite", device="cpu")
     cmd = job.runner.commands[0]
     assert cmd[:4] == ["py", "-m", "BrainIDLib.cli", "correspond"]
@@ -205,7 +209,7 @@ def test_correspondence_job_command_and_import(tmp_path):
     assert cmd.count("--target") == 2
     np.testing.assert_allclose(nib.load(cmd[cmd.index("--source") + 1]).affine, sa.ijk_to_ras(source))
     workdir = job.workdir
-    results = logic.finish(job)
+    results = job.finish()
     assert not workdir.exists()
     match = results["match"]
     heat = results["T2 BrainID similarity"]
@@ -247,7 +251,7 @@ def test_painted_segments_become_annotations_on_each_scan_grid():
     dims_b = b.GetImageData().GetDimensions()
     seg_b, _ = painted_segmentation(b, {"Hippocampus": box(dims_b, (1, 1, 1), (3, 3, 3)),
                                         "Caudate": box(dims_b, (7, 8, 5), (9, 9, 6))}, "Segmentation B")
-    logic = lg.BrainIDLogic(log=lambda m: None)
+    logic = FewShotLogic(log=lambda m: None)
     pairs, names, colors = logic.fewShotAnnotations([seg_a, seg_b])  # volumes: the ones painted on
     assert names == ["Ventricle", "Hippocampus", "Caudate"] and colors[1] == (0, 255, 0)
     (va, ann_a), (vb, ann_b) = pairs
@@ -289,14 +293,15 @@ def test_training_passes_images_and_annotations_and_applying_creates_named_colou
         return nib.Nifti1Image(lab, image.affine)
 
     fewshot = types.SimpleNamespace(train_head=train_head, segment=segment)
-    logic = lg.BrainIDLogic(fewshot=fewshot, correspondence=FakeCorrespondence(), log=lambda m: None)
+    correspondence = CorrespondenceLogic(engine=FakeCorrespondence(), log=lambda m: None)
+    logic = FewShotLogic(engine=fewshot, log=lambda m: None, featureCache=lambda: correspondence.featureCache)
     head = logic.trainFewShotHead(seg, name="my head", device="cpu", steps=5)
     assert logic.fewShotHead is head and calls["name"] == "my head" and calls["kw"]["steps"] == 5
     assert calls["names"] == {1: "Ventricle", 2: "Hippocampus"}
     np.testing.assert_allclose(calls["images"][0].affine, sa.ijk_to_ras(a))
     np.testing.assert_allclose(calls["annotations"][0].affine, sa.ijk_to_ras(a))
     assert np.count_nonzero(np.asanyarray(calls["annotations"][0].dataobj) == 2) == 2 * 3 * 1
-    assert calls["kw"]["cache"] is logic.featureCache  # features shared with correspondence
+    assert calls["kw"]["cache"] is correspondence.featureCache  # features shared with correspondence
 
     b = blob_volume("FLAIR", shape=(12, 10, 9), affine=np.diag([-2.0, -2.0, 2.0, 1.0]))
     head.colors = [(255, 0, 0), (0.0, 0.0, 1.0)]  # 0..255 and 0..1 both accepted
@@ -310,7 +315,7 @@ def test_training_passes_images_and_annotations_and_applying_creates_named_colou
 
 
 def test_no_head_and_save_path_messages():
-    logic = lg.BrainIDLogic(log=lambda m: None)
+    logic = FewShotLogic(log=lambda m: None)
     vol = blob_volume("scan")
     with pytest.raises(BrainIDError, match="train or load"):
         logic.applyFewShotHead(vol)
@@ -338,7 +343,7 @@ def tiny_model():
 def test_real_correspondence_point_matches_itself_and_cache_is_reused(tiny_model):
     source = blob_volume("T1")
     other = blob_volume("T2", shape=(18, 20, 16), affine=oblique_affine(10, (1.4, 1.4, 1.4), (0, 4, 2)), seed=4)
-    logic = lg.BrainIDLogic(model=tiny_model, log=lambda m: None)
+    logic = CorrespondenceLogic(model=tiny_model, log=lambda m: None)
     point = voxel_ras(source, (10, 12, 9))
     seen = []
     match, heatmaps = logic.findCorrespondence(source, point, [other], device="cpu",
@@ -371,7 +376,7 @@ def test_real_fewshot_train_save_load_apply(tiny_model, tmp_path):
     seg, _ = painted_segmentation(a, {"Core": box(dims, (8, 10, 7), (12, 14, 11)),
                                       "Edge": box(dims, (0, 0, 0), (20, 3, 18))})
     seg.GetSegmentation().GetNthSegment(0).SetColor(1.0, 0.5, 0.0)
-    logic = lg.BrainIDLogic(model=tiny_model, log=lambda m: None)
+    logic = FewShotLogic(model=tiny_model, log=lambda m: None)
     head = logic.trainFewShotHead(seg, a, name="blob parts", device="cpu", steps=60)
     assert head.names == ["Core", "Edge"] and head.colors[0] == (255, 128, 0) and head.name == "blob parts"
     path = logic.saveHead(head, tmp_path / "parts")  # suffix added
@@ -398,7 +403,7 @@ def test_shipped_model_on_the_sample_point_and_heatmaps(monkeypatch, tmp_path):
     with real features. brainid-lite is experimental (docs/model-card.md), so match accuracy is not asserted."""
     monkeypatch.delenv("BRAINID_REGISTRY", raising=False)
     monkeypatch.setenv("BRAINID_CACHE", str(tmp_path / "cache"))
-    sample = sa.load_volume_file(lg.sample_entries()[0]["path"], "sample")
+    sample = load_volume_file(sample_path(), "sample")
     arr, affine = sa.array_from_volume(sample)
     crop = (slice(25, 81), slice(35, 95), slice(30, 86))
     affine = affine.copy()
@@ -406,7 +411,7 @@ def test_shipped_model_on_the_sample_point_and_heatmaps(monkeypatch, tmp_path):
     t1 = sa.add_scalar_volume(arr[crop], "T1 crop", affine=affine)
     inverted = sa.add_scalar_volume(np.where(arr[crop] > 0, arr.max() - arr[crop], 0).astype(np.float32), "inverted",
                                     affine=affine)
-    logic = lg.BrainIDLogic(model="brainid-lite", log=lambda m: None)
+    logic = CorrespondenceLogic(model="brainid-lite", log=lambda m: None)
     point = voxel_ras(t1, (28, 30, 20))
     match, heatmaps = logic.findCorrespondence(t1, point, [inverted], device="cpu", show=False)
     for target, heat in zip((t1, inverted), heatmaps):
@@ -431,15 +436,15 @@ def test_shipped_model_known_answer_through_mrml(monkeypatch, tmp_path):
 
     monkeypatch.delenv("BRAINID_REGISTRY", raising=False)
     monkeypatch.setenv("BRAINID_CACHE", str(tmp_path / "cache"))
-    path = lg.sample_entries()[0]["path"]
-    source = sa.load_volume_file(path, "T1")
+    path = sample_path()
+    source = load_volume_file(path, "T1")
     t1 = nib.load(path)
     moved, transform = displaced(recontrast(t1, "t2"), rotation_deg=(0, 0, 0), translation_mm=(6, -4, 3), spacing=2.0)
     data = np.asarray(moved.dataobj)[::-1, ::-1, :]  # stored LPS: i runs to the left, j to the back
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = np.array(moved.shape[:2]) - 1
     target = sa.add_scalar_volume(np.ascontiguousarray(data), "T2-like", affine=moved.affine @ flip)
-    logic = lg.BrainIDLogic(model="brainid-lite", log=lambda m: None)
+    logic = CorrespondenceLogic(model="brainid-lite", log=lambda m: None)
     errors = []
     for point in grid_points(t1, n=12, seed=1):
         match, _ = logic.findCorrespondence(source, point, [target], device="cpu", includeSource=False, show=False)

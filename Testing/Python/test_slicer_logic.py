@@ -1,8 +1,8 @@
-"""BrainIDLogic against slicer-core with a tiny random-weight model: the machinery, not the quality.
+"""PredictLogic against slicer-core with a tiny random-weight model: the machinery, not the quality.
 
-Blocking `process()` in this process, and the GUI path (`start`/`poll`/`finish`) running the
-BrainIDLib CLI in a child process; results on the input's exact geometry, volumes that add up,
-cancel, and clear messages for bad input.
+Blocking `process()` in this process, and the GUI path (`start`, then the job's `poll`/`finish`)
+running the same engine in one child process; results on the input's exact geometry, volumes that
+add up, cancel, and clear messages for bad input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from slicer_helpers import require_slicer
 
 slicer = require_slicer()
 
-from BrainIDModuleLib import dependencies, logic as lg  # noqa: E402
+from BrainIDModuleLib import dependencies  # noqa: E402
+from BrainIDModuleLib.predict_logic import PredictLogic  # noqa: E402
 
 from BrainIDLib import slicer_adapter as sa  # noqa: E402
 from BrainIDLib.errors import BrainIDError  # noqa: E402
@@ -86,7 +87,7 @@ def check_results(node, results):
 def test_process_blocking_all_tasks(tiny_model):
     node = oblique_input()
     seen = []
-    results = lg.BrainIDLogic().process(node, tasks=ALL_TASKS, model=tiny_model, device="cpu",
+    results = PredictLogic().process(node, tasks=ALL_TASKS, model=tiny_model, device="cpu",
                                         progress=lambda f, m: seen.append(f))
     check_results(node, results)
     assert seen and seen[-1] == pytest.approx(1.0)
@@ -95,18 +96,19 @@ def test_process_blocking_all_tasks(tiny_model):
 @pytest.mark.slow
 def test_gui_path_runs_cli_in_child_process(tiny_model, tmp_path):
     node = oblique_input()
-    logic = lg.BrainIDLogic()
+    logic = PredictLogic()
     job = logic.start(node, tasks=ALL_TASKS, model=tiny_model, device="cpu", workdir=tmp_path / "job")
+    assert len(job.runner.commands) == 1  # one child process: the feature PCA comes from the same pass
     fractions = []
     deadline = time.monotonic() + 240
     while job.poll() == "running":
-        fractions.append(job.fraction)
+        fractions.append(job.runner.fraction)
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert job.state == "succeeded", "\n".join(job.runner.log[-20:])
-    assert fractions == sorted(fractions) and job.fraction == 1.0
-    assert job.runner.outputs  # OUTPUT lines were parsed
-    child = logic.finish(job)
+    assert fractions == sorted(fractions) and job.runner.fraction == 1.0
+    assert set(job.runner.outputs) >= {"segmentation", "features_pca", "qc"}  # OUTPUT lines were parsed
+    child = job.finish()
     check_results(node, child)
     # the child process computes what the in-process path computes
     inproc = logic.process(node, tasks=["segmentation", "anatomy"], model=tiny_model, device="cpu")
@@ -120,10 +122,10 @@ def test_gui_path_runs_cli_in_child_process(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_cancel_stops_a_running_job(tiny_model, tmp_path):
     node = oblique_input((96, 96, 96))
-    logic = lg.BrainIDLogic()
+    logic = PredictLogic()
     job = logic.start(node, tasks=["segmentation"], model=tiny_model, device="cpu")
     deadline = time.monotonic() + 120
-    while job.poll() == "running" and job.fraction < 0.1:  # wait until the network is running
+    while job.poll() == "running" and job.runner.fraction < 0.1:  # wait until the network is running
         assert time.monotonic() < deadline, "\n".join(job.runner.log)
         time.sleep(0.05)
     assert job.state == "running", "job finished before it could be cancelled; use a larger input"
@@ -139,13 +141,13 @@ def test_cancel_stops_a_running_job(tiny_model, tmp_path):
             os.killpg(proc.pid, 0)  # the whole process group is gone
     before = sa.scene().GetNumberOfNodes()
     with pytest.raises(BrainIDError, match="cancelled"):
-        logic.finish(job)
+        job.finish()
     assert sa.scene().GetNumberOfNodes() == before
     assert not job.workdir.exists()  # temporary files removed
 
 
 def test_bad_input_messages(tiny_model):
-    logic = lg.BrainIDLogic()
+    logic = PredictLogic()
     flat = sa.add_scalar_volume(np.full((16, 16, 16), 7.0, np.float32), "flat")
     with pytest.raises(BrainIDError) as e:
         logic.process(flat, tasks=["segmentation"], model=tiny_model, device="cpu")
@@ -157,37 +159,44 @@ def test_bad_input_messages(tiny_model):
         logic.process(flat, tasks=["tumour"], model=tiny_model)
     with pytest.raises(BrainIDError, match="at least one task"):
         logic.process(flat, tasks=[], model=tiny_model)
+    with pytest.raises(BrainIDError, match="flip averaging"):
+        logic.process(flat, flipAverage="sometimes", model=tiny_model)
+    with pytest.raises(BrainIDError, match="unknown task"):  # the child-process path refuses before starting
+        logic.start(flat, tasks=["tumour"], model=tiny_model)
 
 
 @pytest.mark.slow
 def test_bad_input_in_child_process_reports_the_cli_error(tiny_model):
     flat = sa.add_scalar_volume(np.full((16, 16, 16), 7.0, np.float32), "flat")
-    logic = lg.BrainIDLogic()
+    logic = PredictLogic()
     job = logic.start(flat, tasks=["segmentation"], model=tiny_model, device="cpu")
     assert job.runner.wait(timeout=120) == "failed"
     with pytest.raises(BrainIDError) as e:
-        logic.finish(job)
+        job.finish()
     assert "brainid: error:" in str(e.value) and "Traceback" not in str(e.value)
 
 
-def test_injected_engine_and_task_aliases():
+def test_task_aliases_reach_predict_and_results_come_back(monkeypatch):
+    import types
+
+    import BrainIDLib
+
     node = oblique_input((8, 9, 10))
     calls = {}
-
-    class FakePrediction:
-        def __init__(self, outputs):
-            self.outputs = outputs
 
     def fake_predict(image, tasks, **kw):
         import nibabel as nib
 
-        calls["tasks"], calls["affine"] = tasks, image.affine
+        calls["tasks"], calls["affine"], calls["kw"] = tasks, image.affine, kw
         lab = np.zeros(image.shape, np.int16)
         lab[2:5, 2:5, 2:5] = 17
-        return FakePrediction({"segmentation": nib.Nifti1Image(lab, image.affine)})
+        return types.SimpleNamespace(outputs={"segmentation": nib.Nifti1Image(lab, image.affine)}, messages=[],
+                                     qc=None)
 
-    results = lg.BrainIDLogic(predict=fake_predict).process(node, tasks="seg t1", device="cpu")
+    monkeypatch.setattr(BrainIDLib, "predict", fake_predict, raising=False)
+    results = PredictLogic(log=lambda m: None).process(node, tasks="seg t1", device="cpu")
     assert calls["tasks"] == ("segmentation", "anatomy")
+    assert calls["kw"]["flip_average"] is None and calls["kw"]["qc"] is True and not calls["kw"]["keep_features"]
     np.testing.assert_allclose(calls["affine"], sa.ijk_to_ras(node))
     assert results["segmentation"].GetSegmentation().GetNthSegment(0).GetName() == "Left-Hippocampus"
     rows = dict((r[1], r[2]) for r in sa.table_rows(results["volumes"]))

@@ -1,261 +1,275 @@
-"""BrainID.py's Qt-free parts under slicer-core: module metadata, sample registration, and the
-console API `BrainID.BrainIDLogic().process(...)`. Qt and Slicer's ScriptedLoadableModule base
-classes are replaced by minimal stand-ins (the real ones need the Slicer application)."""
+"""BrainID.py under slicer-core: module metadata, sample registration, the parameter node and its
+defaults (also from the console), and the widget's real setup() driven with injected fake logics.
+The application pieces slicer-core lacks are stand-ins (slicer_gui_fakes); the scene is real MRML."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 import types
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pytest
 
-from slicer_helpers import require_slicer
+from slicer_helpers import MODULE_DIR, REPO, require_slicer
 
 slicer = require_slicer()
 
+import slicer_gui_fakes  # noqa: E402
+
 from BrainIDLib import slicer_adapter as sa  # noqa: E402
-
-
-class _Logic:
-    def __init__(self, parent=None):
-        self.moduleName = "BrainID"
-
-    def getParameterNode(self):
-        node = slicer.mrmlScene.GetSingletonNode("BrainID", "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.vtkMRMLScriptedModuleNode()
-            node.SetSingletonTag("BrainID")
-            node.SetModuleName("BrainID")
-            node = slicer.mrmlScene.AddNode(node)
-        self.setDefaultParameters(node)
-        return node
+from BrainIDLib.errors import BrainIDError  # noqa: E402
 
 
 @pytest.fixture()
-def brainid_module(monkeypatch):
+def module(monkeypatch):
     sa.init_headless_scene()
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: setattr(self, "parent", parent)})
-    slm.ScriptedLoadableModuleLogic = _Logic
-    slm.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {
-        "__init__": lambda self, parent=None: setattr(self, "parent", parent)})
-    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    qt = types.ModuleType("qt")
-    qt.Qt = types.SimpleNamespace(ToolTipRole=3, Checked=2, Unchecked=0)
-    qt.QFileDialog = types.SimpleNamespace(answers=[])  # tests queue the paths a file dialog returns
-    qt.QFileDialog.getSaveFileName = qt.QFileDialog.getOpenFileName = lambda *a: qt.QFileDialog.answers.pop(0)
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    registered = []
-    sample_data = types.ModuleType("SampleData")
-    sample_data.SampleDataLogic = type("SampleDataLogic", (), {
-        "registerCustomSampleDataSource": staticmethod(lambda **kw: registered.append(kw))})
-    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
-    connections = []
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda sig, fn: connections.append((sig, fn))),
-                        raising=False)
-    sys.modules.pop("BrainID", None)
-    sys.modules.pop("BrainIDModuleLib.sections", None)  # binds the stand-in qt at import
-    module = importlib.import_module("BrainID")
-    module._registered, module._connections = registered, connections
-    yield module
-    sys.modules.pop("BrainID", None)
+    record = slicer_gui_fakes.install(monkeypatch, MODULE_DIR)
+    for name in [n for n in sys.modules if n == "BrainID" or n.startswith("BrainIDModuleLib.")]:
+        monkeypatch.delitem(sys.modules, name)  # bind the stand-in qt / slicer pieces at import
+    brainid = importlib.import_module("BrainID")
+    brainid.record = record
+    yield brainid
+    for name in [n for n in sys.modules if n == "BrainID" or n.startswith("BrainIDModuleLib.")]:
+        sys.modules.pop(name)
 
 
-def test_module_metadata_and_sample_registration(brainid_module):
+def scan(name="scan", shape=(10, 11, 12)):
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    return sa.add_scalar_volume(data, name, affine=np.diag([-1.0, -1.0, 2.0, 1.0]))
+
+
+def test_module_metadata_and_sample_registration(module):
     parent = types.SimpleNamespace()
-    brainid_module.BrainID(parent)
-    assert parent.title == "BrainID" and parent.categories
-    assert brainid_module.CITATION in parent.acknowledgementText
-    (signal, fn), = brainid_module._connections
+    module.BrainID(parent)
+    assert parent.title == "BrainID" and parent.categories == ["Segmentation"]
+    assert module.CITATION in parent.acknowledgementText
+    (signal, register), = module.record.connections
     assert signal == "startupCompleted()"
-    fn()
-    (kw,) = brainid_module._registered
-    assert kw["uris"].startswith("file://") and kw["checksums"].startswith("SHA256:")
-    assert Path(kw["thumbnailFileName"]).is_file()
-    import hashlib
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    data = Path(url2pathname(urlparse(kw["uris"]).path)).read_bytes()
-    assert kw["checksums"] == "SHA256:" + hashlib.sha256(data).hexdigest()
+    register()
+    (sample,) = module.record.samples
+    assert f"Sample Data module >\nBrainID > {sample['sampleName']}." in (REPO / "README.md").read_text()
+    assert sample["category"] == "BrainID" and Path(sample["thumbnailFileName"]).is_file()
+    data = Path(url2pathname(urlparse(sample["uris"]).path)).read_bytes()
+    assert sample["checksums"] == "SHA256:" + hashlib.sha256(data).hexdigest()
 
 
-def test_console_api_process_and_parameter_defaults(brainid_module):
-    import nibabel as nib
+class FakeEngine:
+    """BrainIDModuleLib.engine.run's interface: Left-Hippocampus wherever the scan is bright."""
 
-    node = sa.add_scalar_volume(np.random.default_rng(0).random((10, 11, 12)).astype(np.float32), "scan",
-                                affine=np.diag([-1.0, -1.0, 2.0, 1.0]))
+    def __init__(self):
+        self.calls = []
 
-    class Prediction:
-        def __init__(self, outputs):
-            self.outputs = outputs
+    def run(self, image, tasks, **kw):
+        from BrainIDModuleLib.engine import EngineResult
 
-    def predict(image, tasks, **kw):
+        self.calls.append({"tasks": tasks, **kw})
         data = np.asanyarray(image.dataobj)
-        seg = np.where(data > 0.5, 17, 0).astype(np.int16)
-        return Prediction({"segmentation": nib.Nifti1Image(seg, image.affine),
-                           "anatomy": nib.Nifti1Image(data * 2, image.affine)})
+        return EngineResult({"segmentation": np.where(data > 0.5, 17, 0).astype(np.int16), "anatomy": data * 2})
 
-    logic = brainid_module.BrainIDLogic(predict=predict)
+
+def test_parameter_node_defaults_and_console_process(module):
+    from BrainIDModuleLib.predict_logic import PredictLogic
+
+    engine = FakeEngine()
+    logic = module.BrainIDLogic(predict=PredictLogic(engine=engine, log=lambda m: None))
     params = logic.getParameterNode()
-    assert params.GetParameter("Tasks") == "segmentation" and params.GetParameter("Device") == "auto"
-    results = logic.process(node, tasks=["segmentation", "anatomy"], device="cpu")
+    assert params.tasks() == ["segmentation"] and params.device == "auto" and params.qc
+    assert params.flipAverage == "auto" and params.modelName == "" and params.headName == "few-shot"
+    node = scan()
+    results = logic.process(node)  # console use: nothing but the volume
+    call, = engine.calls
+    assert call["tasks"] == ("segmentation",) and call["model"] is None and call["device"] == "auto"
+    assert call["qc"] is True and call["flipAverage"] == "auto"
     assert results["segmentation"].GetSegmentation().GetNthSegment(0).GetName() == "Left-Hippocampus"
-    np.testing.assert_array_equal(sa.ijk_to_ras(results["anatomy"]), sa.ijk_to_ras(node))
-    np.testing.assert_allclose(sa.array_from_volume(results["anatomy"])[0], sa.array_from_volume(node)[0] * 2, rtol=1e-6)
+    np.testing.assert_allclose(sa.array_from_volume(results["anatomy"])[0], sa.array_from_volume(node)[0] * 2)
+    assert set(module.BrainIDLogic().getParameterNode().allParameters) == set(params.allParameters)
 
 
-def test_parameter_node_survives_saving_the_scene(brainid_module, tmp_path):
-    node = sa.add_scalar_volume(np.ones((4, 4, 4), np.float32), "scan")
-    params = brainid_module.BrainIDLogic().getParameterNode()
-    params.SetNodeReferenceID("InputVolume", node.GetID())
-    params.SetParameter("Tasks", "segmentation,anatomy")
-    params.SetParameter("Model", "official")
-    params.SetParameter("Device", "cpu")
-    scene = slicer.mrmlScene
-    scene.SetURL(str(tmp_path / "scene.mrml"))
-    assert scene.Commit()
-
-    restored = sa.init_headless_scene()
-    restored.SetURL(str(tmp_path / "scene.mrml"))
-    assert restored.Connect()
-    again = restored.GetSingletonNode("BrainID", "vtkMRMLScriptedModuleNode")
-    assert again is not None
-    assert again.GetParameter("Tasks") == "segmentation,anatomy"
-    assert again.GetParameter("Model") == "official" and again.GetParameter("Device") == "cpu"
-    assert again.GetNodeReference("InputVolume").GetName() == "scan"
+# ---------------------------------------------------------------- the widget with fake logics
 
 
-# ---------------------------------------------------------------- widget state machine (fake Qt widgets)
+class FakeRunner:
+    def __init__(self):
+        self.state, self.fraction, self.message, self.log, self.error, self.notices = "running", 0.0, "", [], None, []
+        self.cancelled = False
+
+    def poll(self):
+        return self.state
+
+    def cancel(self):
+        self.cancelled, self.state = True, "cancelled"
 
 
-class FakeWidget:
-    """Just the properties/methods BrainIDWidget touches, for every widget in BrainID.ui."""
+class FakeLogic:
+    """Records each start*/load/save call and hands back a real jobs.Job over a FakeRunner whose
+    completion callback returns `results` (or raises when `fail` is set)."""
 
-    def __init__(self, name):
-        self.name, self.text, self.enabled, self.checked, self.value = name, "", True, False, 0
-        self.items, self.currentIndex, self.lines, self.node = [], -1, [], None
+    def __init__(self, results=None, head=None):
+        self.calls, self.results, self.fail, self.fewShotHead, self.lastMatches = [], results or {}, None, head, []
+        self.runner = None
 
-    def connect(self, *args):
-        pass
+    def _job(self, _method, *args, **kw):
+        from BrainIDModuleLib.jobs import Job
 
-    # qMRMLNodeComboBox
-    def currentNode(self):
-        return self.node
+        self.calls.append((_method, args, kw))
+        self.runner = FakeRunner()
 
-    def setCurrentNode(self, node):
-        self.node = node
+        def done(job):
+            if self.fail:
+                raise BrainIDError(self.fail)
+            return self.results
 
-    @property
-    def currentNodeID(self):
-        return self.node.GetID() if self.node else None
+        return Job(self.runner, done, Path("unused"), ownWorkdir=False)
 
-    # QComboBox
-    def addItem(self, text, data=None):
-        self.items.append((text, data))
-        if self.currentIndex < 0:
-            self.currentIndex = 0
+    def __getattr__(self, name):
+        if name.startswith("start"):
+            return lambda *args, **kw: self._job(name, *args, **kw)
+        raise AttributeError(name)
 
-    def clear(self):
-        self.items, self.currentIndex, self.lines = [], -1, []
+    def loadHead(self, path):
+        self.calls.append(("loadHead", (path,), {}))
+        self.fewShotHead = types.SimpleNamespace(name="loaded head", summary=lambda: "loaded head: 1=Core")
+        return self.fewShotHead
 
-    def setItemData(self, *args):
-        pass
-
-    def findData(self, data):
-        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
-
-    def setEditText(self, text):
-        self.items.append((text, None))
-        self.currentIndex = len(self.items) - 1
-
-    @property
-    def count(self):
-        return len(self.items)
-
-    @property
-    def currentData(self):
-        return self.items[self.currentIndex][1] if self.currentIndex >= 0 else None
-
-    @property
-    def currentText(self):
-        return self.items[self.currentIndex][0] if self.currentIndex >= 0 else ""
-
-    @currentText.setter
-    def currentText(self, text):
-        self.currentIndex = next((i for i, (t, _) in enumerate(self.items) if t == text), self.currentIndex)
-
-    # QPlainTextEdit
-    def appendPlainText(self, line):
-        self.lines.append(line)
-
-    # qMRMLCheckableNodeComboBox (offers every node of its class in the scene)
-    node_class = None
-    checked_ids = ()
-
-    def _nodes(self):
-        scene = slicer.mrmlScene
-        return [scene.GetNthNodeByClass(i, self.node_class) for i in range(scene.GetNumberOfNodesByClass(self.node_class))]
-
-    def nodeCount(self):
-        return len(self._nodes())
-
-    def nodeFromIndex(self, i):
-        return self._nodes()[i]
-
-    def setCheckState(self, node, state):
-        ids = set(self.checked_ids) - {node.GetID()}
-        self.checked_ids = ids | ({node.GetID()} if state == 2 else set())
-
-    def checkedNodes(self):
-        return [n for n in self._nodes() if n.GetID() in set(self.checked_ids)]
+    def saveHead(self, head, path):
+        self.calls.append(("saveHead", (head, path), {}))
+        return Path(path + ".safetensors")
 
 
 @pytest.fixture()
-def widget(brainid_module, monkeypatch):
-    import contextlib
-    import xml.etree.ElementTree as ET
-
-    from slicer_helpers import MODULE_DIR
-
-    errors = []
-
-    @contextlib.contextmanager
-    def try_with_error_display(message, waitCursor=False):
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - recorded like Slicer's error popup
-            errors.append(f"{message} {e}")
-
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", try_with_error_display, raising=False)
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
-    w = brainid_module.BrainIDWidget(None)  # setup() (Qt) is replaced by the lines below
-    names = {e.get("name") for e in ET.parse(MODULE_DIR / "Resources" / "UI" / "BrainID.ui").getroot().iter("widget")}
-    w.ui = types.SimpleNamespace(**{n: FakeWidget(n) for n in names})
-    w.ui.targetVolumesSelector.node_class = "vtkMRMLScalarVolumeNode"
-    w.ui.fewShotSegmentationsSelector.node_class = "vtkMRMLSegmentationNode"
-    w.logic = brainid_module.BrainIDLogic(log=w.appendLog)
-    w.sections = importlib.import_module("BrainIDModuleLib.sections").Sections(w)
-    w.timer = types.SimpleNamespace(start=lambda: None, stop=lambda: None)
-    for label in brainid_module.DEVICES:
-        w.ui.deviceComboBox.addItem(label)
-    w.populateModels()
-    w.errors = errors
+def widget(module):
+    logics = {"predictLogic": FakeLogic({"segmentation": object(), "volumes": object()}),
+              "correspondenceLogic": FakeLogic({"match": object()}), "fewShotLogic": FakeLogic()}
+    w = module.BrainIDWidget(None, **logics)
+    w.first = scan("first")
+    w.setup()
+    w.fakes = types.SimpleNamespace(**logics)
     return w
 
 
-def drive(w, timeout=240):
-    import time
+def finish(w, runner, state="succeeded"):
+    runner.state, runner.fraction = state, 1.0
+    w.panel.onTimer()
 
-    deadline = time.monotonic() + timeout
-    while w.job is not None:
-        w.onTimer()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+
+def test_widget_setup_binds_the_parameter_node_both_ways(widget, module):
+    from BrainIDModuleLib.parameters import DEVICES
+
+    ui, p = widget.ui, widget._parameterNode
+    bound = {w.property("SlicerParameterName") for w in vars(ui).values()} - {None}
+    assert bound == set(p.allParameters) - {"modelName"}  # the editable model box is synced by the panel
+    assert [t for t, _ in ui.deviceComboBox.items] == list(DEVICES) and "mps" in DEVICES
+    assert p.inputVolume is widget.first and ui.inputSelector.currentNode() is widget.first
+    assert ui.segmentationCheckBox.checked and ui.applyButton.enabled and ui.applyButton.text == "Apply"
+    ui.anatomyCheckBox.checked = True  # the GUI drives the parameter node ...
+    ui.deviceComboBox.currentIndex = DEVICES.index("mps")
+    assert p.tasks() == ["segmentation", "anatomy"] and p.device == "mps"
+    p.anatomy, p.segmentation = False, False  # ... and the parameter node drives the GUI
+    assert not ui.anatomyCheckBox.checked and not ui.segmentationCheckBox.checked
+    assert not ui.applyButton.enabled  # no task: nothing to apply
+    assert ui.modelComboBox.currentText == "brainid-lite" and p.modelName == "brainid-lite"  # the registry default
+    ui.modelComboBox.setEditText("/nowhere/weights.safetensors")
+    assert p.modelName == "/nowhere/weights.safetensors"
+    assert ui.modelStatusLabel.text == "Not a registered model or file"
+    assert {"brainid-lite", "official"} <= {name for name, _ in ui.modelComboBox.items}
+
+
+def test_apply_runs_one_job_polls_it_and_imports_through_its_own_callback(widget, module):
+    ui, predict = widget.ui, widget.fakes.predictLogic
+    ui.biasFieldCheckBox.checked = True
+    ui.flipAverageComboBox.currentIndex = 2  # "off"
+    ui.qcCheckBox.checked = False
+    ui.applyButton.click()
+    (name, args, kw), = predict.calls
+    assert name == "start" and args == (widget.first,)
+    assert kw == {"tasks": ["segmentation", "bias_field"], "qc": False, "flipAverage": "off",
+                  "model": "brainid-lite", "device": "auto"}
+    assert ui.applyButton.text == "Cancel" and ui.applyButton.enabled and widget.panel.timer.active
+    assert not ui.findMatchButton.enabled and not ui.downloadButton.enabled and not ui.inputsCollapsibleButton.enabled
+    predict.runner.fraction, predict.runner.message, predict.runner.log = 0.5, "network", ["$ python -m ...", "INFO x"]
+    widget.panel.onTimer()
+    assert ui.progressBar.value == 50 and ui.statusLabel.text == "network"
+    assert ui.logTextEdit.lines[-2:] == ["$ python -m ...", "INFO x"]
+    widget.panel.onTimer()
+    assert ui.logTextEdit.lines.count("INFO x") == 1  # each log line once
+    predict.runner.notices = ["GPU out of memory: tiled"]
+    finish(widget, predict.runner)
+    assert ui.statusLabel.text == "Done: segmentation, volumes (GPU out of memory: tiled)"
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled and not widget.panel.timer.active
+    assert not module.record.errors
+
+
+def test_cancel_is_not_an_error_and_a_failure_is_shown(widget, module):
+    ui, predict = widget.ui, widget.fakes.predictLogic
+    ui.applyButton.click()
+    ui.applyButton.click()  # the same button, now "Cancel"
+    assert predict.runner.cancelled
+    widget.panel.onTimer()
+    assert ui.statusLabel.text == "Cancelled" and ui.applyButton.text == "Apply" and not module.record.errors
+    predict.fail = "brainid: error: input.nii is constant"
+    ui.applyButton.click()
+    finish(widget, predict.runner)
+    assert module.record.errors == ["BrainID failed. brainid: error: input.nii is constant"]
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled
+
+
+def test_sections_start_their_own_logics_jobs(widget, module):
+    ui, p = widget.ui, widget._parameterNode
+    corr, fewshot = widget.fakes.correspondenceLogic, widget.fakes.fewShotLogic
+    assert not ui.findMatchButton.enabled and not ui.trainHeadButton.enabled and not ui.applyHeadButton.enabled
+    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    other = scan("other")
+    ui.pointSelector.setCurrentNode(points)
+    assert p.points is points and ui.pointPlaceWidget.currentNode() is points and ui.findMatchButton.enabled
+    ui.targetVolumesSelector.check(other)
+    ui.findMatchButton.click()
+    (name, args, kw), = corr.calls
+    assert name == "startCorrespondence" and args == (widget.first, points, [other])
+    assert ui.findMatchButton.text == "Cancel" and not ui.applyButton.enabled  # one job at a time
+    ui.applyButton.click()
+    assert not widget.fakes.predictLogic.calls
+    finish(widget, corr.runner)
+    assert ui.findMatchButton.text == "Find match" and ui.statusLabel.text == "Done: match"
+
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    ui.fewShotSegmentationsSelector.check(seg)
+    ui.headNameLineEdit.text = "hippo"
+    assert p.headName == "hippo" and ui.trainHeadButton.enabled
+    ui.trainHeadButton.click()
+    assert not module.record.errors
+    name, args, kw = fewshot.calls[-1]
+    assert name == "startFewShotTrain" and args == ([seg], [widget.first]) and kw["name"] == "hippo"
+    finish(widget, fewshot.runner)
+    assert not ui.applyHeadButton.enabled and not ui.saveHeadButton.enabled and ui.headLabel.text == "none"
+    module.record.file_answers[:] = ["/tmp/h.safetensors", "/tmp/copy"]
+    ui.loadHeadButton.click()
+    assert p.headName == "loaded head" and ui.headLabel.text == "loaded head: 1=Core"
+    assert ui.applyHeadButton.enabled and ui.saveHeadButton.enabled
+    ui.saveHeadButton.click()
+    assert fewshot.calls[-1][0] == "saveHead" and ui.statusLabel.text == "Head saved to /tmp/copy.safetensors"
+    ui.applyHeadButton.click()
+    assert fewshot.calls[-1][:2] == ("startFewShotApply", (widget.first,))
+    assert not module.record.errors
+
+
+def test_download_lists_the_models_again_when_done(widget, monkeypatch):
+    from BrainIDModuleLib import panel
+
+    ui, predict = widget.ui, widget.fakes.predictLogic
+    ui.downloadButton.click()
+    assert predict.calls[-1][:2] == ("startDownload", ("brainid-lite",))
+    monkeypatch.setattr(panel, "model_choices", lambda: [{"name": "new", "description": "", "tasks": ["segmentation"],
+                                                          "status": "cached", "default": True}])
+    finish(widget, predict.runner)
+    assert ui.modelComboBox.items == [("new", "new")] and ui.modelStatusLabel.text == "cached - tasks: segmentation"
+
+
+# ---------------------------------------------------------------- the widget with the real logics (child processes)
 
 
 def tiny_model_file(tmp_path):
@@ -269,160 +283,82 @@ def tiny_model_file(tmp_path):
     return str(save_model(model, tmp_path / "tiny.safetensors", {"name": "tiny-random"}))
 
 
-@pytest.mark.slow
-def test_widget_apply_runs_polls_and_imports(widget, tmp_path):
-    node = sa.add_scalar_volume(np.random.default_rng(0).random((24, 20, 16)).astype(np.float32) * 100, "scan",
-                                affine=np.diag([1.2, 1.2, 2.0, 1.0]))
-    widget.initializeParameterNode()  # defaults -> GUI; the input is the scene's first volume
-    assert widget.ui.inputSelector.currentNode() is node and widget.ui.segmentationCheckBox.checked
-    widget.ui.anatomyCheckBox.checked = True
-    widget.ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
-    widget.ui.deviceComboBox.currentText = "CPU"
-    widget.updateParameterNodeFromGUI()  # what the widgets' signals trigger
-    params = widget._parameterNode
-    assert params.GetParameter("Tasks") == "segmentation,anatomy" and params.GetParameter("Device") == "cpu"
-    assert widget.ui.modelStatusLabel.text == "Weights file"
+def drive(w, timeout=240):
+    import time
 
-    widget.onApplyButton()
-    assert widget.job is not None and widget.ui.applyButton.text == "Cancel"
-    assert not widget.ui.inputsCollapsibleButton.enabled
-    drive(widget)
-    assert not widget.errors, widget.errors
-    assert widget.ui.applyButton.text == "Apply" and widget.ui.progressBar.value == 100
-    assert widget.ui.statusLabel.text.startswith("Done: segmentation")
-    assert any(line.startswith("$ ") for line in widget.ui.logTextEdit.lines)  # the command is logged
-    assert slicer.mrmlScene.GetFirstNodeByName("scan segmentation") is not None
-    assert slicer.mrmlScene.GetFirstNodeByName("scan synthetic T1") is not None
+    deadline = time.monotonic() + timeout
+    while w.panel.job is not None:
+        w.panel.onTimer()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
-def test_widget_cancel_and_error(widget, tmp_path):
-    node = sa.add_scalar_volume(np.random.default_rng(0).random((90, 90, 90)).astype(np.float32), "big")
-    widget.ui.inputSelector.setCurrentNode(node)
-    widget.ui.segmentationCheckBox.checked = True
-    widget.ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
-    widget.ui.deviceComboBox.currentText = "CPU"
-    widget.onApplyButton()
-    widget.onApplyButton()  # the same button, now "Cancel"
-    drive(widget)
-    assert widget.ui.statusLabel.text == "Cancelled" and widget.ui.applyButton.text == "Apply"
-    assert not widget.errors  # a user cancel is not an error popup
-    assert slicer.mrmlScene.GetFirstNodeByName("big segmentation") is None
-
-    flat = sa.add_scalar_volume(np.full((16, 16, 16), 3.0, np.float32), "flat")
-    widget.ui.inputSelector.setCurrentNode(flat)
-    widget.onApplyButton()
-    drive(widget)
-    assert len(widget.errors) == 1 and "brainid: error:" in widget.errors[0]
-
-
-# ---------------------------------------------------------------- correspondence and few-shot sections
+def test_widget_apply_with_the_real_logic_runs_one_child_process(module, tmp_path):
+    node = scan("scan", (24, 20, 16))
+    w = module.BrainIDWidget(None)
+    w.setup()
+    ui = w.ui
+    ui.anatomyCheckBox.checked = ui.featuresPcaCheckBox.checked = True
+    ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
+    ui.deviceComboBox.currentIndex = 1  # cpu
+    assert ui.modelStatusLabel.text == "Weights file"
+    ui.applyButton.click()
+    assert len(w.panel.job.runner.commands) == 1  # one process: PCA from the same network pass
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    assert ui.progressBar.value == 100 and ui.statusLabel.text.startswith("Done: ")
+    for suffix in ("segmentation", "synthetic T1", "features PCA", "QC uncertainty", "structure volumes"):
+        assert slicer.mrmlScene.GetFirstNodeByName(f"scan {suffix}") is not None, suffix
+    assert slicer.mrmlScene.GetFirstNodeByName("scan features PCA").IsA("vtkMRMLVectorVolumeNode")
+    assert node.GetName() == "scan"
 
 
-def painted_scan(name="scan", shape=(24, 20, 16)):
-    rng = np.random.default_rng(1)
-    node = sa.add_scalar_volume((rng.random(shape) * 100).astype(np.float32), name,
-                                affine=np.array([[-1.2, 0, 0.2, 10], [0, -1.1, 0, 4], [0.1, 0, 1.8, -6], [0, 0, 0, 1]]))
-    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name + " painted")
+@pytest.mark.slow
+def test_widget_find_match_train_and_segment_through_the_cli(module, tmp_path):
+    """The sections with the real logics: each button runs `brainid correspond|fewshot` in a child process."""
+    from BrainIDModuleLib.correspondence_logic import CorrespondenceLogic
+    from BrainIDModuleLib.fewshot_logic import FewShotLogic
+
+    node = scan("scan", (24, 20, 16))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
     seg.CreateDefaultDisplayNodes()
     seg.SetReferenceImageGeometryParameterFromVolumeNode(node)
-    for seg_name, (lo, hi) in {"Core": ((8, 8, 6), (14, 12, 10)), "Rim": ((0, 0, 0), (24, 3, 16))}.items():
-        sid = seg.GetSegmentation().AddEmptySegment("", seg_name)
-        mask = np.zeros(shape, bool)
+    for name, (lo, hi) in {"Core": ((8, 8, 6), (14, 12, 10)), "Rim": ((0, 0, 0), (24, 3, 16))}.items():
+        mask = np.zeros((24, 20, 16), bool)
         mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
-        sa.set_segment_mask(seg, sid, mask, node)
-    return node, seg
-
-
-def test_widget_sections_parameter_node_buttons_and_head_files(widget, tmp_path):
-    import torch
-
-    from BrainIDLib.fewshot import FewShotHead
-
-    node, seg = painted_scan()
-    points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
-    other = sa.add_scalar_volume(np.random.default_rng(2).random((10, 10, 10)).astype(np.float32), "other")
-    widget.initializeParameterNode()
-    ui = widget.ui
-    assert ui.headNameLineEdit.text == "few-shot" and ui.heatmapCheckBox.checked  # defaults
-    assert not ui.findMatchButton.enabled and not ui.trainHeadButton.enabled and not ui.applyHeadButton.enabled
-    ui.pointSelector.setCurrentNode(points)
-    ui.targetVolumesSelector.setCheckState(other, 2)
-    ui.fewShotSegmentationsSelector.setCheckState(seg, 2)
-    ui.headNameLineEdit.text = "blob parts"
-    ui.heatmapCheckBox.checked = False
-    widget.updateParameterNodeFromGUI()
-    p = widget._parameterNode
-    assert p.GetNodeReference("CorrespondencePoints") is points
-    assert p.GetNodeReference("CorrespondenceTarget") is other and p.GetNodeReference("FewShotSegmentation") is seg
-    assert p.GetParameter("HeadName") == "blob parts" and p.GetParameter("ShowHeatmap") == "false"
-    # the GUI follows the parameter node (e.g. a scene reloaded)
-    ui.targetVolumesSelector.checked_ids, ui.pointSelector.node, ui.headNameLineEdit.text = (), None, ""
-    widget.updateGUIFromParameterNode()
-    assert ui.targetVolumesSelector.checkedNodes() == [other] and ui.pointSelector.currentNode() is points
-    assert ui.headNameLineEdit.text == "blob parts" and not ui.heatmapCheckBox.checked
-    assert ui.findMatchButton.enabled and ui.trainHeadButton.enabled
-    assert not ui.applyHeadButton.enabled and not ui.saveHeadButton.enabled and ui.headLabel.text == "none"
-
-    head = FewShotHead(torch.zeros(3, 8), torch.zeros(3), [1, 2], ["Core", "Rim"], [(255, 0, 0), (0, 0, 255)],
-                       "blob parts", backbone={"name": "tiny"})
-    head.save(tmp_path / "h.safetensors")
-    qt = sys.modules["qt"]
-    qt.QFileDialog.answers[:] = [str(tmp_path / "h.safetensors"), str(tmp_path / "copy")]
-    widget.sections.onLoadHead()
-    assert widget.logic.fewShotHead.names == ["Core", "Rim"] and ui.headLabel.text.startswith("blob parts: 1=Core")
-    assert ui.applyHeadButton.enabled and ui.saveHeadButton.enabled
-    widget.sections.onSaveHead()
-    assert (tmp_path / "copy.safetensors").is_file() and "copy.safetensors" in ui.statusLabel.text
-    assert not widget.errors, widget.errors
-
-
-@pytest.mark.slow
-def test_widget_find_match_train_and_segment_through_the_cli(widget, tmp_path):
-    """The GUI path end to end: each button runs `brainid correspond|fewshot` in a child process."""
-    import BrainIDLib.cli
-
-    if "def cmd_correspond" not in Path(BrainIDLib.cli.__file__).read_text():
-        pytest.skip("this checkout's CLI has no `brainid correspond` / `fewshot` yet")
-    node, seg = painted_scan()
-    other = sa.add_scalar_volume(np.random.default_rng(3).random((16, 18, 14)).astype(np.float32) * 50, "other",
-                                 affine=np.diag([1.5, 1.5, 1.5, 1.0]))
+        sa.set_segment_mask(seg, seg.GetSegmentation().AddEmptySegment("", name), mask, node)
+    other = scan("other", (16, 18, 14))
     points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
     points.AddControlPoint(*(sa.ijk_to_ras(node) @ np.array([10.0, 9.0, 7.0, 1.0]))[:3].tolist())
-    widget.logic.featureCacheDir = str(tmp_path / "features")
-    widget.initializeParameterNode()
-    ui = widget.ui
-    ui.inputSelector.setCurrentNode(node)
+    cache = tmp_path / "features"
+    w = module.BrainIDWidget(None, correspondenceLogic=CorrespondenceLogic(featureCacheDir=cache),
+                             fewShotLogic=FewShotLogic(featureCacheDir=cache))
+    w.setup()
+    ui = w.ui
     ui.pointSelector.setCurrentNode(points)
-    ui.targetVolumesSelector.setCheckState(other, 2)
-    ui.fewShotSegmentationsSelector.setCheckState(seg, 2)
+    ui.targetVolumesSelector.check(other)
+    ui.fewShotSegmentationsSelector.check(seg)
     ui.headNameLineEdit.text = "parts"
     ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
-    ui.deviceComboBox.currentText = "CPU"
-    widget.updateParameterNodeFromGUI()
+    ui.deviceComboBox.currentIndex = 1  # cpu
 
-    widget.sections.onFindMatch()
-    assert widget.job is not None and ui.findMatchButton.text == "Cancel" and not ui.trainHeadButton.enabled
-    drive(widget)
-    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
-    assert ui.findMatchButton.text == "Find match" and ui.progressBar.value == 100
-    match = slicer.mrmlScene.GetFirstNodeByName("BrainID match")
-    assert match.GetNumberOfControlPoints() == 2
+    ui.findMatchButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    assert slicer.mrmlScene.GetFirstNodeByName("BrainID match").GetNumberOfControlPoints() == 2
     heat = slicer.mrmlScene.GetFirstNodeByName("other BrainID similarity")
     np.testing.assert_array_equal(sa.ijk_to_ras(heat), sa.ijk_to_ras(other))
-    assert any(f.suffix == ".safetensors" for f in (tmp_path / "features").iterdir())  # the session's feature cache
+    assert any(f.suffix == ".safetensors" for f in cache.iterdir())  # the on-disk feature cache
 
-    widget.sections.onTrainHead()
-    drive(widget)
-    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
-    head = widget.logic.fewShotHead
-    assert head.name == "parts" and head.names == ["Core", "Rim"] and ui.headLabel.text.startswith("parts: 1=Core")
-    colors = {n: c for _, n, c in sa.segments_of(seg)}
-    assert head.colors[0] == tuple(round(v * 255) for v in colors["Core"])  # the painted colours
+    ui.trainHeadButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
+    assert ui.headLabel.text.startswith("parts: 1=Core") and ui.applyHeadButton.enabled
 
     ui.inputSelector.setCurrentNode(other)
-    widget.sections.onApplyHead()
-    drive(widget)
-    assert not widget.errors, widget.errors + ui.logTextEdit.lines[-10:]
+    ui.applyHeadButton.click()
+    drive(w)
+    assert not module.record.errors, module.record.errors + ui.logTextEdit.lines[-10:]
     out = slicer.mrmlScene.GetFirstNodeByName("other parts")
     assert out is not None and {n for _, n, _ in sa.segments_of(out)} <= {"Core", "Rim"}

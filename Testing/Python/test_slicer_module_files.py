@@ -62,6 +62,83 @@ def test_top_level_cmake_is_an_extension():
     module = (MODULE / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in module and "WITH_GENERIC_TESTS" in module
     assert "slicer_add_python_unittest" in module
+    # ctest runs the pytest suite too, from the repository root, in Slicer's Python
+    test = re.search(r"add_test\(\s*NAME (\S+)\s+COMMAND (.*?)\s+WORKING_DIRECTORY (\S+)\s*\)", module, re.S)
+    assert test, "BrainID/CMakeLists.txt: add_test(NAME ... COMMAND ... WORKING_DIRECTORY ...)"
+    assert test.group(2).split()[-4:] == ["-m", "pytest", "-q", "Testing/Python"]
+    assert "${PYTHON_EXECUTABLE}" in test.group(2) and test.group(3) == "${PROJECT_SOURCE_DIR}"
+    assert (REPO / "Testing" / "Python").is_dir()
+
+
+def test_extension_urls_name_files_that_exist():
+    """Raw GitHub URLs of the homepage's repository, checked against that repository (commit
+    5d8a2d3 of peirong26/Brain-ID has assets/data_gen.png, framework.png, showcase.png)."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]*)"\)', text).group(1)
+    owner_repo = homepage.removeprefix("https://github.com/")
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]*)"\)', text).group(1).split()
+    urls += [u for u in [re.search(r'set\(EXTENSION_ICONURL "([^"]*)"\)', text).group(1)] if u]
+    assert urls
+    for url in urls:
+        assert url.startswith(f"https://raw.githubusercontent.com/{owner_repo}/main/"), url
+        assert url.rsplit("/main/", 1)[1] in {"assets/data_gen.png", "assets/framework.png", "assets/showcase.png"}
+
+
+def test_apply_sits_under_its_inputs():
+    items = [w.get("name") for w in ui_tree().find("widget").find("layout").findall("item/widget")]
+    assert items.index("modelCollapsibleButton") + 1 == items.index("applyButton")
+    assert items.index("applyButton") < items.index("correspondenceCollapsibleButton") < items.index(
+        "fewShotCollapsibleButton")
+
+
+def test_ui_bindings_name_parameter_node_fields():
+    tree = ast.parse((MODULE / "BrainIDModuleLib" / "parameters.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BrainIDParameterNode")
+    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    bound = {}
+    for w in ui_tree().iter("widget"):
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", w.get("name")  # a dynamic property, as Designer writes it
+                bound[prop.findtext("string")] = w.get("name")
+    assert set(bound) <= fields and fields - set(bound) == {"modelName"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: modules of BrainID/ it imports} for BrainID.py and BrainIDModuleLib/*.py, from their ASTs
+    (every import statement, also those inside functions)."""
+    files = {"BrainID": MODULE / "BrainID.py"}
+    files.update({f"BrainIDModuleLib.{p.stem}": p for p in (MODULE / "BrainIDModuleLib").glob("*.py")})
+    files["BrainIDModuleLib"] = files.pop("BrainIDModuleLib.__init__")
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def test_no_import_cycle_inside_the_module():
+    graph = import_graph()
+    assert graph["BrainID"] >= {"BrainIDModuleLib.panel", "BrainIDModuleLib.predict_logic"}  # the graph sees imports
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "open":
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if state.get(node) != "done":
+            state[node] = "open"
+            for nxt in sorted(graph[node]):
+                visit(nxt, path + [node])
+            state[node] = "done"
+
+    for name in graph:
+        visit(name, [])
+    assert all("BrainID" not in imported for imported in graph.values())  # the parts never import the shell
 
 
 def ui_tree():
@@ -73,23 +150,18 @@ def widget_names_in_ui() -> set[str]:
 
 
 def names_used_by_module() -> set[str]:
-    source = (MODULE / "BrainID.py").read_text()
-    names = set(re.findall(r"self\.ui\.(\w+)", source))
-    # the correspondence / few-shot sections' wiring lives beside BrainID.py
-    names |= set(re.findall(r"\bui\.(\w+)", (MODULE / "BrainIDModuleLib" / "sections.py").read_text()))
-    tree = ast.parse(source)
-    for node in ast.walk(tree):  # widget names held in module-level tables (TASK_CHECKBOXES)
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "TASK_CHECKBOXES" for t in node.targets):
-            names |= {v.value for v in node.value.values}
+    """Widget names the panel and the sections use (the parameter node binds the rest by property)."""
+    names = set()
+    for part in ("panel.py", "sections.py"):
+        names |= set(re.findall(r"\bui\.(\w+)", (MODULE / "BrainIDModuleLib" / part).read_text()))
     return names
 
 
 def test_every_widget_name_the_module_uses_exists_in_the_ui():
     used = names_used_by_module()
-    assert {"inputSelector", "applyButton", "progressBar", "modelComboBox", "downloadButton",
-            "modelStatusLabel", "deviceComboBox", "logTextEdit", "segmentationCheckBox", "pointSelector",
-            "targetVolumesSelector", "findMatchButton", "heatmapCheckBox", "fewShotSegmentationsSelector",
-            "headNameLineEdit", "trainHeadButton", "saveHeadButton", "loadHeadButton", "applyHeadButton",
+    assert {"applyButton", "progressBar", "modelComboBox", "downloadButton", "modelStatusLabel", "logTextEdit",
+            "pointSelector", "targetVolumesSelector", "findMatchButton", "heatmapCheckBox",
+            "fewShotSegmentationsSelector", "trainHeadButton", "saveHeadButton", "loadHeadButton", "applyHeadButton",
             "headLabel"} <= used
     missing = used - widget_names_in_ui()
     assert not missing, f"BrainID.py uses widgets missing from BrainID.ui: {sorted(missing)}"
@@ -149,13 +221,14 @@ def test_ui_loads_offscreen_with_pyside6():
 def test_module_source_is_short_and_compiles():
     source = (MODULE / "BrainID.py").read_text()
     compile(source, "BrainID.py", "exec")
-    assert len(source.splitlines()) < 400
+    assert len(source.splitlines()) <= 150
     citation = next(n.value.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
                     and any(getattr(t, "id", "") == "CITATION" for t in n.targets))
     assert citation == ("Liu P, Puonti O, Hu X, Alexander DC, Iglesias JE. Brain-ID: Learning Contrast-agnostic "
                         "Anatomical Representations for Brain Imaging. ECCV 2024.")
     assert "acknowledgementText" in source and "CITATION" in source
     assert "registerCustomSampleDataSource" in source and "ScriptedLoadableModuleTest" in source
+    assert "isinstance" not in (MODULE / "BrainIDModuleLib" / "panel.py").read_text()  # jobs finish themselves
     # only the adapter imports slicer inside the library
     for py in (REPO / "BrainIDLib").rglob("*.py"):
         if py.name != "slicer_adapter.py":
@@ -163,15 +236,23 @@ def test_module_source_is_short_and_compiles():
 
 
 def test_sample_checksums_match_the_shipped_files():
-    import sys
+    from BrainIDLib.resources import resource_path
+    from BrainIDLib.samples import sample_manifest
 
-    sys.path.insert(0, str(MODULE))
-    from BrainIDModuleLib.logic import sample_entries
-
-    samples = sample_entries()
+    samples = sample_manifest()
     assert samples
     for s in samples:
-        data = Path(s["path"]).read_bytes()
-        assert s["checksum"] == "SHA256:" + hashlib.sha256(data).hexdigest()
-        assert s["uri"].startswith("file://")
+        assert s["sha256"] == hashlib.sha256(resource_path("SampleData", s["filename"]).read_bytes()).hexdigest()
     json.loads((REPO / "Resources" / "models.json").read_text())
+
+
+def test_module_parts_load_without_torch():
+    """Slicer shows the module before PyTorch is installed (Apply then offers to install it)."""
+    import subprocess
+    import sys
+
+    parts = ", ".join(f"BrainIDModuleLib.{p.stem}" for p in sorted((MODULE / "BrainIDModuleLib").glob("*.py"))
+                      if p.stem not in ("__init__", "panel", "sections", "parameters"))  # (these need Qt / Slicer's app)
+    code = f"import sys; sys.path.insert(0, {str(MODULE)!r}); import {parts}; assert 'torch' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

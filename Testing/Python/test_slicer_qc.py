@@ -1,10 +1,9 @@
 """QC in Slicer (slicer-core, real MRML): the volumes table's QC and Trust columns, the uncertainty
 map as a heat-coloured volume on the input's geometry, the summary line naming flagged structures,
-and the child-process command asking the CLI for the uncertainty map."""
+and the child-process command asking for QC (or not)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ from slicer_helpers import require_slicer
 
 slicer = require_slicer()
 
-from BrainIDModuleLib import logic as lg  # noqa: E402
+from BrainIDModuleLib.jobs import JobLauncher  # noqa: E402
+from BrainIDModuleLib.predict_logic import PredictLogic  # noqa: E402
 
 from BrainIDLib import qc as Q  # noqa: E402
 from BrainIDLib import slicer_adapter as sa  # noqa: E402
@@ -42,7 +42,7 @@ def fake_engine():
             lab = np.zeros(image.shape, np.int16)
             lab[1:4, 1:4, 1:4], lab[5:7, 5:7, 5:7] = 17, 18
             self.outputs = {"segmentation": nib.Nifti1Image(lab, image.affine)}
-            self.qc = report
+            self.qc, self.messages = report, []
             self.uncertainty = nib.Nifti1Image(np.linspace(0, 1, lab.size, dtype=np.float32).reshape(lab.shape),
                                                image.affine)
 
@@ -55,12 +55,15 @@ def fake_engine():
     return predict, calls
 
 
-def test_volumes_table_qc_columns_uncertainty_and_summary():
+def test_volumes_table_qc_columns_uncertainty_and_summary(monkeypatch):
+    import BrainIDLib
+
     node = sa.add_scalar_volume(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32), "scan",
                                 affine=np.diag([-1.2, -1.0, 2.0, 1.0]))
     predict, calls = fake_engine()
+    monkeypatch.setattr(BrainIDLib, "predict", predict, raising=False)
     log = []
-    results = lg.BrainIDLogic(predict=predict, log=log.append).process(node, tasks=["segmentation"], device="cpu")
+    results = PredictLogic(log=log.append).process(node, tasks=["segmentation"], device="cpu")
     assert calls["qc"] is True
     t = results["volumes"].GetTable()
     columns = [t.GetColumn(i).GetName() for i in range(t.GetNumberOfColumns())]
@@ -78,8 +81,17 @@ def test_volumes_table_qc_columns_uncertainty_and_summary():
                for line in log)
 
 
-def test_child_process_asks_for_the_uncertainty_map(tmp_path):
-    logic = lg.BrainIDLogic(python="python")
-    seg, = logic.cli_commands(Path("in.nii"), tmp_path, ["segmentation"])
-    anat, = logic.cli_commands(Path("in.nii"), tmp_path, ["anatomy"])
-    assert "--uncertainty" in seg and "--uncertainty" not in anat
+def test_child_process_is_asked_for_qc_unless_turned_off(tmp_path):
+    class Runner:
+        def __init__(self, commands, env=None):
+            self.commands = commands
+
+        def start(self):
+            return self
+
+    logic = PredictLogic(JobLauncher(Runner, python="python"))
+    node = sa.add_scalar_volume(np.ones((4, 4, 4), np.float32), "scan")
+    with_qc = logic.start(node, tasks=["segmentation"], workdir=tmp_path / "a").runner.commands[0]
+    without = logic.start(node, tasks=["segmentation"], qc=False, workdir=tmp_path / "b").runner.commands[0]
+    assert with_qc[:3] == ["python", "-m", "BrainIDModuleLib.engine"] and "--no-qc" not in with_qc
+    assert "--no-qc" in without

@@ -1,0 +1,51 @@
+"""Reading and writing volumes and segmentations through MRML storage nodes (what Slicer itself
+uses; slicer.util's loaders need the application). For scripts, tests and slicer-core."""
+
+from __future__ import annotations
+
+from BrainIDLib.errors import BrainIDError
+from BrainIDLib.slicer_adapter import scene
+
+
+def load_volume_file(path, name: str | None = None):
+    node = scene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "")
+    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene().RemoveNode(node)
+        scene().RemoveNode(storage)
+        raise BrainIDError(f"Slicer could not read {path}")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def load_segmentation_file(path, name: str = "Segmentation"):
+    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(seg):
+        scene().RemoveNode(seg)
+        scene().RemoveNode(storage)
+        raise BrainIDError(f"Slicer could not read the segmentation {path}")
+    seg.SetAndObserveStorageNodeID(storage.GetID())
+    seg.CreateDefaultDisplayNodes()
+    return seg
+
+
+def _write(node, path, storage_class: str) -> None:
+    storage = scene().AddNewNodeByClass(storage_class)
+    storage.SetFileName(str(path))
+    try:
+        if not storage.WriteData(node):
+            raise BrainIDError(f"Slicer could not write {path}")
+    finally:
+        scene().RemoveNode(storage)
+
+
+def save_volume_file(node, path) -> None:
+    _write(node, path, "vtkMRMLVolumeArchetypeStorageNode")
+
+
+def save_segmentation_file(seg, path) -> None:
+    _write(seg, path, "vtkMRMLSegmentationStorageNode")
