@@ -1,0 +1,4 @@
+"""Helpers for the repository's tests, benchmarks and docs scripts; never installed or shipped.
+
+Importable from the repository root (the test suite's conftest, `PYTHONPATH=.` for the scripts).
+"""
