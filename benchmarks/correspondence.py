@@ -1,6 +1,6 @@
 """Correspondence accuracy and speed: the point descriptor's context rings vs single-voxel features.
 
-Known-answer pairs from the shipped MNI152 sample (BrainIDLib.demo_pairs): a T2-like copy (the
+Known-answer pairs from the shipped MNI152 sample (brainid_devtools.demo_pairs): a T2-like copy (the
 brain's intensities inverted) and a gamma-changed copy, each moved by a rigid transform (rotations
 5 deg about R and 8 deg about S, a 6/-4/3 mm shift) onto a 2 mm grid, so the true location of every
 point is known. For N random points inside the brain, it prints the median / mean error, the share
@@ -13,16 +13,20 @@ without the rotation (a shift only), which shows what the rotation costs.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-import BrainIDLib as bid
-from BrainIDLib.correspondence import CONTEXT_MM, compute_feature_map, find_correspondence
-from BrainIDLib.demo_pairs import apply_transform, displaced, grid_points, recontrast
-from BrainIDLib.samples import sample_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's brainid_devtools
+
+import BrainIDLib as bid  # noqa: E402
+from BrainIDLib.correspondence import CONTEXT_MM, compute_feature_map, find_correspondence  # noqa: E402
+from BrainIDLib.samples import sample_path  # noqa: E402
+from brainid_devtools.demo_pairs import apply_transform, displaced, grid_points, recontrast  # noqa: E402
 
 DESCRIPTORS = {"single voxel": (), "rings 12-50 mm (default)": CONTEXT_MM, "rings 4-16 mm": (4.0, 8.0, 12.0, 16.0),
                "rings 12-32 mm": (12.0, 20.0, 32.0)}

@@ -3,7 +3,7 @@ applying, and a float32 vs float16 feature cache (memory, fitting time, Dice on 
 With --quality: the few-shot Dice across contrast for several paint choices (see `quality`).
 
 The 1 mm volume is the shipped MNI152 sample resampled to 1 mm; white matter is painted in three
-coronal slices (labels from BrainIDLib.demo_pairs.tissue_labels); the head is applied to a
+coronal slices (labels from brainid_devtools.demo_pairs.tissue_labels); the head is applied to a
 re-contrasted (T2-like) copy moved by a known rigid transform. Wall and CPU seconds are printed
 (the CPU figure is the fair one on a shared machine).
 
@@ -14,20 +14,24 @@ re-contrasted (T2-like) copy moved by a known rigid transform. Wall and CPU seco
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
 
-import BrainIDLib as bid
-from BrainIDLib.correspondence import compute_feature_map
-from BrainIDLib.demo_pairs import displaced, intensity_feature_map, painted_slices, recontrast, tissue_labels
-from BrainIDLib.fewshot import segment, train_head
-from BrainIDLib.samples import sample_path
-from BrainIDLib.volume import make_nifti
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's brainid_devtools
+
+import BrainIDLib as bid  # noqa: E402
+from BrainIDLib.correspondence import compute_feature_map  # noqa: E402
+from BrainIDLib.fewshot import segment, train_head  # noqa: E402
+from BrainIDLib.samples import sample_path  # noqa: E402
+from BrainIDLib.volume import make_nifti  # noqa: E402
+from brainid_devtools.demo_pairs import displaced, intensity_feature_map, painted_slices, recontrast, tissue_labels  # noqa: E402
 
 
 class Timer:

@@ -45,7 +45,7 @@ def _scans():
     """(name, nibabel image): the sample and copies rendered from it with known changes."""
     import nibabel as nib
 
-    from BrainIDLib.demo_pairs import displaced, recontrast
+    from brainid_devtools.demo_pairs import displaced, recontrast
     from BrainIDLib.samples import sample_path
 
     img = nib.load(str(sample_path()))

@@ -2,7 +2,7 @@
 
 Source: the shipped MNI152 sample (T1). Target: the same brain re-contrasted (T2-like: intensities
 inverted) and moved by a known rigid transform (8 deg about S, 5 deg about R, 6/-4/3 mm) onto a
-new 2 mm grid (BrainIDLib.demo_pairs), so the true location of the point is known. Panels: the
+new 2 mm grid (brainid_devtools.demo_pairs), so the true location of the point is known. Panels: the
 source with the query point and its self-similarity; the target with the similarity heatmap of the
 default descriptor (features at the point and on 12-50 mm cubes around it), its best match (x) and
 the true location (+); the same with single-voxel features; all on the axial slice through the
@@ -24,7 +24,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from BrainIDLib.correspondence import compute_feature_map, find_correspondence, similarity_map  # noqa: E402
-from BrainIDLib.demo_pairs import apply_transform, displaced, recontrast  # noqa: E402
+from brainid_devtools.demo_pairs import apply_transform, displaced, recontrast  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

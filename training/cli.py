@@ -2,7 +2,7 @@
 
     brainid-train pretrain --config pretrain_lite_cpu --set data.labels=/data/labelmaps --set run.dir=runs/lite
     brainid-train pretrain --resume runs/lite                      # continue a stopped run
-    torchrun --nproc_per_node 4 -m training.cli pretrain --config pretrain_brainid --set data.labels=...
+    torchrun --nproc_per_node 4 -m brainid_training.cli pretrain --config pretrain_brainid --set data.labels=...
     brainid-train adapt --config adapt_segmentation --set model.init=runs/lite/model.safetensors
     brainid-train evaluate --run runs/seg                          # or --weights/--head/--labels
     brainid-train export --official --run runs/seg --out exported/ # official-layout torch files

@@ -399,7 +399,7 @@ def markdown(res: dict, families, regimes) -> str:
         L += [f"| {k} | {fmt(v)} |" for k, v in ps.items()]
         L += ["", "</details>", ""]
     if res.get("heads"):
-        from training import head_eval  # imports this module's helpers: loaded here, not at the top
+        from . import head_eval  # imports this module's helpers: loaded here, not at the top
 
         fig = "images/model-card-whole-head.png" if "model-card-whole-head.png" in res.get("figures", []) else None
         L += [head_eval.markdown(res["heads"], fig)]
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     mni = None if args.no_mni else evaluate_mni(model, log)
     heads = None
     if not args.no_heads:
-        from training import head_eval
+        from . import head_eval
 
         heads = head_eval.evaluate(model, label_files, args.head_cache, real_t1=args.real_t1, real_mask=args.real_mask,
                                    plan=args.head_plan, log=log)

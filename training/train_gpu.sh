@@ -5,7 +5,7 @@
 # With the device tool (runs/data holds the 2 mm label maps from training/make_lite_data.py):
 #   run(command="bash training/train_gpu.sh 8 $OUT", carry=["runs/data"], timeout_s=600)
 # Then copy OUT/brainid-lite/checkpoints/last.pt, config.json and log.jsonl over
-# training/checkpoints/brainid-lite/ (and OUT/brainid-lite/model.safetensors to runs/brainid-lite/)
+# model-runs/brainid-lite/ (and OUT/brainid-lite/model.safetensors to runs/brainid-lite/)
 # to continue on the CPU or in the next GPU window.
 # GPU settings (over the CPU run's saved config): generator on the GPU, bf16 autocast, whole-head
 # 96x112x96 crops (2 mm grid) besides 64^3, 2 mild + 2 severe samples, constant lr with EMA weights
@@ -16,7 +16,7 @@ MIN=${1:?minutes}
 OUT=${2:?output folder}
 PY=${PYTHON:-python}
 RUN="$OUT/brainid-lite"
-SRC=training/checkpoints/brainid-lite
+SRC=model-runs/brainid-lite
 [ -d runs/data/train2mm ] || { echo "runs/data/train2mm missing: run training/make_lite_data.py (or carry runs/data)" >&2; exit 2; }
 if [ ! -f "$RUN/checkpoints/last.pt" ]; then
   mkdir -p "$RUN/checkpoints"

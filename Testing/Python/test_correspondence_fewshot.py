@@ -3,7 +3,7 @@
 Machinery tests use a tiny random model on small volumes. Quality tests (slow) use the shipped
 brainid-lite on the shipped MNI152 sample and a known-answer copy of it: re-contrasted (T2-like,
 the brain's intensities inverted) and moved by a known rigid transform onto a new 2 mm grid
-(BrainIDLib.demo_pairs), so the true location of every point is known.
+(brainid_devtools.demo_pairs), so the true location of every point is known.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def _positional_map(img, transform=np.eye(4), wavelengths=(90.0, 140.0)) -> Feat
 def test_correspondence_geometry_on_a_displaced_pair(spacing, target_spacing, context):
     """Ideal features + a known rigid move onto another grid: the match lands within a voxel, with
     the context rings (on a 1 mm grid: searched on the 2 mm grid averaged down) and without."""
-    from BrainIDLib.demo_pairs import apply_transform, displaced
+    from brainid_devtools.demo_pairs import apply_transform, displaced
 
     shape = tuple(int(round(n * 2.0 / spacing)) for n in (40, 46, 38))
     img, _ = blob_image(shape=shape, spacing=spacing)
@@ -300,7 +300,7 @@ def test_correspondence_geometry_on_a_displaced_pair(spacing, target_spacing, co
 def lite_pair():
     """brainid-lite features of the sample (T1) and of its re-contrasted, moved copy."""
     import BrainIDLib as bid
-    from BrainIDLib.demo_pairs import displaced, recontrast, tissue_labels
+    from brainid_devtools.demo_pairs import displaced, recontrast, tissue_labels
     from BrainIDLib.samples import sample_path
 
     model = bid.load_model("brainid-lite")
@@ -313,7 +313,7 @@ def lite_pair():
 
 
 def _errors(src, tgt, transform, points, context_mm=None):
-    from BrainIDLib.demo_pairs import apply_transform
+    from brainid_devtools.demo_pairs import apply_transform
 
     return np.array([np.linalg.norm(find_correspondence(src, p, [tgt], context_mm=context_mm)[0].point_ras
                                     - apply_transform(transform, p)) for p in points])
@@ -322,7 +322,7 @@ def _errors(src, tgt, transform, points, context_mm=None):
 @pytest.mark.slow
 def test_brainid_lite_self_correspondence(lite_pair):
     """The same scan: every point finds itself (features are locally distinctive)."""
-    from BrainIDLib.demo_pairs import grid_points
+    from brainid_devtools.demo_pairs import grid_points
 
     pts = grid_points(lite_pair["t1"], n=12, seed=0)
     err = _errors(lite_pair["src"], lite_pair["src"], np.eye(4), pts)
@@ -338,7 +338,7 @@ def test_brainid_lite_cross_contrast_correspondence(lite_pair):
     rings, 42.6 mm with single-voxel features (the same 40 points as here). Floor: within 4 voxels of
     the 2 mm feature grid (8 mm), and at most half the single-voxel error. The rotation is what
     costs: the same pair shifted only is matched within ~1 voxel (next test)."""
-    from BrainIDLib.demo_pairs import grid_points
+    from brainid_devtools.demo_pairs import grid_points
 
     pts = grid_points(lite_pair["t1"], n=40, seed=0)
     err = _errors(lite_pair["src"], lite_pair["tgt"], lite_pair["T"], pts)
@@ -352,7 +352,7 @@ def test_brainid_lite_cross_contrast_correspondence(lite_pair):
 @pytest.mark.slow
 def test_brainid_lite_cross_contrast_correspondence_shifted(lite_pair):
     """T1 point -> the T2-like copy shifted by (6, -4, 3) mm onto a 2 mm grid: within 2 voxels."""
-    from BrainIDLib.demo_pairs import displaced, grid_points, recontrast
+    from brainid_devtools.demo_pairs import displaced, grid_points, recontrast
 
     shifted, transform = displaced(recontrast(lite_pair["t1"], "t2"), rotation_deg=(0, 0, 0),
                                    translation_mm=(6, -4, 3), spacing=2.0)
@@ -374,7 +374,7 @@ def test_fewshot_head_segments_another_contrast(lite_pair):
     intensity encoding) learns "bright = WM", which inverts on T2: Dice 0.09 (0.06..0.13).
     Floor: 0.70 = 0.81 measured minus 0.11, which covers the spread over paint choices and pairs
     (the worst of 18 was 0.776) plus numeric drift; and at least 0.25 above the intensity baseline."""
-    from BrainIDLib.demo_pairs import intensity_feature_map, painted_slices
+    from brainid_devtools.demo_pairs import intensity_feature_map, painted_slices
 
     labels = np.asarray(lite_pair["labels"].dataobj)
     wm = np.isin(labels, [2, 41])

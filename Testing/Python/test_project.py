@@ -1,10 +1,17 @@
 """Promises about the project's shape: the README's test command is what CI runs, the library
-stays free of Qt and (but for one adapter) of Slicer, and torch stays a range users can satisfy."""
+stays free of Qt and (but for one adapter) of Slicer, torch stays a range users can satisfy, and
+the wheel ships the library and `brainid_training`, without the repository's tests, runs or scripts."""
 
 import ast
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SLICER_ADAPTER = "slicer_adapter.py"
@@ -53,3 +60,34 @@ def test_library_source_is_python_310_compatible():
         ast.parse(text, feature_version=(3, 10))
         if re.search(r"->\s*[^:\n]*\|", text) or re.search(r":\s*\w+\s*\|\s*\w+", text):
             assert "from __future__ import annotations" in text, f"{path.name} needs postponed annotations"
+
+
+REPOSITORY_ONLY = {"brainid_devtools", "benchmarks", "docs", "training", "brainid_training"}
+
+
+def test_shipped_code_imports_no_repository_only_package_and_the_core_not_the_module():
+    # BrainIDLib/ and BrainID/ are what the Slicer extension ships; test pairs, benchmarks, docs
+    # scripts and the training package do not travel with them. Imports go module -> core only.
+    for path in sorted([*(REPO / "BrainIDLib").rglob("*.py"), *(REPO / "BrainID").rglob("*.py")]):
+        forbidden = REPOSITORY_ONLY | ({"BrainID", "BrainIDModuleLib"} if path.is_relative_to(REPO / "BrainIDLib") else set())
+        imported = _imported_modules(path) & forbidden
+        assert not imported, f"{path.relative_to(REPO)} imports {sorted(imported)}"
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_library_and_brainid_training_and_nothing_else(tmp_path):
+    pytest.importorskip("setuptools")  # --no-build-isolation: build with this environment's setuptools
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "out", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "wheel"), str(src)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"BrainIDLib", "brainid_training"}
+    assert "brainid_training/cli.py" in names and "brainid_training/configs/smoke.yaml" in names
+    assert "BrainIDLib/resources/Models/brainid-lite.safetensors" in names
+    stray = [n for n in names if n.endswith((".sh", ".pt", ".jsonl")) or "demo_pairs" in n or "checkpoints" in n]
+    assert not stray, stray
+    entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert "brainid-train = brainid_training.cli:main" in entry_points

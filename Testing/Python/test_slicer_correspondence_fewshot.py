@@ -432,7 +432,7 @@ def test_shipped_model_known_answer_through_mrml(monkeypatch, tmp_path):
     2.3 mm over 40 points by benchmarks/correspondence.py)."""
     import nibabel as nib
 
-    from BrainIDLib.demo_pairs import apply_transform, displaced, grid_points, recontrast
+    from brainid_devtools.demo_pairs import apply_transform, displaced, grid_points, recontrast
 
     monkeypatch.delenv("BRAINID_REGISTRY", raising=False)
     monkeypatch.setenv("BRAINID_CACHE", str(tmp_path / "cache"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .volume import load_volume, make_nifti
+from BrainIDLib.volume import load_volume, make_nifti
 
 # FreeSurfer ids for the coarse tissue classes (left/right split at the image's R = 0 plane)
 CSF, LEFT_GM, LEFT_WM, RIGHT_GM, RIGHT_WM = 24, 3, 2, 42, 41
@@ -128,7 +128,7 @@ def intensity_feature_map(fm, img):
 
     import torch
 
-    from .correspondence import sample_grid
+    from BrainIDLib.correspondence import sample_grid
 
     vol = load_volume(img)
     ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)

@@ -3,7 +3,7 @@
 # holds the shared heavy-run lock (slices of SLICE seconds, so other heavy jobs interleave and never
 # overlap with its full-speed phases). Priority is set through the scheduler autogroup of PID's
 # session (Linux autogroups make per-process nice values count only within a session).
-#   training/lock_boost.sh PID [SLICE]
+#   scripts/lock_boost.sh PID [SLICE]
 set -u
 PID=$1
 SLICE=${2:-480}
