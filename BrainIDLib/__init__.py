@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 
 from .errors import BrainIDError  # noqa: E402
 
-_MODEL = ("TASKS", "Architecture", "BrainIDModel")  # torch-backed: imported on first use, so that
+from .tasks import HEAD_TASKS as TASKS  # noqa: E402 - the four task heads (BrainIDLib.tasks has the rest)
+
+_MODEL = ("Architecture", "BrainIDModel")  # torch-backed: imported on first use, so that
 # `brainid --version` / `--help` stay fast and Ctrl-C during start-up reaches the CLI's handler
 
 

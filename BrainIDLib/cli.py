@@ -33,18 +33,12 @@ from pathlib import Path
 
 from .errors import BrainIDError
 from .files import save_nifti
+from .tasks import OUTPUT_TASKS, canonical, head_of, heads_for
+from .tasks import parse as parse_tasks
 
 PROG = "brainid"
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-TASK_ALIASES = {
-    "anatomy": "anatomy", "anat": "anatomy", "t1": "anatomy", "synthesis": "anatomy", "reconstruction": "anatomy",
-    "segmentation": "segmentation", "seg": "segmentation",
-    "super_resolution": "super_resolution", "super-resolution": "super_resolution", "sr": "super_resolution",
-    "superresolution": "super_resolution",
-    "bias_field": "bias_field", "bias-field": "bias_field", "bias": "bias_field", "bf": "bias_field",
-    "bias_corrected": "bias_corrected", "bias-corrected": "bias_corrected",
-}
 
 
 # ------------------------------------------------------------------------------------- parsing
@@ -263,33 +257,13 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _parse_tasks(values: list[str]) -> list[str]:
-    from .model import TASKS
-
-    choices = TASKS + ("bias_corrected",)
-    tasks: list[str] = []
-    for value in values:
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            task = TASK_ALIASES.get(item.lower())
-            if task is None:
-                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(choices)}")
-            if task not in tasks:
-                tasks.append(task)
-    return tasks
-
-
 def _parse_heads(values: list[str]) -> dict[str, Path]:
     heads = {}
     for value in values:
         task, sep, file = value.partition("=")
         if not sep or not file:
             raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
-        (task,) = _parse_tasks([task])
-        if task == "bias_corrected":
-            task = "bias_field"
+        task = head_of(canonical(task, OUTPUT_TASKS))
         path = Path(file).expanduser()
         if not path.is_file():
             raise BrainIDError(f"head file not found: {path}")
@@ -438,8 +412,7 @@ def _model_tasks(model, label: str, tasks: list[str]) -> list[str]:
         tasks = list(model.tasks)
         if not tasks:
             raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-    needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
-    missing = [t for t in needed if t not in model.tasks]
+    missing = [t for t in heads_for(tasks) if t not in model.tasks]
     if missing:
         raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
                            f"add one with --head {missing[0]}=FILE or choose another --model")
@@ -481,7 +454,7 @@ def cmd_predict(args) -> int:
     from .devices import select_device
     from .inference import cpu_precision
 
-    tasks = _parse_tasks(args.task)
+    tasks = parse_tasks(args.task, OUTPUT_TASKS)
     _check_memory(args)
     if is_cohort_input(args):
         return run_cohort(args, tasks)

@@ -33,6 +33,7 @@ from .cli import (PROG, Reporter, _check_writable, _describe, _load_model, _mode
 from .errors import BrainIDError
 from .files import atomic_write
 from .labels import label_name
+from .tasks import outputs_of
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 SUMMARY_NAME = "cohort_volumes.csv"
@@ -100,7 +101,7 @@ def read_scan_list(source: Path) -> list[Path]:
 
 def _expected_outputs(out: Path, scan: Scan, tasks: list[str], args) -> tuple[list[Path], Path | None]:
     """(every file a finished scan has, its volumes CSV or None) under OUT."""
-    keys = list(dict.fromkeys(tasks + (["bias_corrected"] if "bias_field" in tasks else [])))
+    keys = outputs_of(tasks)
     if args.on_1mm:
         keys += [f"{k}_1mm" for k in keys]
     qc = _qc_wanted(args, tasks)

@@ -27,7 +27,9 @@ import torch
 
 from .devices import release_memory, select_device
 from .errors import BrainIDError, Cancelled
-from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, TASKS, BrainIDModel
+from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
+from .tasks import OUTPUT_TASKS, heads_for, outputs_of
+from .tasks import parse as parse_tasks
 from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
@@ -42,7 +44,6 @@ RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensor
 DEFAULT_OVERLAP_FRACTION = 0.25
 MIN_WINDOW = 64
 GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
-OUTPUT_TASKS = TASKS + ("bias_corrected",)
 # Largest model grid a run accepts (a 320 mm cube at 1 mm; a head scan is ~256 mm across): bounds the
 # work before resampling, e.g. a 35x43x38 scan whose header says 19.9 mm voxels. BRAINID_MAX_VOXELS or
 # max_voxels= (CLI --max-voxels) raise it.
@@ -106,16 +107,11 @@ def _resolve_model(model, heads: dict | None) -> tuple[BrainIDModel, bool]:
     raise BrainIDError(f"model must be a BrainIDModel, a weights file or a registry name, not {type(model).__name__}")
 
 
-def _check_tasks(model: BrainIDModel, tasks) -> list[str]:
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(dict.fromkeys(tasks or ()))
+def _check_tasks(model: BrainIDModel, tasks: list[str]) -> list[str]:
+    """The heads `tasks` (canonical names) need, each one present in the model."""
     if not tasks:
         raise BrainIDError(f"no task given; choose one or more of {', '.join(OUTPUT_TASKS)}")
-    for t in tasks:
-        if t not in OUTPUT_TASKS:
-            raise BrainIDError(f"unknown task {t!r}; choose from {', '.join(OUTPUT_TASKS)}")
-    heads = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+    heads = heads_for(tasks)
     missing = [t for t in heads if t not in model.heads]
     if missing:
         have = ", ".join(model.tasks) or "none"
@@ -516,7 +512,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             window=None, max_voxels=None, flip_average=None, qc=False, precision="auto") -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
-    tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
+    tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected, or their
+    aliases (BrainIDLib.tasks); bias_field also writes bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
     progress(fraction, message) is called between steps and tiles; cancel() -> bool also between the
     network's convolution slabs.
@@ -538,10 +535,9 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
 
         qc = check_perturbations(qc)
     model, owned = _resolve_model(model, heads)
+    tasks = parse_tasks(tasks, OUTPUT_TASKS)
     head_tasks = _check_tasks(model, tasks)
-    wanted = [t for t in dict.fromkeys(tasks if not isinstance(tasks, str) else [tasks])]
-    if "bias_field" in head_tasks and "bias_corrected" not in wanted and "bias_field" in wanted:
-        wanted.append("bias_corrected")
+    wanted = outputs_of(tasks)
     dev = select_device(device)
     precision = cpu_precision(precision, model, dev)
     vol, prep = _prepare(image, model, prog, max_voxels)

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.tasks import HEAD_TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -118,7 +119,6 @@ NON_NEGATIVE = {"run.stop_at_step", "run.max_minutes", "run.threads", "data.mild
                 "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                 "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "loss.super_resolution", "loss.bias_field",
                 "adapt.plain_forward_gb"}
-TASK_NAMES = ("anatomy", "segmentation", "super_resolution", "bias_field")
 
 
 class ConfigError(BrainIDError):
@@ -312,9 +312,9 @@ def validate(cfg: Config) -> None:
     tasks = cfg["adapt"]["tasks"]
     if isinstance(tasks, str):
         cfg["adapt"]["tasks"] = tasks = [tasks]
-    bad = [t for t in tasks if t not in TASK_NAMES]
+    bad = [t for t in tasks if t not in HEAD_TASKS]
     if bad or not tasks:
-        raise ConfigError(f"adapt.tasks must list some of {', '.join(TASK_NAMES)}, got {tasks!r}")
+        raise ConfigError(f"adapt.tasks must list some of {', '.join(HEAD_TASKS)}, got {tasks!r}")
     f, g, levels = cfg["model"]["f_maps"], cfg["model"]["num_groups"], cfg["model"]["levels"]
     widths = [f * 2**i for i in range(levels)]
     normalised = [max(f // 2, 1), *widths] + [widths[i] + widths[i + 1] for i in range(levels - 1)]

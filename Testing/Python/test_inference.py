@@ -297,6 +297,14 @@ def test_unknown_and_missing_tasks():
         inf.predict(img, tasks=["segmentation"], model=random_model({"anatomy": 1}), device="cpu")
 
 
+def test_predict_reads_task_aliases_from_the_one_task_list():
+    img = nib.Nifti1Image(smooth_image((16, 16, 16)), np.eye(4))
+    pred = inf.predict(img, tasks="T1, bias", model=random_model(), device="cpu")
+    assert list(pred.outputs) == ["anatomy", "bias_field", "bias_corrected"]
+    with pytest.raises(BrainIDError, match="unknown task 'pca'"):  # a Slicer view, not a predict output
+        inf.predict(img, tasks=["pca"], model=random_model(), device="cpu")
+
+
 def test_bad_inputs_reach_predict_as_brainid_errors(tmp_path):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti")
