@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrainIDError
+from .progress import Progress, Span
 from .volume import AxisMap, Prepared, Volume, load_volume, make_nifti
 
 CACHE_FORMAT = 2  # 2: + the source padding mask ("padding" tensor)
@@ -353,12 +354,12 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     """Brain-ID features of a scan (path, nibabel image or Volume) on the model grid, L2-normalised
     per voxel, float16; from `cache` when it holds them (same voxels, same backbone weights)."""
     from .devices import release_memory, select_device
-    from .inference import _model_input, _Progress, _run_network, _Span, check_grid, padding_mask
+    from .inference import _model_input, check_grid, padding_mask, run_network
     from .volume import prepare
 
     if isinstance(image, FeatureMap):
         return image
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     model = resolve_model(model)
     prog(0.0, "reading the image")
     vol = load_volume(image)
@@ -377,7 +378,7 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     was_training = model.training
     model.eval()
     try:
-        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.05, 0.9), [])
+        raw, _, _, _ = run_network(model, prep, [], True, dev, mode, budget, Span(prog, 0.05, 0.9), [])
     finally:
         model.train(was_training)
         release_memory(dev)
@@ -622,26 +623,24 @@ def find_correspondence(source, point_ras, targets, model=None, device="auto", c
     raises BrainIDError. Include the source itself among the targets for its self-similarity.
     context_mm: ring radii of the point descriptor (None: CONTEXT_MM; (): the point's voxel alone).
     """
-    from .inference import _Progress, _Span
-
     if isinstance(targets, (str, os.PathLike, FeatureMap, Volume)) or hasattr(targets, "dataobj"):
         targets = [targets]
     targets = list(targets)
     if not targets:
         raise BrainIDError("no target given: pass one or more scans to search")
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     if model is None and not all(isinstance(t, FeatureMap) for t in [source, *targets]):
         model = resolve_model(None)
     elif model is not None and not isinstance(model, torch.nn.Module):
         model = resolve_model(model)
     n = len(targets) + 1
-    src = _as_feature_map(source, model, device, cache, _Span(prog, 0, 1 / n), cancel)
+    src = _as_feature_map(source, model, device, cache, Span(prog, 0, 1 / n), cancel)
     _require_inside(src, point_ras)  # before any target is read
     match_dev = _match_device(device)
     descriptors = {}  # by search spacing: one for all targets of one model (pooling the source is not free)
     matches = []
     for i, t in enumerate(targets):
-        fm = src if t is source else _as_feature_map(t, model, device, cache, _Span(prog, (i + 1) / n, (i + 1.9) / n), cancel)
+        fm = src if t is source else _as_feature_map(t, model, device, cache, Span(prog, (i + 1) / n, (i + 1.9) / n), cancel)
         _check_same_model(src, fm)
         spacing = search_spacing(fm)[0]
         if spacing not in descriptors:

@@ -20,14 +20,14 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .devices import release_memory, select_device
-from .errors import BrainIDError, Cancelled
+from .errors import BrainIDError
 from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
+from .progress import Progress, Span
 from .tasks import OUTPUT_TASKS, heads_for, outputs_of
 from .tasks import parse as parse_tasks
 from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, make_nifti, prepare
@@ -66,23 +66,6 @@ class Prediction:
     window: tuple | None = None
     messages: list = field(default_factory=list)
     precision: str = "fp32"  # of the CPU passes: fp32 or bf16
-
-
-class _Progress:
-    """Monotonic progress in [0, 1] over weighted stages, plus cancellation checks."""
-
-    def __init__(self, callback: Callable | None, cancel: Callable | None):
-        self.callback, self.cancel, self.last = callback, cancel, 0.0
-
-    def __call__(self, fraction: float, message: str = "") -> None:
-        self.check()
-        self.last = max(self.last, min(1.0, float(fraction)))
-        if self.callback is not None:
-            self.callback(self.last, message)
-
-    def check(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("cancelled by the user")
 
 
 # ------------------------------------------------------------------------------- model / device
@@ -345,7 +328,7 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
     return acc
 
 
-def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
+def run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
                  window=None, precision="fp32"):
     """Raw outputs (channels, *padded) on the CPU, with OOM fallbacks: tiled, smaller tiles, CPU."""
     multiple = 2 ** (model.arch.levels - 1)
@@ -404,17 +387,6 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             log.warning(msg)
             messages.append(msg)
-
-
-class _Span:
-    def __init__(self, parent: _Progress, start: float, stop: float):
-        self.parent, self.start, self.stop = parent, start, stop
-
-    def __call__(self, f, msg=""):
-        self.parent(self.start + (self.stop - self.start) * f, msg)
-
-    def check(self):
-        self.parent.check()
 
 
 # ------------------------------------------------------------------------------- public calls
@@ -476,10 +448,10 @@ def _input_key(model: BrainIDModel) -> str:
 
 def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None) -> PreparedScan:
     """Read, check and resample `image` for `model` (everything predict() does before the network)."""
-    return PreparedScan(*_prepare(image, model, _Progress(None, None), max_voxels), _input_key(model))
+    return PreparedScan(*_prepare(image, model, Progress(None, None), max_voxels), _input_key(model))
 
 
-def _prepare(image, model, progress: _Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
+def _prepare(image, model, progress: Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
     progress(0.0, "reading the image")
     if isinstance(image, PreparedScan):
         if image.model_input != _input_key(model):
@@ -529,7 +501,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     precision: auto, fp32 or bf16 for CPU passes (see cpu_precision; auto is float32 unless bf16
     is native and was measured equivalent for this model).
     """
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     if qc:
         from .qc import check_perturbations
 
@@ -547,14 +519,14 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if flip_average is None:
             flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
         stop = 0.45 if flip_average else 0.85
-        raw, result.mode, result.window, used = _run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window,
+        raw, result.mode, result.window, used = run_network(
+            model, prep, head_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, window,
             precision)
         shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
-            other = _run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
-                                 _Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
+            other = run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
+                                 Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
             if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
                 seg = _head_slice(model, head_tasks, "segmentation")
                 shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
@@ -565,7 +537,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if owned:
             model.to("cpu")
         release_memory(dev)
-    post = _Span(prog, 0.85, 1.0)
+    post = Span(prog, 0.85, 1.0)
     offset = 0
     n_steps = len(head_tasks) + 1
     seg_probs = None
@@ -582,7 +554,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     if qc and seg_probs is not None:
         try:
             _quality(model, vol, prep, shared.pop("base", seg_probs), qc, used, result.mode, budget, result.window,
-                     _Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
+                     Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
         finally:
             if owned:
                 model.to("cpu")
@@ -650,8 +622,8 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
         k = next(passes)
         if kinds[k] in (shared or {}):
             return shared.pop(kinds[k])
-        step = _Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
-        raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
+        step = Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
+        raw = run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
                            result.messages, window, result.precision)[0].float()
         raw.sub_(raw.amax(0, keepdim=True)).exp_()
         return raw.div_(raw.sum(0, keepdim=True))
@@ -755,7 +727,7 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
     precision: as in predict().
     """
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     model, owned = _resolve_model(model, None)
     dev = select_device(device)
     precision = cpu_precision(precision, model, dev)
@@ -763,7 +735,7 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     messages: list = []
     try:
-        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.1, 0.85), messages, window,
+        raw, _, _, _ = run_network(model, prep, [], True, dev, mode, budget, Span(prog, 0.1, 0.85), messages, window,
                                     precision)
     finally:
         if owned:

@@ -12,6 +12,7 @@ import BrainIDLib.model as model_mod
 from BrainIDLib.errors import BrainIDError, Cancelled
 from BrainIDLib.labels import SEGMENTATION_LABELS
 from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.progress import Progress, Span
 from BrainIDLib.volume import load_volume, prepare
 from BrainIDLib.volumes import volumes_table, write_volumes_csv
 
@@ -155,7 +156,7 @@ def test_tiling_blends_exactly_for_local_networks():
     """Identity features: tiles agree where they overlap, so the blend must be exact everywhere."""
     m = identity_segmenter([0.0, 0.5, 1.0])
     x = torch.rand(1, 1, 40, 36, 28)
-    span = inf._Span(inf._Progress(None, None), 0, 1)
+    span = Span(Progress(None, None), 0, 1)
     out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span)
     torch.testing.assert_close(out[0], x[0, 0], atol=1e-6, rtol=1e-6)
     assert float(out[1:].abs().max()) == 0
@@ -167,7 +168,7 @@ def test_tiling_blends_constant_fields_exactly():
             return torch.full((1, self.arch.f_maps) + tuple(x.shape[2:]), 3.5)
 
     out = inf._forward_tiled(Ones(SMALL).eval(), torch.rand(1, 1, 36, 20, 44), [], True, torch.device("cpu"), (16, 12, 16),
-                             8, 4, inf._Span(inf._Progress(None, None), 0, 1))
+                             8, 4, Span(Progress(None, None), 0, 1))
     torch.testing.assert_close(out, torch.full_like(out, 3.5), atol=1e-5, rtol=0)
 
 
@@ -374,7 +375,7 @@ def test_prepare_pads_to_the_network_multiple():
 def test_half_precision_blending_when_memory_is_tight():
     m = identity_segmenter([0.0, 0.5, 1.0])
     x = torch.rand(1, 1, 40, 36, 28)
-    span = inf._Span(inf._Progress(None, None), 0, 1)
+    span = Span(Progress(None, None), 0, 1)
     out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span, torch.float16)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out[0].float(), x[0, 0], atol=2e-3, rtol=0)
