@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import os
-
 __version__ = "0.1.0"
 
 from .errors import BrainIDError  # noqa: E402
@@ -22,17 +20,6 @@ from .tasks import HEAD_TASKS as TASKS  # noqa: E402 - the four task heads (Brai
 
 _MODEL = ("Architecture", "BrainIDModel")  # torch-backed: imported on first use, so that
 # `brainid --version` / `--help` stay fast and Ctrl-C during start-up reaches the CLI's handler
-
-
-def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> "BrainIDModel":
-    """A ready model from a registry name or a weights file, plus optional {task: head file}."""
-    from .devices import select_device
-    from .registry import resolve_model
-    from .weights import build_model, read_checkpoint
-
-    path, registry_heads, _ = resolve_model(weights)
-    model = build_model(read_checkpoint(path), {**registry_heads, **(heads or {})})
-    return model.to(select_device(device))
 
 
 _CORRESPONDENCE = ("find_correspondence", "similarity_map", "compute_feature_map", "FeatureCache")
@@ -44,6 +31,10 @@ def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on fi
         from . import model
 
         return getattr(model, name)
+    if name == "load_model":
+        from .loader import load_model
+
+        return load_model
     if name in ("predict", "features"):
         from . import inference
 

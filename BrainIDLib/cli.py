@@ -324,22 +324,13 @@ def _like_input(img, input_path: Path):
     return img
 
 
-def _load_model(args, reporter: Reporter):
-    """(model, description) from --model / the registry default / --head; never random weights."""
-    from .registry import default_model, how_to_get_weights, resolve_model
-    from .weights import build_model, read_checkpoint
+def _load_model(name: str | None, reporter: Reporter, heads: dict | None = None):
+    """(model, label) for --model NAME (empty: the registry default) plus heads, through the one
+    resolver (BrainIDLib.loader), with download progress; never random weights."""
+    from .loader import resolve
 
-    name = args.model
-    if not name:
-        entry = default_model()
-        if entry is None:
-            raise BrainIDError(how_to_get_weights())
-        name = entry.name
-    path, heads, entry = resolve_model(name, progress=reporter.download)
-    heads = {**heads, **_parse_heads(args.head)}
-    model = build_model(read_checkpoint(path), heads)
-    label = entry.name if entry else path.name
-    return model, label
+    loaded = resolve(name or None, heads, reporter.download)
+    return loaded.model, loaded.label
 
 
 def _call(fn, **kwargs):
@@ -466,7 +457,7 @@ def cmd_predict(args) -> int:
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args, reporter)
+        model, label = _load_model(args.model, reporter, _parse_heads(args.head))
         tasks = _model_tasks(model, label, tasks)
         qc = _qc_wanted(args, tasks)
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
@@ -501,7 +492,7 @@ def cmd_features(args) -> int:
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args, reporter)
+        model, label = _load_model(args.model, reporter, _parse_heads(args.head))
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
         from . import inference
 
@@ -641,13 +632,6 @@ def _feature_cache(value: str):
     return FeatureCache("default" if value == "default" else value)
 
 
-def _load_backbone(args, reporter: Reporter, fallback: str | None = None):
-    if not args.model and fallback:
-        args.model = fallback
-    args.head = []
-    return _load_model(args, reporter)
-
-
 def _parse_point(text: str):
     import numpy as np
 
@@ -710,7 +694,7 @@ def cmd_correspond(args) -> int:
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_backbone(args, reporter)
+        model, label = _load_model(args.model, reporter)
         reporter.info(f"{_describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
         src = compute_feature_map(str(source), model=model, device=str(device), cache=cache,
                                   progress=lambda f, m: reporter(f / (len(targets) + 1), f"source: {m}"))
@@ -800,7 +784,7 @@ def cmd_fewshot_train(args) -> int:
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_backbone(args, reporter)
+        model, label = _load_model(args.model, reporter)
         reporter.info(f"{_describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
         head = train_head([str(p) for p in images], [str(p) for p in annotations], names=names, model=model,
                           device=str(device), cache=cache, steps=args.steps or DEFAULT_STEPS, progress=reporter,
@@ -832,7 +816,7 @@ def cmd_fewshot_apply(args) -> int:
     reporter = Reporter(args.progress_format)
     written = []
     try:
-        model, label = _load_backbone(args, reporter, fallback=head.backbone.get("name"))
+        model, label = _load_model(args.model or head.backbone.get("name"), reporter)
         head.check_backbone(model)
         reporter.info(f"{head.summary()}; {_describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
         n = len(inputs)

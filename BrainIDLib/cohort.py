@@ -217,7 +217,7 @@ def run_cohort(args, tasks: list[str]) -> int:
 
     loading = Reporter(args.progress_format)  # a model download shows its progress
     try:
-        model, label = _load_model(args, loading)
+        model, label = _load_model(args.model, loading, _parse_heads(args.head))
     finally:
         loading.close()
     tasks = _model_tasks(model, label, tasks)

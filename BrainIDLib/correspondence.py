@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BrainIDError
+from .loader import resolve
 from .progress import Progress, Span
 from .volume import AxisMap, Prepared, Volume, load_volume, make_nifti
 
@@ -341,13 +342,6 @@ def _read_feature_file(path: Path) -> FeatureMap:
 
 
 # ------------------------------------------------------------------------------ computing them
-def resolve_model(model):
-    """A BrainIDModel from a model, a registry name / weights file, or None (the registry default)."""
-    from .inference import _resolve_model
-
-    return _resolve_model(model, None)[0]
-
-
 def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | None = None,
                         progress: Callable | None = None, cancel: Callable | None = None, mode: str = "auto",
                         memory_budget_gb: float | None = None) -> FeatureMap:
@@ -360,7 +354,7 @@ def compute_feature_map(image, model=None, device="auto", cache: FeatureCache | 
     if isinstance(image, FeatureMap):
         return image
     prog = Progress(progress, cancel)
-    model = resolve_model(model)
+    model = resolve(model).model
     prog(0.0, "reading the image")
     vol = load_volume(image)
     key = (volume_hash(vol), _model_key(model))
@@ -630,9 +624,9 @@ def find_correspondence(source, point_ras, targets, model=None, device="auto", c
         raise BrainIDError("no target given: pass one or more scans to search")
     prog = Progress(progress, cancel)
     if model is None and not all(isinstance(t, FeatureMap) for t in [source, *targets]):
-        model = resolve_model(None)
+        model = resolve(None).model
     elif model is not None and not isinstance(model, torch.nn.Module):
-        model = resolve_model(model)
+        model = resolve(model).model
     n = len(targets) + 1
     src = _as_feature_map(source, model, device, cache, Span(prog, 0, 1 / n), cancel)
     _require_inside(src, point_ras)  # before any target is read

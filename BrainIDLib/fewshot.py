@@ -46,9 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .correspondence import (FeatureCache, FeatureMap, backbone_sha256, compute_feature_map, resolve_model,
+from .correspondence import (FeatureCache, FeatureMap, backbone_sha256, compute_feature_map,
                              sample_grid)
 from .errors import BrainIDError
+from .loader import resolve
 from .progress import Progress, Span
 from .volume import Volume, argmax_of_resampled, make_nifti
 
@@ -284,7 +285,7 @@ def train_head(images, annotations, names=None, colors=None, model=None, device=
         raise BrainIDError("steps must be at least 1")
     prog = Progress(progress, cancel)
     t0 = time.perf_counter()
-    model = resolve_model(model) if not all(isinstance(i, FeatureMap) for i in images) or model is not None else None
+    model = resolve(model).model if not all(isinstance(i, FeatureMap) for i in images) or model is not None else None
     labs = [_load_labels(a) for a in annotations]
     painted = sorted({int(v) for lab, _, _ in labs for v in np.unique(lab) if v > 0})
     if not painted:
@@ -384,10 +385,10 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, k: int, steps: int, lr: float,
 def _model_for_head(model, head: FewShotHead):
     if model is None and head.backbone.get("name"):
         try:
-            return resolve_model(head.backbone["name"])
+            return resolve(head.backbone["name"]).model
         except BrainIDError:
             pass
-    return resolve_model(model)
+    return resolve(model).model
 
 
 def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="auto", cache: FeatureCache | None = None,
@@ -407,7 +408,7 @@ def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="au
     if isinstance(image, FeatureMap):
         fm = image
         if model is not None:
-            head.check_backbone(resolve_model(model))
+            head.check_backbone(resolve(model).model)
     else:
         model = _model_for_head(model, head)
         head.check_backbone(model)

@@ -26,6 +26,7 @@ import torch
 
 from .devices import release_memory, select_device
 from .errors import BrainIDError
+from .loader import resolve
 from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
 from .progress import Progress, Span
 from .tasks import OUTPUT_TASKS, heads_for, outputs_of
@@ -66,28 +67,6 @@ class Prediction:
     window: tuple | None = None
     messages: list = field(default_factory=list)
     precision: str = "fp32"  # of the CPU passes: fp32 or bf16
-
-
-# ------------------------------------------------------------------------------- model / device
-def _resolve_model(model, heads: dict | None) -> tuple[BrainIDModel, bool]:
-    """(model, owned): `owned` models were loaded here and can be dropped after the run."""
-    from . import load_model, registry
-
-    if isinstance(model, BrainIDModel):
-        if heads:
-            from .weights import add_head_file
-
-            for task, path in heads.items():
-                add_head_file(model, task, path)
-        return model, False
-    if model is None:
-        entry = registry.default_model()
-        if entry is None:
-            raise BrainIDError(registry.how_to_get_weights())
-        model = entry.name
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model, heads=heads, device="cpu"), True
-    raise BrainIDError(f"model must be a BrainIDModel, a weights file or a registry name, not {type(model).__name__}")
 
 
 def _check_tasks(model: BrainIDModel, tasks: list[str]) -> list[str]:
@@ -506,7 +485,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         from .qc import check_perturbations
 
         qc = check_perturbations(qc)
-    model, owned = _resolve_model(model, heads)
+    loaded = resolve(model, heads)
+    model, owned = loaded.model, loaded.owned
     tasks = parse_tasks(tasks, OUTPUT_TASKS)
     head_tasks = _check_tasks(model, tasks)
     wanted = outputs_of(tasks)
@@ -728,7 +708,8 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     precision: as in predict().
     """
     prog = Progress(progress, cancel)
-    model, owned = _resolve_model(model, None)
+    loaded = resolve(model)
+    model, owned = loaded.model, loaded.owned
     dev = select_device(device)
     precision = cpu_precision(precision, model, dev)
     vol, prep = _prepare(image, model, prog, max_voxels)
