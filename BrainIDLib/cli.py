@@ -494,11 +494,8 @@ def cmd_features(args) -> int:
     try:
         model, label = _load_model(args.model, reporter, _parse_heads(args.head))
         reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
-        from . import inference
+        from .feature_maps import features
 
-        features = getattr(inference, "features", None)
-        if features is None:
-            raise BrainIDError("this BrainID build has no feature export; update BrainID")
         img = _call(features, image=volume, model=model, device=str(device), pca=args.pca,
                     mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter, max_voxels=args.max_voxels,
                     precision=args.precision)
@@ -625,7 +622,7 @@ def _scans(values: list[str], what: str) -> list[Path]:
 
 
 def _feature_cache(value: str):
-    from .correspondence import FeatureCache
+    from .feature_maps import FeatureCache
 
     if str(value).lower() in ("off", "none", "no", ""):
         return FeatureCache(None)
@@ -677,7 +674,8 @@ def _parse_context(text: str | None):
 
 
 def cmd_correspond(args) -> int:
-    from .correspondence import CONTEXT_MM, compute_feature_map, find_correspondence, similarity_map
+    from .correspondence import CONTEXT_MM, find_correspondence, similarity_map
+    from .feature_maps import compute_feature_map
     from .devices import select_device
 
     point = _parse_point(args.point)

@@ -29,7 +29,7 @@ anatomy, and a head trained on a T1 readily labels the dark padding of a T2 as a
 
 The head file is a small safetensors file (weights + bias, a few hundred numbers) with JSON
 metadata: name, description, labels, names, colours, training figures and the backbone's name,
-architecture and SHA-256 fingerprint (of its tensors, see `correspondence.model_fingerprint`); a
+architecture and SHA-256 fingerprint (of its tensors, see `feature_maps.model_fingerprint`); a
 head is refused, with a clear message, on a backbone with another fingerprint.
 """
 
@@ -46,8 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .correspondence import (FeatureCache, FeatureMap, backbone_sha256, compute_feature_map,
-                             sample_grid)
+from .feature_maps import FeatureCache, FeatureMap, backbone_sha256, compute_feature_map, sample_grid
 from .errors import BrainIDError
 from .loader import resolve
 from .progress import Progress, Span

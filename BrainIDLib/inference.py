@@ -369,7 +369,8 @@ def run_network(model, prep: Prepared, heads, want_features, device, mode, budge
 
 
 # ------------------------------------------------------------------------------- public calls
-def _model_input(model: BrainIDModel) -> tuple[list, dict]:
+def model_input(model: BrainIDModel) -> tuple[list, dict]:
+    """(spacing in mm, normalisation) the model's metadata asks its input to be prepared with."""
     inp = (model.metadata or {}).get("input", {})
     return inp.get("spacing_mm", [1.0, 1.0, 1.0]), inp.get("normalisation", {"method": "minmax", "percentiles": [0.0, 100.0]})
 
@@ -421,13 +422,15 @@ class PreparedScan:
 
 
 def _input_key(model: BrainIDModel) -> str:
-    spacing, norm = _model_input(model)
+    spacing, norm = model_input(model)
     return json.dumps([spacing, norm, 2 ** (model.arch.levels - 1)], sort_keys=True, default=str)
 
 
-def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None) -> PreparedScan:
-    """Read, check and resample `image` for `model` (everything predict() does before the network)."""
-    return PreparedScan(*_prepare(image, model, Progress(None, None), max_voxels), _input_key(model))
+def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None,
+                 progress: Progress | None = None) -> PreparedScan:
+    """Read, check and resample `image` for `model` (everything predict() does before the network);
+    an image already a PreparedScan is checked against the model and returned."""
+    return PreparedScan(*_prepare(image, model, progress or Progress(), max_voxels), _input_key(model))
 
 
 def _prepare(image, model, progress: Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
@@ -440,7 +443,7 @@ def _prepare(image, model, progress: Progress, max_voxels: int | None = None) ->
         return image.volume, image.prepared
     vol = load_volume(image)
     progress.check()
-    spacing, norm = _model_input(model)
+    spacing, norm = model_input(model)
     check_grid(vol, spacing, max_voxels)
     prep = prepare(vol, spacing, norm, multiple=2 ** (model.arch.levels - 1))
     progress(0.08, "image resampled to the model grid")
@@ -611,7 +614,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
     result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
     progress(0.9, "uncertainty map")
-    unc = _unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1)
+    unc = prep.unpadded().to_input_grid(unc[None])[0].clamp_(0, 1)
     if pad is not None:  # certain there, as the segmentation is
         unc[torch.from_numpy(pad)] = 0
     result.uncertainty = make_nifti(unc.numpy(), vol.affine)
@@ -670,75 +673,3 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
     result.outputs[task] = make_nifti(img.numpy(), affine)
     if on_1mm:
         result.outputs_1mm[task] = make_nifti(prep.crop(chunk)[0].numpy(), prep.grid_affine)
-
-
-def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: int = 0) -> torch.Tensor:
-    """Project (C, *spatial) features on their first k principal components, each scaled to [0, 1]
-    by its 1st-99th percentiles (for viewing as RGB). Components are fitted on a voxel sample."""
-    c = feats.shape[0]
-    if not 1 <= k <= c:
-        raise BrainIDError(f"pca must be between 1 and {c} (the number of feature channels), got {k}")
-    flat = feats.reshape(c, -1)
-    g = torch.Generator().manual_seed(seed)
-    n = flat.shape[1]
-    idx = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
-    x = flat[:, idx].T.double()
-    mean = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
-    comps = v[:k].float()  # (k, C)
-    # sign convention: make each component's largest loading positive (stable colours)
-    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True))).clamp_min(0) * 2 - 1
-    comps = comps * signs
-    out = torch.empty(k, n, dtype=torch.float32)
-    step = 1 << 20
-    for s in range(0, n, step):
-        out[:, s : s + step] = comps @ (flat[:, s : s + step].float() - mean.float()[:, None])
-    sample_proj = out[:, idx] if n > sample else out
-    lo = torch.quantile(sample_proj, 0.01, dim=1)
-    hi = torch.quantile(sample_proj, 0.99, dim=1)
-    out = ((out - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]).clamp_(0, 1)
-    return out.reshape((k,) + tuple(feats.shape[1:]))
-
-
-def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
-             progress=None, cancel=None, window=None, max_voxels=None, precision="auto"):
-    """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
-
-    On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
-    precision: as in predict().
-    """
-    prog = Progress(progress, cancel)
-    loaded = resolve(model)
-    model, owned = loaded.model, loaded.owned
-    dev = select_device(device)
-    precision = cpu_precision(precision, model, dev)
-    vol, prep = _prepare(image, model, prog, max_voxels)
-    budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
-    messages: list = []
-    try:
-        raw, _, _, _ = run_network(model, prep, [], True, dev, mode, budget, Span(prog, 0.1, 0.85), messages, window,
-                                    precision)
-    finally:
-        if owned:
-            model.to("cpu")
-        release_memory(dev)
-    feats = prep.crop(raw)
-    del raw
-    if pca:
-        prog(0.87, "principal components")
-        feats = pca_channels(feats, int(pca))
-    prog(0.92, "mapping features back")
-    if on_1mm:
-        img = make_nifti(np.moveaxis(feats.numpy(), 0, -1), prep.grid_affine)
-    else:
-        pad = _unpadded(prep)
-        img = make_nifti(np.moveaxis(pad.to_input_grid(feats).numpy(), 0, -1), vol.affine)
-    prog(1.0, "done")
-    return img
-
-
-def _unpadded(prep: Prepared) -> Prepared:
-    """The same mapping for tensors already cropped to the model grid."""
-    from dataclasses import replace
-
-    return replace(prep, pad_before=(0, 0, 0))

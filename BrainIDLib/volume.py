@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +293,10 @@ class Prepared:
     grid_shape: tuple[int, int, int]
     intensity_range: tuple[float, float] = (0.0, 1.0)
     notes: list[str] = field(default_factory=list)
+
+    def unpadded(self) -> Prepared:
+        """The same mapping for tensors already cropped to the model grid."""
+        return replace(self, pad_before=(0, 0, 0))
 
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         """Drop the padding from a (..., *padded) tensor -> (..., *grid_shape)."""

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 import BrainIDLib as bid
-from BrainIDLib.correspondence import CONTEXT_MM, compute_feature_map, find_correspondence
+from BrainIDLib.correspondence import CONTEXT_MM, find_correspondence
+from BrainIDLib.feature_maps import compute_feature_map
 from BrainIDLib.demo_pairs import apply_transform, displaced, grid_points, recontrast
 from BrainIDLib.samples import sample_path
 

@@ -23,7 +23,7 @@ import torch
 from scipy import ndimage
 
 import BrainIDLib as bid
-from BrainIDLib.correspondence import compute_feature_map
+from BrainIDLib.feature_maps import compute_feature_map
 from BrainIDLib.demo_pairs import displaced, intensity_feature_map, painted_slices, recontrast, tissue_labels
 from BrainIDLib.fewshot import segment, train_head
 from BrainIDLib.samples import sample_path
@@ -99,7 +99,7 @@ def print_quality(rows: list[dict], title: str) -> None:
 
 
 def quality(args) -> None:
-    from BrainIDLib.correspondence import FeatureCache
+    from BrainIDLib.feature_maps import FeatureCache
 
     model = bid.load_model(args.model)
     cache = FeatureCache(args.feature_cache) if args.feature_cache else None

@@ -51,7 +51,7 @@ def _merge(dst: dict, src: dict) -> None:
 
 
 def run_fewshot(cfg: dict) -> dict:
-    from BrainIDLib.correspondence import FeatureCache
+    from BrainIDLib.feature_maps import FeatureCache
     from BrainIDLib.fewshot import segment, train_head
     from BrainIDLib.files import save_nifti
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from BrainIDLib import cli
-from BrainIDLib.correspondence import (FeatureCache, FeatureMap, compute_feature_map, find_correspondence,
-                                       similarity_map)
+from BrainIDLib.correspondence import find_correspondence, similarity_map
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.feature_maps import FeatureCache, FeatureMap, compute_feature_map
 from BrainIDLib.fewshot import FewShotHead, negative_mask, segment, train_head
 from BrainIDLib.model import Architecture, BrainIDModel
 from BrainIDLib.volume import make_nifti
@@ -426,11 +426,13 @@ def test_cli_correspond_source_among_targets_is_written_once(tmp_path, capsys):
     assert "match a.nii.gz" in capsys.readouterr().out
 
 
-def test_public_api_exports_correspondence_and_fewshot():
+def test_public_api_exports_features_correspondence_and_fewshot():
     import BrainIDLib as bid
-    from BrainIDLib import correspondence, fewshot
+    from BrainIDLib import correspondence, feature_maps, fewshot
 
-    for name in ("find_correspondence", "similarity_map", "compute_feature_map", "FeatureCache"):
+    for name in ("features", "compute_feature_map", "FeatureCache"):
+        assert getattr(bid, name) is getattr(feature_maps, name) and name in bid.__all__
+    for name in ("find_correspondence", "similarity_map"):
         assert getattr(bid, name) is getattr(correspondence, name) and name in bid.__all__
     for name in ("train_head", "segment", "FewShotHead"):
         assert getattr(bid, name) is getattr(fewshot, name) and name in bid.__all__

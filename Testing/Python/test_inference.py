@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import BrainIDLib.feature_maps as feature_maps
 import BrainIDLib.inference as inf
 import BrainIDLib.model as model_mod
 from BrainIDLib.errors import BrainIDError, Cancelled
@@ -177,8 +178,8 @@ def test_tiled_features_agree_with_whole_volume():
     exact; with random weights and windows 3/4 of the volume the correlation is ~0.97."""
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((64, 64, 64), seed=2), np.eye(4))
-    whole = inf.features(img, m, device="cpu", mode="whole").get_fdata()
-    tiled = inf.features(img, m, device="cpu", window=48).get_fdata()
+    whole = feature_maps.features(img, m, device="cpu", mode="whole").get_fdata()
+    tiled = feature_maps.features(img, m, device="cpu", window=48).get_fdata()
     assert whole.shape == tiled.shape == (64, 64, 64, SMALL.f_maps)
     r = np.corrcoef(whole.reshape(-1), tiled.reshape(-1))[0, 1]
     assert r > 0.95, r
@@ -267,22 +268,22 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
 def test_features_and_pca():
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((24, 20, 16)), np.diag([1.2, 1.2, 1.5, 1]))
-    f = inf.features(img, m, device="cpu")
+    f = feature_maps.features(img, m, device="cpu")
     assert f.shape == (24, 20, 16, SMALL.f_maps) and np.array_equal(f.affine, img.affine)
-    p = inf.features(img, m, device="cpu", pca=3)
+    p = feature_maps.features(img, m, device="cpu", pca=3)
     d = p.get_fdata()
     assert d.shape == (24, 20, 16, 3) and d.min() >= 0 and d.max() <= 1 and d.std() > 0.05
-    one = inf.features(img, m, device="cpu", pca=3, on_1mm=True)
+    one = feature_maps.features(img, m, device="cpu", pca=3, on_1mm=True)
     np.testing.assert_allclose(np.sqrt((one.affine[:3, :3] ** 2).sum(0)), 1, atol=1e-6)
     with pytest.raises(BrainIDError, match="pca"):
-        inf.features(img, m, device="cpu", pca=99)
+        feature_maps.features(img, m, device="cpu", pca=99)
 
 
 def test_pca_recovers_the_dominant_direction():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 10, 10, 10, generator=g)
     feats = torch.cat([base * 5, base * -3, 0.01 * torch.randn(4, 10, 10, 10, generator=g)])
-    pc = inf.pca_channels(feats, 1)[0]
+    pc = feature_maps.pca_channels(feats, 1)[0]
     r = np.corrcoef(pc.reshape(-1).numpy(), base.reshape(-1).numpy())[0, 1]
     assert abs(r) > 0.99
 
