@@ -214,7 +214,7 @@ class BrainIDLogic(CorrespondenceMixin, FewShotMixin):
             if "features_pca" in tasks:
                 features = self._features
                 if features is None:
-                    from BrainIDLib.inference import features
+                    from BrainIDLib.feature_maps import features
                 pca = features(image, model=model, device=device, pca=3)
                 outputs["features_pca"] = np.asanyarray(pca.dataobj)
         finally:
