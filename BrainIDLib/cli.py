@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from .errors import BrainIDError
-from .files import save_nifti
+from .files import nifti_stem, safe_name, save_nifti, scan_paths
 from .tasks import OUTPUT_TASKS, canonical, head_of, heads_for
 from .tasks import parse as parse_tasks
 
@@ -344,24 +344,16 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mgz", ".gz"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
 def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[str, Path], Path]:
     """({output key: NIfTI path}, volumes CSV path) from --output (folder, prefix or file)."""
     out = Path(os.path.expanduser(output))
     is_file = output.lower().endswith((".nii", ".nii.gz"))
     if output.endswith(("/", os.sep)) or out.is_dir():
-        base = out / _nifti_stem(input_path)
+        base = out / nifti_stem(input_path)
     elif is_file and len(keys) == 1:
-        return {keys[0]: out}, out.with_name(_nifti_stem(out) + "_volumes.csv")
+        return {keys[0]: out}, out.with_name(nifti_stem(out) + "_volumes.csv")
     elif is_file:
-        base = out.with_name(_nifti_stem(out))
+        base = out.with_name(nifti_stem(out))
     else:
         base = out
     paths = {k: base.with_name(f"{base.name}_{k}.nii.gz") for k in keys}
@@ -596,29 +588,8 @@ def cmd_download(args) -> int:
 
 
 # ------------------------------------------------------------------ correspondence and few-shot
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
-
-
 def _fewshot_usage(parser) -> int:
     raise BrainIDError("fewshot needs an action: `brainid fewshot train ...` or `brainid fewshot apply ...`")
-
-
-def _scans(values: list[str], what: str) -> list[Path]:
-    """Files, and the NIfTI files of folders (sorted), in order; each must exist."""
-    out: list[Path] = []
-    for value in values:
-        path = Path(value).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
-                           and not p.name.startswith("."))
-            if not found:
-                raise BrainIDError(f"{what} folder {path} holds no NIfTI file (.nii/.nii.gz)")
-            out += found
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise BrainIDError(f"{what} not found: {path}")
-    return out
 
 
 def _feature_cache(value: str):
@@ -644,7 +615,7 @@ def _parse_point(text: str):
 def _unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
     stems = []
     for p in paths:
-        stem = base = _nifti_stem(p)
+        stem = base = nifti_stem(p)
         i = 2
         while stem in taken:
             stem, i = f"{base}_{i}", i + 1
@@ -680,8 +651,8 @@ def cmd_correspond(args) -> int:
 
     point = _parse_point(args.point)
     context = _parse_context(args.context_mm)
-    source = _scans([args.source], "source")[0]
-    targets = _scans(args.target, "target")
+    source = scan_paths([args.source], "source")[0]
+    targets = scan_paths(args.target, "target")
     device = select_device(args.device)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -755,18 +726,12 @@ def _parse_names(text: str | None) -> dict[int, str] | None:
     return names
 
 
-def _safe_name(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "fewshot"
-
-
 def cmd_fewshot_train(args) -> int:
     from .devices import select_device
     from .fewshot import DEFAULT_STEPS, train_head
 
-    images = _scans(args.image, "image")
-    annotations = _scans(args.annotation, "annotation")
+    images = scan_paths(args.image, "image")
+    annotations = scan_paths(args.annotation, "annotation")
     if len(images) != len(annotations):
         raise BrainIDError(f"{len(images)} --image but {len(annotations)} --annotation; give one annotation per image")
     names = _parse_names(args.names)
@@ -802,7 +767,7 @@ def cmd_fewshot_apply(args) -> int:
     from .fewshot import FewShotHead, segment
 
     head = FewShotHead.load(args.head)
-    inputs = _scans(args.input, "input")
+    inputs = scan_paths(args.input, "input")
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--output must be a folder; {out} is a file")
@@ -822,7 +787,7 @@ def cmd_fewshot_apply(args) -> int:
         for i, (scan, stem) in enumerate(zip(inputs, stems)):
             seg = segment(str(scan), head, model=model, device=str(device), cache=cache,
                           progress=lambda f, m, i=i: reporter((i + f) / n, f"{i + 1}/{n}: {m}"))
-            written.append(save_nifti(seg, out / f"{stem}_{_safe_name(head.name)}.nii.gz"))
+            written.append(save_nifti(seg, out / f"{stem}_{safe_name(head.name)}.nii.gz"))
             reporter.output("segmentation", written[-1])
     finally:
         reporter.close()

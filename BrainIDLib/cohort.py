@@ -29,9 +29,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from .cli import (PROG, Reporter, _check_writable, _describe, _load_model, _model_tasks,
-                  _one_line, _parse_heads, _qc_wanted, _scans, _unique_stems, _write_prediction, output_paths)
+                  _one_line, _parse_heads, _qc_wanted, _unique_stems, _write_prediction, output_paths)
 from .errors import BrainIDError
-from .files import atomic_write
+from .files import atomic_write, scan_paths
 from .labels import label_name
 from .tasks import outputs_of
 
@@ -78,7 +78,7 @@ def read_scan_list(source: Path) -> list[Path]:
     lines and '#' comments ignored; relative paths are relative to the list's folder). Scans named
     twice count once; missing scans stay in the list (they fail on their own, not the cohort)."""
     if source.is_dir():
-        paths = _scans([str(source)], "input")
+        paths = scan_paths([str(source)], "input")
     else:
         try:
             text = source.read_text(encoding="utf-8")

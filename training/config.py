@@ -207,6 +207,16 @@ def _coerce_numbers(node):
     return node
 
 
+def with_defaults(saved: dict) -> dict:
+    """A run's saved config completed with the defaults added since it was written (for resuming
+    or evaluating an older run)."""
+    out = copy.deepcopy(DEFAULTS)
+    for section, values in saved.items():
+        if section in out and isinstance(values, dict):
+            out[section].update(values)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Defaults (or `base`, e.g. a run's saved config) <- YAML file <- overrides; then validated."""
     cfg = copy.deepcopy(base if base is not None else DEFAULTS)

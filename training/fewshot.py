@@ -71,13 +71,13 @@ def run_fewshot(cfg: dict) -> dict:
     result = {"head": str(out), "labels": dict(zip(head.labels, head.names)), "training": head.training}
     apply = cfg.get("apply") or {}
     if apply.get("input"):
-        from BrainIDLib.cli import _nifti_stem, _safe_name, _scans
+        from BrainIDLib.files import nifti_stem, safe_name, scan_paths
 
         written = []
-        for scan in _scans([apply["input"]], "apply.input"):
+        for scan in scan_paths([apply["input"]], "apply.input"):
             seg = segment(str(scan), head, model=fs["model"], device=fs["device"], cache=cache)
             written.append(str(save_nifti(seg, Path(apply.get("output") or Path(out).parent) /
-                                          f"{_nifti_stem(scan)}_{_safe_name(head.name)}.nii.gz")))
+                                          f"{nifti_stem(scan)}_{safe_name(head.name)}.nii.gz")))
         result["segmentations"] = written
     print(json.dumps(result, indent=2))
     return result
