@@ -31,6 +31,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from .devices import HELP as DEVICE_HELP
 from .errors import BrainIDError
 from .files import nifti_stem, safe_name, save_nifti, scan_paths
 from .tasks import OUTPUT_TASKS, canonical, head_of, heads_for
@@ -54,7 +55,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="registered model name (see `brainid models`) or a weights file (.safetensors or official .pth)")
     p.add_argument("--head", action="append", default=[], metavar="TASK=FILE",
                    help="add or replace a task head from a head file (official final_conv_*.pth or BrainID head); repeatable")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--mode", default="auto", choices=("auto", "whole", "tiled"),
                    help="whole-volume or tiled (overlapping windows) inference; auto picks from the memory budget")
     p.add_argument("--memory-gb", type=float, default=None, metavar="X",
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analysis_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME_OR_PATH",
                    help="registered model name (see `brainid models`) or a weights file")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--feature-cache", default="default", metavar="DIR|off",
                    help="folder caching feature maps between runs (default $BRAINID_CACHE/features, "
                         "i.e. ~/.cache/brainid/features); 'off' keeps them in memory only")
@@ -188,7 +189,7 @@ def _add_fewshot(sub) -> None:
                    help="a scan or a folder of scans (batch); repeatable")
     a.add_argument("--output", "--out", dest="output", required=True, metavar="DIR", help="output folder")
     a.add_argument("--model", metavar="NAME_OR_PATH", help="the backbone (default: the one the head names)")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     a.add_argument("--feature-cache", default="default", metavar="DIR|off")
     a.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"))
     a.set_defaults(func=cmd_fewshot_apply)

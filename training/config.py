@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from BrainIDLib.devices import DEVICES
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.tasks import HEAD_TASKS
 
@@ -26,7 +27,7 @@ DEFAULTS: dict = {
         "name": "brainid",
         "dir": "runs/brainid",          # run directory: config.json, log.jsonl, checkpoints/, tensorboard/, outputs
         "seed": 0,
-        "device": "auto",               # auto | cpu | cuda | mps
+        "device": "auto",               # a BrainIDLib.devices name: auto | cuda | mps | cpu | gpu
         "threads": 0,                   # torch CPU threads (0: leave torch's default)
         "max_steps": 1000,
         "log_every": 10,                # summary line + TensorBoard every N steps (log.jsonl gets every step)
@@ -105,7 +106,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "run.device": ("auto", "cpu", "cuda", "gpu", "mps"),
+    "run.device": (*DEVICES, "gpu"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
     "data.source": ("generator", "nifti"),
     "optim.schedule": ("multistep", "cosine", "constant"),
