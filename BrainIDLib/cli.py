@@ -26,18 +26,18 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+from .console import (PROG, Reporter, check_writable, describe, load_command_model, model_tasks, one_line, output_paths,
+                      parse_heads, qc_wanted, unique_stems, write_prediction)
 from .devices import HELP as DEVICE_HELP
 from .errors import BrainIDError
-from .files import nifti_stem, safe_name, save_nifti, scan_paths
-from .tasks import OUTPUT_TASKS, canonical, head_of, heads_for
+from .files import safe_name, save_nifti, scan_paths
+from .tasks import OUTPUT_TASKS
 from .tasks import parse as parse_tasks
 
-PROG = "brainid"
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -196,82 +196,7 @@ def _add_fewshot(sub) -> None:
     p.set_defaults(func=lambda args: _fewshot_usage(p))
 
 
-# ------------------------------------------------------------------------------------ progress
-class Reporter:
-    """Progress to tqdm bars on stderr, machine-readable lines on stdout, or nothing."""
-
-    def __init__(self, fmt: str = "bar"):
-        self.fmt = fmt
-        self._bar = None
-        self._bytes_bar = None
-
-    def __call__(self, fraction: float, message: str = "") -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        message = " ".join(str(message).split())
-        if self.fmt == "machine":
-            print(f"PROGRESS {fraction:.3f} {message}".rstrip(), flush=True)
-        elif self.fmt == "bar":
-            from tqdm import tqdm
-
-            if self._bar is None:
-                self._bar = tqdm(total=100, file=sys.stderr, unit="%", dynamic_ncols=True, mininterval=0.2,
-                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-            self._bar.set_description_str(message or "working", refresh=False)
-            self._bar.n = round(100 * fraction, 1)
-            self._bar.refresh()
-
-    def download(self, done: int, total: int | None, name: str) -> None:
-        if self.fmt == "machine":
-            if total:
-                print(f"PROGRESS {done / total:.3f} downloading {name}", flush=True)
-        elif self.fmt == "bar":
-            from tqdm import tqdm
-
-            if self._bytes_bar is None:
-                self._bytes_bar = tqdm(total=total, file=sys.stderr, unit="B", unit_scale=True,
-                                       unit_divisor=1024, desc=f"downloading {name}", initial=done)
-            self._bytes_bar.n = done
-            self._bytes_bar.refresh()
-
-    def info(self, message: str) -> None:
-        if self.fmt == "machine":
-            print(f"INFO {message}", flush=True)
-        elif self.fmt == "bar":
-            self._write(message)
-
-    def output(self, kind: str, path: Path) -> None:
-        if self.fmt == "machine":
-            print(f"OUTPUT {kind} {path}", flush=True)
-        else:
-            print(f"wrote {kind}: {path}", flush=True)
-
-    def _write(self, message: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-    def close(self) -> None:
-        for bar in (self._bar, self._bytes_bar):
-            if bar is not None:
-                bar.close()
-        self._bar = self._bytes_bar = None
-
-
 # ------------------------------------------------------------------------------------- helpers
-def _parse_heads(values: list[str]) -> dict[str, Path]:
-    heads = {}
-    for value in values:
-        task, sep, file = value.partition("=")
-        if not sep or not file:
-            raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
-        task = head_of(canonical(task, OUTPUT_TASKS))
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise BrainIDError(f"head file not found: {path}")
-        heads[task] = path
-    return heads
-
-
 def _input_path(args) -> Path:
     from .samples import sample_path
 
@@ -296,44 +221,6 @@ def _read_input(path: Path):
     return load_volume(path)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """Fail before any compute when `folder` cannot take the outputs: a temporary file is created and
-    removed in it, or in its nearest existing parent (the folder itself is created only to write)."""
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise BrainIDError(f"{what}: {probe} is a file, so {folder} cannot be a folder; choose another output path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".brainid-write-check-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise BrainIDError(f"{what}: cannot write in {probe} ({e.strerror or type(e).__name__}); "
-                           "choose a folder you can write to") from None
-
-
-def _like_input(img, input_path: Path):
-    """An output with the input's shape when the input is a 4D file with one volume (X, Y, Z, 1)."""
-    import nibabel as nib
-
-    shape = tuple(nib.load(str(input_path)).shape)
-    if len(shape) > 3 and len(img.shape) == 3 and tuple(img.shape) == shape[:3]:
-        import numpy as np
-
-        return nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine, img.header)
-    return img
-
-
-def _load_model(name: str | None, reporter: Reporter, heads: dict | None = None):
-    """(model, label) for --model NAME (empty: the registry default) plus heads, through the one
-    resolver (BrainIDLib.loader), with download progress; never random weights."""
-    from .loader import resolve
-
-    loaded = resolve(name or None, heads, reporter.download)
-    return loaded.model, loaded.label
-
-
 def _call(fn, **kwargs):
     """Call fn with the keyword arguments its signature accepts (engine versions may differ)."""
     try:
@@ -345,94 +232,12 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[str, Path], Path]:
-    """({output key: NIfTI path}, volumes CSV path) from --output (folder, prefix or file)."""
-    out = Path(os.path.expanduser(output))
-    is_file = output.lower().endswith((".nii", ".nii.gz"))
-    if output.endswith(("/", os.sep)) or out.is_dir():
-        base = out / nifti_stem(input_path)
-    elif is_file and len(keys) == 1:
-        return {keys[0]: out}, out.with_name(nifti_stem(out) + "_volumes.csv")
-    elif is_file:
-        base = out.with_name(nifti_stem(out))
-    else:
-        base = out
-    paths = {k: base.with_name(f"{base.name}_{k}.nii.gz") for k in keys}
-    return paths, base.with_name(f"{base.name}_volumes.csv")
-
-
-def write_volumes_csv(seg_img, path: Path, labels=None, qc=None) -> Path:
-    """Structure volumes (label, FreeSurfer name, voxels, mL, and QC with a QC report; background
-    excluded), written atomically."""
-    from .volumes import volumes_table, write_volumes_csv as write_rows
-
-    return write_rows(volumes_table(seg_img, labels=labels), path, qc=qc)
-
-
-def _qc_wanted(args, tasks: list[str]) -> bool:
-    """--qc (default on with segmentation), --uncertainty and --report checked against the tasks."""
-    asked = [o for o, on in (("--qc", args.qc), ("--uncertainty", args.uncertainty), ("--report", args.report)) if on]
-    if asked and "segmentation" not in tasks:
-        raise BrainIDError(f"{' and '.join(asked)} need the segmentation task; add --task segmentation")
-    if args.uncertainty and args.qc is False:
-        raise BrainIDError("--uncertainty comes from QC; drop --no-qc")
-    return "segmentation" in tasks and args.qc is not False
-
-
 def _check_memory(args) -> None:
     if args.memory_gb is not None and not args.memory_gb > 0:
         raise BrainIDError(f"--memory-gb must be a positive number of gigabytes, got {args.memory_gb}")
 
 
-def _describe(model, label: str) -> str:
-    arch = model.arch
-    return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
-
-
 # ------------------------------------------------------------------------------------ commands
-def _model_tasks(model, label: str, tasks: list[str]) -> list[str]:
-    """The tasks to run: those asked for (every head the model has if none), each with its head."""
-    if not tasks:
-        tasks = list(model.tasks)
-        if not tasks:
-            raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-    missing = [t for t in heads_for(tasks) if t not in model.tasks]
-    if missing:
-        raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
-                           f"add one with --head {missing[0]}=FILE or choose another --model")
-    return tasks
-
-
-def _write_prediction(pred, model, label: str, input_path: Path, output: str, args, report, info) -> None:
-    """Every output of `pred` at the paths `output` names (NIfTIs, volumes CSV, QC, report, as args
-    ask); report(kind, path) for each file, info(text) for the QC line."""
-    outputs = dict(pred.outputs)
-    quality = getattr(pred, "qc", None)
-    if args.uncertainty and getattr(pred, "uncertainty", None) is not None:
-        outputs["uncertainty"] = pred.uncertainty
-    if args.on_1mm:
-        outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
-    paths, csv_path = output_paths(output, input_path, list(outputs))
-    for key, img in outputs.items():
-        report(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
-    labels = list(getattr(pred, "labels", None) or ()) or \
-        model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
-    if "segmentation" in outputs and not args.no_volumes:
-        report("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
-    sibling = csv_path.with_name(csv_path.name[: -len("_volumes.csv")])
-    if quality is not None:
-        from .qc import write_json
-
-        report("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
-        low = ", ".join(s.name for s in quality.flagged()) or "none"
-        info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
-    if args.report and "segmentation" in outputs:
-        from .report import write_report
-
-        report("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
-                                      label, model.metadata.get("description", ""), labels))
-
-
 def cmd_predict(args) -> int:
     from .cohort import is_cohort_input, run_cohort
     from .devices import select_device
@@ -445,15 +250,15 @@ def cmd_predict(args) -> int:
     input_path = _input_path(args)
     device = select_device(args.device)  # fail early on a missing GPU
     cpu_precision(args.precision, None, device)
-    _parse_heads(args.head)  # fail early on bad --head values
-    _check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
+    parse_heads(args.head)  # fail early on bad --head values
+    check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args.model, reporter, _parse_heads(args.head))
-        tasks = _model_tasks(model, label, tasks)
-        qc = _qc_wanted(args, tasks)
-        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        model, label = load_command_model(args.model, reporter, parse_heads(args.head))
+        tasks = model_tasks(model, label, tasks)
+        qc = qc_wanted(args, tasks)
+        reporter.info(f"{describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
         pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
@@ -464,7 +269,7 @@ def cmd_predict(args) -> int:
     for message in getattr(pred, "messages", None) or []:
         if str(message) not in _NOTED:  # already printed as a note
             reporter.info(str(message))
-    _write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
+    write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
     return 0
 
 
@@ -481,12 +286,12 @@ def cmd_features(args) -> int:
     out = Path(os.path.expanduser(args.output))
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise BrainIDError(f"--output must be a .nii or .nii.gz file name, got {args.output!r}")
-    _check_writable(out.parent, "--output")
+    check_writable(out.parent, "--output")
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args.model, reporter, _parse_heads(args.head))
-        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        model, label = load_command_model(args.model, reporter, parse_heads(args.head))
+        reporter.info(f"{describe(model, label)} on {device.type}; input {input_path}")
         from .feature_maps import features
 
         img = _call(features, image=volume, model=model, device=str(device), pca=args.pca,
@@ -613,18 +418,6 @@ def _parse_point(text: str):
     return np.array(values, dtype=np.float64)
 
 
-def _unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
-    stems = []
-    for p in paths:
-        stem = base = nifti_stem(p)
-        i = 2
-        while stem in taken:
-            stem, i = f"{base}_{i}", i + 1
-        taken.add(stem)
-        stems.append(stem)
-    return stems
-
-
 def _ras_text(p) -> str:
     return ",".join(f"{float(v):.2f}" for v in p)
 
@@ -658,14 +451,14 @@ def cmd_correspond(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--out must be a folder; {out} is a file")
-    _check_writable(out, "--out")
+    check_writable(out, "--out")
     for scan in [source] + targets:
         _read_input(scan)
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args.model, reporter)
-        reporter.info(f"{_describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
+        model, label = load_command_model(args.model, reporter)
+        reporter.info(f"{describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
         src = compute_feature_map(str(source), model=model, device=str(device), cache=cache,
                                   progress=lambda f, m: reporter(f / (len(targets) + 1), f"source: {m}"))
         matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
@@ -679,9 +472,9 @@ def cmd_correspond(args) -> int:
     finally:
         reporter.close()
     taken: set[str] = set()
-    src_stem = _unique_stems([source], taken)[0]
+    src_stem = unique_stems([source], taken)[0]
     others = [t for t in targets if t.resolve() != source.resolve()]
-    other_stems = iter(_unique_stems(others, taken))
+    other_stems = iter(unique_stems(others, taken))
     stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
     record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label,
               "context_mm": list(CONTEXT_MM if context is None else context), "matches": []}
@@ -741,15 +534,15 @@ def cmd_fewshot_train(args) -> int:
         raise BrainIDError(f"--out must be a file name (HEAD.safetensors), {out} is a folder")
     if not out.name.endswith(".safetensors"):
         out = out.with_name(out.name + ".safetensors")
-    _check_writable(out.parent, "--out")
+    check_writable(out.parent, "--out")
     for scan in images:
         _read_input(scan)
     device = select_device(args.device)
     cache = _feature_cache(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args.model, reporter)
-        reporter.info(f"{_describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
+        model, label = load_command_model(args.model, reporter)
+        reporter.info(f"{describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
         head = train_head([str(p) for p in images], [str(p) for p in annotations], names=names, model=model,
                           device=str(device), cache=cache, steps=args.steps or DEFAULT_STEPS, progress=reporter,
                           name=args.name, description=args.description)
@@ -772,7 +565,7 @@ def cmd_fewshot_apply(args) -> int:
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--output must be a folder; {out} is a file")
-    _check_writable(out, "--output")
+    check_writable(out, "--output")
     for scan in inputs:
         _read_input(scan)
     device = select_device(args.device)
@@ -780,11 +573,11 @@ def cmd_fewshot_apply(args) -> int:
     reporter = Reporter(args.progress_format)
     written = []
     try:
-        model, label = _load_model(args.model or head.backbone.get("name"), reporter)
+        model, label = load_command_model(args.model or head.backbone.get("name"), reporter)
         head.check_backbone(model)
-        reporter.info(f"{head.summary()}; {_describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
+        reporter.info(f"{head.summary()}; {describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
         n = len(inputs)
-        stems = _unique_stems(inputs, set())
+        stems = unique_stems(inputs, set())
         for i, (scan, stem) in enumerate(zip(inputs, stems)):
             seg = segment(str(scan), head, model=model, device=str(device), cache=cache,
                           progress=lambda f, m, i=i: reporter((i + f) / n, f"{i + 1}/{n}: {m}"))
@@ -796,18 +589,12 @@ def cmd_fewshot_apply(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- main
-def _one_line(message: str) -> str:
-    from .validate import clean
-
-    return clean(message, 2000) or "unknown error"
-
-
 _NOTED: list[str] = []  # warnings printed as notes during this run
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (NaN voxels replaced, GPU fallbacks, library notices) as one clean line, no source path."""
-    text = _one_line(message)
+    text = one_line(message)
     if text not in _NOTED:
         _NOTED.append(text)
         print(f"{PROG}: note: {text}", file=sys.stderr, flush=True)
@@ -873,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             with _LibraryLogNotes():
                 return int(args.func(args) or 0)
     except BrainIDError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
@@ -884,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as e:  # writing outputs or the cache: a full disk, a folder removed meanwhile...
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"{PROG}: error: {_one_line(e.strerror or e)}{where}; check the path and free space",
+        print(f"{PROG}: error: {one_line(e.strerror or e)}{where}; check the path and free space",
               file=sys.stderr, flush=True)
         return EXIT_ERROR
     except Exception as e:

@@ -450,7 +450,9 @@ def _prepare(image, model, progress: Progress, max_voxels: int | None = None) ->
     return vol, prep
 
 
-def _segmentation_labels(model: BrainIDModel) -> list[int]:
+def segmentation_labels(model: BrainIDModel) -> list[int]:
+    """The FreeSurfer id of each segmentation class: from the metadata, else the 33-class table, else
+    the class indices."""
     info = model.metadata.get("heads", {}).get("segmentation", {})
     labels = info.get("labels")
     n = model.heads["segmentation"].out_channels
@@ -560,7 +562,7 @@ def _mirror_channels(model: BrainIDModel, heads: list[str]) -> torch.Tensor:
         if task != "segmentation":
             perm += list(range(len(perm), len(perm) + c))
             continue
-        labels = _segmentation_labels(model)
+        labels = segmentation_labels(model)
         partner = {a: b for a, b in LEFT_RIGHT_PAIRS} | {b: a for a, b in LEFT_RIGHT_PAIRS}
         index = {lab: i for i, lab in enumerate(labels)}
         base = len(perm)
@@ -632,7 +634,7 @@ def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | 
 def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result):
     affine = vol.affine
     if task == "segmentation":
-        labels = _segmentation_labels(model)
+        labels = segmentation_labels(model)
         result.labels = tuple(labels)
         probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
         probs.sub_(probs.amax(0, keepdim=True)).exp_()
