@@ -31,7 +31,7 @@ from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
 from .progress import Progress, Span
 from .tasks import OUTPUT_TASKS, heads_for, outputs_of
 from .tasks import parse as parse_tasks
-from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, make_nifti, prepare
+from .volume import Prepared, Volume, grid_shape, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
 
@@ -373,17 +373,6 @@ def model_input(model: BrainIDModel) -> tuple[list, dict]:
     """(spacing in mm, normalisation) the model's metadata asks its input to be prepared with."""
     inp = (model.metadata or {}).get("input", {})
     return inp.get("spacing_mm", [1.0, 1.0, 1.0]), inp.get("normalisation", {"method": "minmax", "percentiles": [0.0, 100.0]})
-
-
-def grid_shape(vol: Volume, spacing_mm) -> tuple[int, int, int]:
-    """The model-grid shape `prepare` makes of `vol` at `spacing_mm`, computed from the header alone."""
-    ornt = _ras_transform(vol.affine)
-    import nibabel.orientations as nio
-
-    ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
-    ras_shape = [vol.shape[int(a)] for a in np.argsort(ornt[:, 0])]
-    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
-    return tuple(_axis_map(n, s, t).m for n, s, t in zip(ras_shape, spacing, np.broadcast_to(spacing_mm, 3)))
 
 
 def max_grid_voxels(max_voxels: int | None = None) -> int:

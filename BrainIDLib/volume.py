@@ -343,6 +343,17 @@ def _inverse_transform(ornt: np.ndarray) -> np.ndarray:
     return inv
 
 
+def grid_shape(vol: Volume, spacing_mm) -> tuple[int, int, int]:
+    """The model-grid shape `prepare` makes of `vol` at `spacing_mm`, computed from the header alone."""
+    ornt = _ras_transform(vol.affine)
+    import nibabel.orientations as nio
+
+    ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
+    ras_shape = [vol.shape[int(a)] for a in np.argsort(ornt[:, 0])]
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    return tuple(_axis_map(n, s, t).m for n, s, t in zip(ras_shape, spacing, np.broadcast_to(spacing_mm, 3)))
+
+
 def prepare(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), normalisation: dict | None = None, multiple: int = 16) -> Prepared:
     """Reorient to RAS, resample to the model spacing (anti-aliased), normalise and pad."""
     spacing_mm = [float(s) for s in (list(spacing_mm) * 3 if np.ndim(spacing_mm) == 0 else spacing_mm)][:3]
