@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
-    for task in BrainIDLib.TASKS:
+    for task in ("super_resolution", "bias_field", "anatomy", "segmentation"):
         f = heads / f"{task}_head.safetensors"
         if f.is_file():
             add_head_file(model, task, f)
