@@ -398,14 +398,6 @@ def _fewshot_usage(parser) -> int:
     raise BrainIDError("fewshot needs an action: `brainid fewshot train ...` or `brainid fewshot apply ...`")
 
 
-def _feature_cache(value: str):
-    from .feature_maps import FeatureCache
-
-    if str(value).lower() in ("off", "none", "no", ""):
-        return FeatureCache(None)
-    return FeatureCache("default" if value == "default" else value)
-
-
 def _parse_point(text: str):
     import numpy as np
 
@@ -440,7 +432,7 @@ def _parse_context(text: str | None):
 
 def cmd_correspond(args) -> int:
     from .correspondence import CONTEXT_MM, find_correspondence, similarity_map
-    from .feature_maps import compute_feature_map
+    from .feature_maps import FeatureCache, compute_feature_map
     from .devices import select_device
 
     point = _parse_point(args.point)
@@ -454,7 +446,7 @@ def cmd_correspond(args) -> int:
     check_writable(out, "--out")
     for scan in [source] + targets:
         _read_input(scan)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
         model, label = load_command_model(args.model, reporter)
@@ -522,6 +514,7 @@ def _parse_names(text: str | None) -> dict[int, str] | None:
 
 def cmd_fewshot_train(args) -> int:
     from .devices import select_device
+    from .feature_maps import FeatureCache
     from .fewshot import DEFAULT_STEPS, train_head
 
     images = scan_paths(args.image, "image")
@@ -538,7 +531,7 @@ def cmd_fewshot_train(args) -> int:
     for scan in images:
         _read_input(scan)
     device = select_device(args.device)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
         model, label = load_command_model(args.model, reporter)
@@ -558,6 +551,7 @@ def cmd_fewshot_train(args) -> int:
 
 def cmd_fewshot_apply(args) -> int:
     from .devices import select_device
+    from .feature_maps import FeatureCache
     from .fewshot import FewShotHead, segment
 
     head = FewShotHead.load(args.head)
@@ -569,7 +563,7 @@ def cmd_fewshot_apply(args) -> int:
     for scan in inputs:
         _read_input(scan)
     device = select_device(args.device)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     written = []
     try:

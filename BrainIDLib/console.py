@@ -80,6 +80,7 @@ class Reporter:
 
 
 def parse_heads(values: list[str]) -> dict[str, Path]:
+    """{head task: file} from --head TASK=FILE values (task names and aliases as everywhere)."""
     heads = {}
     for value in values:
         task, sep, file = value.partition("=")
@@ -166,6 +167,7 @@ def qc_wanted(args, tasks: list[str]) -> bool:
 
 
 def describe(model, label: str) -> str:
+    """One line naming the model, its size and heads, for the run's first message."""
     arch = model.arch
     return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
 
@@ -214,6 +216,7 @@ def write_prediction(pred, model, label: str, input_path: Path, output: str, arg
 
 
 def unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
+    """Output names for scans, `scan`, `scan_2`, ... so two scans with one file name never overwrite."""
     stems = []
     for p in paths:
         stem = base = nifti_stem(p)
@@ -226,6 +229,7 @@ def unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
 
 
 def one_line(message: str) -> str:
+    """An error or warning as one clean line (no newlines or control characters, bounded length)."""
     from .validate import clean
 
     return clean(message, 2000) or "unknown error"

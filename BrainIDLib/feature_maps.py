@@ -197,9 +197,12 @@ class FeatureCache:
         self.hits = self.misses = self.disk_hits = 0
 
     @staticmethod
-    def default() -> "FeatureCache":
-        """The on-disk cache under $BRAINID_CACHE/features (what the CLI uses)."""
-        return FeatureCache("default")
+    def from_setting(value) -> FeatureCache:
+        """The cache a CLI option or config value names: "default" ($BRAINID_CACHE/features), a
+        folder, or off / none (in memory only)."""
+        if value is None or str(value).lower() in ("off", "none", "no", ""):
+            return FeatureCache(None)
+        return FeatureCache(value)
 
     def __len__(self) -> int:
         return len(self._items)

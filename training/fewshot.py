@@ -61,8 +61,7 @@ def run_fewshot(cfg: dict) -> dict:
         raise BrainIDError("a few-shot config needs data.subjects: a list of {image: SCAN, labels: PAINTED_LABELS}")
     if not fs["model"]:
         raise BrainIDError("set fewshot.model to a registry name or weights file (e.g. --set fewshot.model=brainid-lite)")
-    cache = FeatureCache("default" if fs["feature_cache"] == "default" else
-                         (None if fs["feature_cache"] in (None, "off") else fs["feature_cache"]))
+    cache = FeatureCache.from_setting(fs["feature_cache"])
     names = {int(k): str(v) for k, v in (fs["names"] or {}).items()} or None
     head = train_head([s["image"] for s in subjects], [s["labels"] for s in subjects], names=names, model=fs["model"],
                       device=fs["device"], cache=cache, steps=int(fs["steps"]), name=fs["name"],
