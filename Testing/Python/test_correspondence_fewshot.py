@@ -87,11 +87,11 @@ def test_memory_budget_evicts_oldest():
     assert compute_feature_map(blob_image(seed=0)[0], model=model, cache=cache) is not a
 
 
-
 def test_feature_cache_from_a_cli_or_config_setting(tmp_path):
     assert FeatureCache.from_setting("default").directory == tmp_path / "cache" / "features"  # $BRAINID_CACHE
     assert FeatureCache.from_setting(str(tmp_path / "mine")).directory == tmp_path / "mine"
     assert all(FeatureCache.from_setting(v).directory is None for v in ("off", "None", None, ""))
+
 
 def test_similarity_map_on_target_grid_and_self_match():
     model = tiny()
