@@ -88,7 +88,7 @@ class FeatureMap:
         """(K, *shape) on the feature grid -> (K, *source_shape) float32 on the input grid (linear)."""
         t = t.float()
         if self.prepared is not None:
-            return replace(self.prepared, pad_before=(0, 0, 0)).to_input_grid(t, channel_chunk=4)
+            return self.prepared.unpadded().to_input_grid(t, channel_chunk=4)
         # no grid mapping kept (hand-made FeatureMap): sample at every source voxel's position
         ijk = np.stack(np.meshgrid(*[np.arange(s) for s in self.source_shape], indexing="ij"), -1).reshape(-1, 3)
         ras = ijk @ self.source_affine[:3, :3].T + self.source_affine[:3, 3]
