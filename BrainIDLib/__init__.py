@@ -12,58 +12,32 @@
 
 from __future__ import annotations
 
-import os
+import importlib
+
+from .errors import BrainIDError
+from .tasks import HEAD_TASKS as TASKS  # the four task heads (BrainIDLib.tasks has the rest)
 
 __version__ = "0.1.0"
 
-from .errors import BrainIDError  # noqa: E402
-
-_MODEL = ("TASKS", "Architecture", "BrainIDModel")  # torch-backed: imported on first use, so that
-# `brainid --version` / `--help` stay fast and Ctrl-C during start-up reaches the CLI's handler
-
-
-def load_model(weights: str | os.PathLike, heads: dict | None = None, device: str = "cpu") -> "BrainIDModel":
-    """A ready model from a registry name or a weights file, plus optional {task: head file}."""
-    from .devices import select_device
-    from .registry import resolve_model
-    from .weights import build_model, read_checkpoint
-
-    path, registry_heads, _ = resolve_model(weights)
-    model = build_model(read_checkpoint(path), {**registry_heads, **(heads or {})})
-    return model.to(select_device(device))
+# Public names and the module defining each. They need torch, so they are imported on first use:
+# `import BrainIDLib` stays light, `brainid --version` / `--help` stay fast and Ctrl-C during
+# start-up reaches the CLI's handler.
+_LAZY = {
+    "Architecture": "model", "BrainIDModel": "model",
+    "load_model": "loader",
+    "predict": "inference",
+    "features": "feature_maps", "compute_feature_map": "feature_maps", "FeatureCache": "feature_maps",
+    "find_correspondence": "correspondence", "similarity_map": "correspondence",
+    "train_head": "fewshot", "segment": "fewshot", "FewShotHead": "fewshot",
+    "volumes_table": "volumes",
+    "Volume": "volume", "load_volume": "volume",
+}
 
 
-_CORRESPONDENCE = ("find_correspondence", "similarity_map", "compute_feature_map", "FeatureCache")
-_FEWSHOT = ("train_head", "segment", "FewShotHead")
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
-def __getattr__(name):  # keep `import BrainIDLib` light: heavy parts load on first use
-    if name in _MODEL:
-        from . import model
-
-        return getattr(model, name)
-    if name in ("predict", "features"):
-        from . import inference
-
-        return getattr(inference, name)
-    if name == "volumes_table":
-        from .volumes import volumes_table
-
-        return volumes_table
-    if name in _CORRESPONDENCE:
-        from . import correspondence
-
-        return getattr(correspondence, name)
-    if name in _FEWSHOT:
-        from . import fewshot
-
-        return getattr(fewshot, name)
-    if name in ("Volume", "load_volume"):
-        from . import volume
-
-        return getattr(volume, name)
-    raise AttributeError(f"module 'BrainIDLib' has no attribute {name!r}")
-
-
-__all__ = ["BrainIDError", "BrainIDModel", "Architecture", "TASKS", "load_model", "predict", "features", "volumes_table",
-           "Volume", "load_volume", *_CORRESPONDENCE, *_FEWSHOT, "__version__"]
+__all__ = ["BrainIDError", "TASKS", "__version__", *_LAZY]

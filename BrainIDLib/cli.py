@@ -26,25 +26,20 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+from .console import (PROG, Reporter, check_writable, describe, load_command_model, model_tasks, one_line, output_paths,
+                      parse_heads, qc_wanted, unique_stems, write_prediction)
+from .devices import HELP as DEVICE_HELP
 from .errors import BrainIDError
-from .files import save_nifti
+from .files import safe_name, save_nifti, scan_paths
+from .tasks import OUTPUT_TASKS
+from .tasks import parse as parse_tasks
 
-PROG = "brainid"
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-TASK_ALIASES = {
-    "anatomy": "anatomy", "anat": "anatomy", "t1": "anatomy", "synthesis": "anatomy", "reconstruction": "anatomy",
-    "segmentation": "segmentation", "seg": "segmentation",
-    "super_resolution": "super_resolution", "super-resolution": "super_resolution", "sr": "super_resolution",
-    "superresolution": "super_resolution",
-    "bias_field": "bias_field", "bias-field": "bias_field", "bias": "bias_field", "bf": "bias_field",
-    "bias_corrected": "bias_corrected", "bias-corrected": "bias_corrected",
-}
 
 
 # ------------------------------------------------------------------------------------- parsing
@@ -60,7 +55,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="registered model name (see `brainid models`) or a weights file (.safetensors or official .pth)")
     p.add_argument("--head", action="append", default=[], metavar="TASK=FILE",
                    help="add or replace a task head from a head file (official final_conv_*.pth or BrainID head); repeatable")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--mode", default="auto", choices=("auto", "whole", "tiled"),
                    help="whole-volume or tiled (overlapping windows) inference; auto picks from the memory budget")
     p.add_argument("--memory-gb", type=float, default=None, metavar="X",
@@ -143,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analysis_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME_OR_PATH",
                    help="registered model name (see `brainid models`) or a weights file")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default auto)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--feature-cache", default="default", metavar="DIR|off",
                    help="folder caching feature maps between runs (default $BRAINID_CACHE/features, "
                         "i.e. ~/.cache/brainid/features); 'off' keeps them in memory only")
@@ -197,109 +192,14 @@ def _add_fewshot(sub) -> None:
                    help="a scan or a folder of scans (batch); repeatable")
     a.add_argument("--output", "--out", dest="output", required=True, metavar="DIR", help="output folder")
     a.add_argument("--model", metavar="NAME_OR_PATH", help="the backbone (default: the one the head names)")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     a.add_argument("--feature-cache", default="default", metavar="DIR|off")
     a.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"))
     a.set_defaults(func=cmd_fewshot_apply)
     p.set_defaults(func=lambda args: _fewshot_usage(p))
 
 
-# ------------------------------------------------------------------------------------ progress
-class Reporter:
-    """Progress to tqdm bars on stderr, machine-readable lines on stdout, or nothing."""
-
-    def __init__(self, fmt: str = "bar"):
-        self.fmt = fmt
-        self._bar = None
-        self._bytes_bar = None
-
-    def __call__(self, fraction: float, message: str = "") -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        message = " ".join(str(message).split())
-        if self.fmt == "machine":
-            print(f"PROGRESS {fraction:.3f} {message}".rstrip(), flush=True)
-        elif self.fmt == "bar":
-            from tqdm import tqdm
-
-            if self._bar is None:
-                self._bar = tqdm(total=100, file=sys.stderr, unit="%", dynamic_ncols=True, mininterval=0.2,
-                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-            self._bar.set_description_str(message or "working", refresh=False)
-            self._bar.n = round(100 * fraction, 1)
-            self._bar.refresh()
-
-    def download(self, done: int, total: int | None, name: str) -> None:
-        if self.fmt == "machine":
-            if total:
-                print(f"PROGRESS {done / total:.3f} downloading {name}", flush=True)
-        elif self.fmt == "bar":
-            from tqdm import tqdm
-
-            if self._bytes_bar is None:
-                self._bytes_bar = tqdm(total=total, file=sys.stderr, unit="B", unit_scale=True,
-                                       unit_divisor=1024, desc=f"downloading {name}", initial=done)
-            self._bytes_bar.n = done
-            self._bytes_bar.refresh()
-
-    def info(self, message: str) -> None:
-        if self.fmt == "machine":
-            print(f"INFO {message}", flush=True)
-        elif self.fmt == "bar":
-            self._write(message)
-
-    def output(self, kind: str, path: Path) -> None:
-        if self.fmt == "machine":
-            print(f"OUTPUT {kind} {path}", flush=True)
-        else:
-            print(f"wrote {kind}: {path}", flush=True)
-
-    def _write(self, message: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-    def close(self) -> None:
-        for bar in (self._bar, self._bytes_bar):
-            if bar is not None:
-                bar.close()
-        self._bar = self._bytes_bar = None
-
-
 # ------------------------------------------------------------------------------------- helpers
-def _parse_tasks(values: list[str]) -> list[str]:
-    from .model import TASKS
-
-    choices = TASKS + ("bias_corrected",)
-    tasks: list[str] = []
-    for value in values:
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            task = TASK_ALIASES.get(item.lower())
-            if task is None:
-                raise BrainIDError(f"unknown task {item!r}; choose from {', '.join(choices)}")
-            if task not in tasks:
-                tasks.append(task)
-    return tasks
-
-
-def _parse_heads(values: list[str]) -> dict[str, Path]:
-    heads = {}
-    for value in values:
-        task, sep, file = value.partition("=")
-        if not sep or not file:
-            raise BrainIDError(f"--head expects TASK=FILE, got {value!r}")
-        (task,) = _parse_tasks([task])
-        if task == "bias_corrected":
-            task = "bias_field"
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise BrainIDError(f"head file not found: {path}")
-        heads[task] = path
-    return heads
-
-
 def _input_path(args) -> Path:
     from .samples import sample_path
 
@@ -324,53 +224,6 @@ def _read_input(path: Path):
     return load_volume(path)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """Fail before any compute when `folder` cannot take the outputs: a temporary file is created and
-    removed in it, or in its nearest existing parent (the folder itself is created only to write)."""
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise BrainIDError(f"{what}: {probe} is a file, so {folder} cannot be a folder; choose another output path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".brainid-write-check-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise BrainIDError(f"{what}: cannot write in {probe} ({e.strerror or type(e).__name__}); "
-                           "choose a folder you can write to") from None
-
-
-def _like_input(img, input_path: Path):
-    """An output with the input's shape when the input is a 4D file with one volume (X, Y, Z, 1)."""
-    import nibabel as nib
-
-    shape = tuple(nib.load(str(input_path)).shape)
-    if len(shape) > 3 and len(img.shape) == 3 and tuple(img.shape) == shape[:3]:
-        import numpy as np
-
-        return nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine, img.header)
-    return img
-
-
-def _load_model(args, reporter: Reporter):
-    """(model, description) from --model / the registry default / --head; never random weights."""
-    from .registry import default_model, how_to_get_weights, resolve_model
-    from .weights import build_model, read_checkpoint
-
-    name = args.model
-    if not name:
-        entry = default_model()
-        if entry is None:
-            raise BrainIDError(how_to_get_weights())
-        name = entry.name
-    path, heads, entry = resolve_model(name, progress=reporter.download)
-    heads = {**heads, **_parse_heads(args.head)}
-    model = build_model(read_checkpoint(path), heads)
-    label = entry.name if entry else path.name
-    return model, label
-
-
 def _call(fn, **kwargs):
     """Call fn with the keyword arguments its signature accepts (engine versions may differ)."""
     try:
@@ -382,124 +235,33 @@ def _call(fn, **kwargs):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def _nifti_stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mgz", ".gz"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def output_paths(output: str, input_path: Path, keys: list[str]) -> tuple[dict[str, Path], Path]:
-    """({output key: NIfTI path}, volumes CSV path) from --output (folder, prefix or file)."""
-    out = Path(os.path.expanduser(output))
-    is_file = output.lower().endswith((".nii", ".nii.gz"))
-    if output.endswith(("/", os.sep)) or out.is_dir():
-        base = out / _nifti_stem(input_path)
-    elif is_file and len(keys) == 1:
-        return {keys[0]: out}, out.with_name(_nifti_stem(out) + "_volumes.csv")
-    elif is_file:
-        base = out.with_name(_nifti_stem(out))
-    else:
-        base = out
-    paths = {k: base.with_name(f"{base.name}_{k}.nii.gz") for k in keys}
-    return paths, base.with_name(f"{base.name}_volumes.csv")
-
-
-def write_volumes_csv(seg_img, path: Path, labels=None, qc=None) -> Path:
-    """Structure volumes (label, FreeSurfer name, voxels, mL, and QC with a QC report; background
-    excluded), written atomically."""
-    from .volumes import volumes_table, write_volumes_csv as write_rows
-
-    return write_rows(volumes_table(seg_img, labels=labels), path, qc=qc)
-
-
-def _qc_wanted(args, tasks: list[str]) -> bool:
-    """--qc (default on with segmentation), --uncertainty and --report checked against the tasks."""
-    asked = [o for o, on in (("--qc", args.qc), ("--uncertainty", args.uncertainty), ("--report", args.report)) if on]
-    if asked and "segmentation" not in tasks:
-        raise BrainIDError(f"{' and '.join(asked)} need the segmentation task; add --task segmentation")
-    if args.uncertainty and args.qc is False:
-        raise BrainIDError("--uncertainty comes from QC; drop --no-qc")
-    return "segmentation" in tasks and args.qc is not False
-
-
 def _check_memory(args) -> None:
     if args.memory_gb is not None and not args.memory_gb > 0:
         raise BrainIDError(f"--memory-gb must be a positive number of gigabytes, got {args.memory_gb}")
 
 
-def _describe(model, label: str) -> str:
-    arch = model.arch
-    return f"model {label} (f_maps {arch.f_maps}, {arch.levels} levels; heads: {', '.join(model.tasks) or 'none'})"
-
-
 # ------------------------------------------------------------------------------------ commands
-def _model_tasks(model, label: str, tasks: list[str]) -> list[str]:
-    """The tasks to run: those asked for (every head the model has if none), each with its head."""
-    if not tasks:
-        tasks = list(model.tasks)
-        if not tasks:
-            raise BrainIDError(f"{label} has no task heads; add one with --head TASK=FILE")
-    needed = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
-    missing = [t for t in needed if t not in model.tasks]
-    if missing:
-        raise BrainIDError(f"{label} has no head for {', '.join(missing)} (it has: {', '.join(model.tasks) or 'none'}); "
-                           f"add one with --head {missing[0]}=FILE or choose another --model")
-    return tasks
-
-
-def _write_prediction(pred, model, label: str, input_path: Path, output: str, args, report, info) -> None:
-    """Every output of `pred` at the paths `output` names (NIfTIs, volumes CSV, QC, report, as args
-    ask); report(kind, path) for each file, info(text) for the QC line."""
-    outputs = dict(pred.outputs)
-    quality = getattr(pred, "qc", None)
-    if args.uncertainty and getattr(pred, "uncertainty", None) is not None:
-        outputs["uncertainty"] = pred.uncertainty
-    if args.on_1mm:
-        outputs.update({f"{k}_1mm": v for k, v in (getattr(pred, "outputs_1mm", None) or {}).items()})
-    paths, csv_path = output_paths(output, input_path, list(outputs))
-    for key, img in outputs.items():
-        report(key, save_nifti(img if key.endswith("_1mm") else _like_input(img, input_path), paths[key]))
-    labels = list(getattr(pred, "labels", None) or ()) or \
-        model.metadata.get("heads", {}).get("segmentation", {}).get("labels")
-    if "segmentation" in outputs and not args.no_volumes:
-        report("volumes", write_volumes_csv(outputs["segmentation"], csv_path, labels, quality))
-    sibling = csv_path.with_name(csv_path.name[: -len("_volumes.csv")])
-    if quality is not None:
-        from .qc import write_json
-
-        report("qc", write_json(quality, sibling.with_name(sibling.name + "_qc.json")))
-        low = ", ".join(s.name for s in quality.flagged()) or "none"
-        info(f"QC: whole-scan score {quality.scan_score:.2f}; structures below {quality.threshold:g}: {low}")
-    if args.report and "segmentation" in outputs:
-        from .report import write_report
-
-        report("report", write_report(sibling.with_name(sibling.name + "_report.html"), input_path, pred,
-                                      label, model.metadata.get("description", ""), labels))
-
-
 def cmd_predict(args) -> int:
     from .cohort import is_cohort_input, run_cohort
     from .devices import select_device
     from .inference import cpu_precision
 
-    tasks = _parse_tasks(args.task)
+    tasks = parse_tasks(args.task, OUTPUT_TASKS)
     _check_memory(args)
     if is_cohort_input(args):
         return run_cohort(args, tasks)
     input_path = _input_path(args)
     device = select_device(args.device)  # fail early on a missing GPU
     cpu_precision(args.precision, None, device)
-    _parse_heads(args.head)  # fail early on bad --head values
-    _check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
+    parse_heads(args.head)  # fail early on bad --head values
+    check_writable(output_paths(args.output, input_path, ["x"])[1].parent, "--output")
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args, reporter)
-        tasks = _model_tasks(model, label, tasks)
-        qc = _qc_wanted(args, tasks)
-        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
+        model, label = load_command_model(args.model, reporter, parse_heads(args.head))
+        tasks = model_tasks(model, label, tasks)
+        qc = qc_wanted(args, tasks)
+        reporter.info(f"{describe(model, label)} on {device.type}; input {input_path}")
         from .inference import predict
 
         pred = _call(predict, image=volume, tasks=tuple(tasks), model=model, device=str(device),
@@ -510,7 +272,7 @@ def cmd_predict(args) -> int:
     for message in getattr(pred, "messages", None) or []:
         if str(message) not in _NOTED:  # already printed as a note
             reporter.info(str(message))
-    _write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
+    write_prediction(pred, model, label, input_path, args.output, args, reporter.output, reporter.info)
     return 0
 
 
@@ -527,17 +289,14 @@ def cmd_features(args) -> int:
     out = Path(os.path.expanduser(args.output))
     if not out.name.lower().endswith((".nii", ".nii.gz")):
         raise BrainIDError(f"--output must be a .nii or .nii.gz file name, got {args.output!r}")
-    _check_writable(out.parent, "--output")
+    check_writable(out.parent, "--output")
     volume = _read_input(input_path)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_model(args, reporter)
-        reporter.info(f"{_describe(model, label)} on {device.type}; input {input_path}")
-        from . import inference
+        model, label = load_command_model(args.model, reporter, parse_heads(args.head))
+        reporter.info(f"{describe(model, label)} on {device.type}; input {input_path}")
+        from .feature_maps import features
 
-        features = getattr(inference, "features", None)
-        if features is None:
-            raise BrainIDError("this BrainID build has no feature export; update BrainID")
         img = _call(features, image=volume, model=model, device=str(device), pca=args.pca,
                     mode=args.mode, memory_budget_gb=args.memory_gb, progress=reporter, max_voxels=args.max_voxels,
                     precision=args.precision)
@@ -638,44 +397,8 @@ def cmd_download(args) -> int:
 
 
 # ------------------------------------------------------------------ correspondence and few-shot
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
-
-
 def _fewshot_usage(parser) -> int:
     raise BrainIDError("fewshot needs an action: `brainid fewshot train ...` or `brainid fewshot apply ...`")
-
-
-def _scans(values: list[str], what: str) -> list[Path]:
-    """Files, and the NIfTI files of folders (sorted), in order; each must exist."""
-    out: list[Path] = []
-    for value in values:
-        path = Path(value).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
-                           and not p.name.startswith("."))
-            if not found:
-                raise BrainIDError(f"{what} folder {path} holds no NIfTI file (.nii/.nii.gz)")
-            out += found
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise BrainIDError(f"{what} not found: {path}")
-    return out
-
-
-def _feature_cache(value: str):
-    from .correspondence import FeatureCache
-
-    if str(value).lower() in ("off", "none", "no", ""):
-        return FeatureCache(None)
-    return FeatureCache("default" if value == "default" else value)
-
-
-def _load_backbone(args, reporter: Reporter, fallback: str | None = None):
-    if not args.model and fallback:
-        args.model = fallback
-    args.head = []
-    return _load_model(args, reporter)
 
 
 def _parse_point(text: str):
@@ -688,18 +411,6 @@ def _parse_point(text: str):
     if len(values) != 3 or not all(np.isfinite(values)):
         raise BrainIDError(f"--point expects three numbers R,A,S in millimetres (e.g. -24,-20,-12), got {text!r}")
     return np.array(values, dtype=np.float64)
-
-
-def _unique_stems(paths: list[Path], taken: set[str]) -> list[str]:
-    stems = []
-    for p in paths:
-        stem = base = _nifti_stem(p)
-        i = 2
-        while stem in taken:
-            stem, i = f"{base}_{i}", i + 1
-        taken.add(stem)
-        stems.append(stem)
-    return stems
 
 
 def _ras_text(p) -> str:
@@ -723,25 +434,26 @@ def _parse_context(text: str | None):
 
 
 def cmd_correspond(args) -> int:
-    from .correspondence import CONTEXT_MM, compute_feature_map, find_correspondence, similarity_map
+    from .correspondence import CONTEXT_MM, find_correspondence, similarity_map
+    from .feature_maps import FeatureCache, compute_feature_map
     from .devices import select_device
 
     point = _parse_point(args.point)
     context = _parse_context(args.context_mm)
-    source = _scans([args.source], "source")[0]
-    targets = _scans(args.target, "target")
+    source = scan_paths([args.source], "source")[0]
+    targets = scan_paths(args.target, "target")
     device = select_device(args.device)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--out must be a folder; {out} is a file")
-    _check_writable(out, "--out")
+    check_writable(out, "--out")
     for scan in [source] + targets:
         _read_input(scan)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_backbone(args, reporter)
-        reporter.info(f"{_describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
+        model, label = load_command_model(args.model, reporter)
+        reporter.info(f"{describe(model, label)} on {device.type}; source {source}, {len(targets)} target(s)")
         src = compute_feature_map(str(source), model=model, device=str(device), cache=cache,
                                   progress=lambda f, m: reporter(f / (len(targets) + 1), f"source: {m}"))
         matches = find_correspondence(src, point, [str(t) for t in targets], model=model, device=str(device), cache=cache,
@@ -755,9 +467,9 @@ def cmd_correspond(args) -> int:
     finally:
         reporter.close()
     taken: set[str] = set()
-    src_stem = _unique_stems([source], taken)[0]
+    src_stem = unique_stems([source], taken)[0]
     others = [t for t in targets if t.resolve() != source.resolve()]
-    other_stems = iter(_unique_stems(others, taken))
+    other_stems = iter(unique_stems(others, taken))
     stems = [src_stem if t.resolve() == source.resolve() else next(other_stems) for t in targets]
     record = {"source": str(source), "point_ras": [float(v) for v in point], "model": label,
               "context_mm": list(CONTEXT_MM if context is None else context), "matches": []}
@@ -803,18 +515,13 @@ def _parse_names(text: str | None) -> dict[int, str] | None:
     return names
 
 
-def _safe_name(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "fewshot"
-
-
 def cmd_fewshot_train(args) -> int:
     from .devices import select_device
+    from .feature_maps import FeatureCache
     from .fewshot import DEFAULT_STEPS, train_head
 
-    images = _scans(args.image, "image")
-    annotations = _scans(args.annotation, "annotation")
+    images = scan_paths(args.image, "image")
+    annotations = scan_paths(args.annotation, "annotation")
     if len(images) != len(annotations):
         raise BrainIDError(f"{len(images)} --image but {len(annotations)} --annotation; give one annotation per image")
     names = _parse_names(args.names)
@@ -823,15 +530,15 @@ def cmd_fewshot_train(args) -> int:
         raise BrainIDError(f"--out must be a file name (HEAD.safetensors), {out} is a folder")
     if not out.name.endswith(".safetensors"):
         out = out.with_name(out.name + ".safetensors")
-    _check_writable(out.parent, "--out")
+    check_writable(out.parent, "--out")
     for scan in images:
         _read_input(scan)
     device = select_device(args.device)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     try:
-        model, label = _load_backbone(args, reporter)
-        reporter.info(f"{_describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
+        model, label = load_command_model(args.model, reporter)
+        reporter.info(f"{describe(model, label)} on {device.type}; {len(images)} painted scan(s)")
         head = train_head([str(p) for p in images], [str(p) for p in annotations], names=names, model=model,
                           device=str(device), cache=cache, steps=args.steps or DEFAULT_STEPS, progress=reporter,
                           name=args.name, description=args.description)
@@ -847,30 +554,31 @@ def cmd_fewshot_train(args) -> int:
 
 def cmd_fewshot_apply(args) -> int:
     from .devices import select_device
+    from .feature_maps import FeatureCache
     from .fewshot import FewShotHead, segment
 
     head = FewShotHead.load(args.head)
-    inputs = _scans(args.input, "input")
+    inputs = scan_paths(args.input, "input")
     out = Path(args.output).expanduser()
     if out.exists() and not out.is_dir():
         raise BrainIDError(f"--output must be a folder; {out} is a file")
-    _check_writable(out, "--output")
+    check_writable(out, "--output")
     for scan in inputs:
         _read_input(scan)
     device = select_device(args.device)
-    cache = _feature_cache(args.feature_cache)
+    cache = FeatureCache.from_setting(args.feature_cache)
     reporter = Reporter(args.progress_format)
     written = []
     try:
-        model, label = _load_backbone(args, reporter, fallback=head.backbone.get("name"))
+        model, label = load_command_model(args.model or head.backbone.get("name"), reporter)
         head.check_backbone(model)
-        reporter.info(f"{head.summary()}; {_describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
+        reporter.info(f"{head.summary()}; {describe(model, label)} on {device.type}; {len(inputs)} scan(s)")
         n = len(inputs)
-        stems = _unique_stems(inputs, set())
+        stems = unique_stems(inputs, set())
         for i, (scan, stem) in enumerate(zip(inputs, stems)):
             seg = segment(str(scan), head, model=model, device=str(device), cache=cache,
                           progress=lambda f, m, i=i: reporter((i + f) / n, f"{i + 1}/{n}: {m}"))
-            written.append(save_nifti(seg, out / f"{stem}_{_safe_name(head.name)}.nii.gz"))
+            written.append(save_nifti(seg, out / f"{stem}_{safe_name(head.name)}.nii.gz"))
             reporter.output("segmentation", written[-1])
     finally:
         reporter.close()
@@ -878,18 +586,12 @@ def cmd_fewshot_apply(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- main
-def _one_line(message: str) -> str:
-    from .validate import clean
-
-    return clean(message, 2000) or "unknown error"
-
-
 _NOTED: list[str] = []  # warnings printed as notes during this run
 
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (NaN voxels replaced, GPU fallbacks, library notices) as one clean line, no source path."""
-    text = _one_line(message)
+    text = one_line(message)
     if text not in _NOTED:
         _NOTED.append(text)
         print(f"{PROG}: note: {text}", file=sys.stderr, flush=True)
@@ -955,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             with _LibraryLogNotes():
                 return int(args.func(args) or 0)
     except BrainIDError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
@@ -966,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as e:  # writing outputs or the cache: a full disk, a folder removed meanwhile...
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"{PROG}: error: {_one_line(e.strerror or e)}{where}; check the path and free space",
+        print(f"{PROG}: error: {one_line(e.strerror or e)}{where}; check the path and free space",
               file=sys.stderr, flush=True)
         return EXIT_ERROR
     except Exception as e:

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from .cli import (PROG, Reporter, _check_writable, _describe, _load_model, _model_tasks,
-                  _one_line, _parse_heads, _qc_wanted, _scans, _unique_stems, _write_prediction, output_paths)
+from .console import (PROG, Reporter, check_writable, describe, load_command_model, model_tasks, one_line, output_paths,
+                      parse_heads, qc_wanted, unique_stems, write_prediction)
 from .errors import BrainIDError
-from .files import atomic_write
+from .files import atomic_write, scan_paths
 from .labels import label_name
+from .tasks import outputs_of
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 SUMMARY_NAME = "cohort_volumes.csv"
@@ -77,7 +78,7 @@ def read_scan_list(source: Path) -> list[Path]:
     lines and '#' comments ignored; relative paths are relative to the list's folder). Scans named
     twice count once; missing scans stay in the list (they fail on their own, not the cohort)."""
     if source.is_dir():
-        paths = _scans([str(source)], "input")
+        paths = scan_paths([str(source)], "input")
     else:
         try:
             text = source.read_text(encoding="utf-8")
@@ -100,10 +101,10 @@ def read_scan_list(source: Path) -> list[Path]:
 
 def _expected_outputs(out: Path, scan: Scan, tasks: list[str], args) -> tuple[list[Path], Path | None]:
     """(every file a finished scan has, its volumes CSV or None) under OUT."""
-    keys = list(dict.fromkeys(tasks + (["bias_corrected"] if "bias_field" in tasks else [])))
+    keys = outputs_of(tasks)
     if args.on_1mm:
         keys += [f"{k}_1mm" for k in keys]
-    qc = _qc_wanted(args, tasks)
+    qc = qc_wanted(args, tasks)
     if qc and args.uncertainty:
         keys.append("uncertainty")
     paths, csv_path = output_paths(str(out / scan.stem), scan.path, keys)
@@ -197,41 +198,41 @@ def _check_output(args) -> Path:
     if args.output.lower().endswith((".nii", ".nii.gz")) or (out.exists() and not out.is_dir()):
         raise BrainIDError(f"for a cohort, --output must be a folder (outputs are OUT/<scan>_<task>.nii.gz), "
                            f"not {args.output}")
-    _check_writable(out, "--output")
+    check_writable(out, "--output")
     return out
 
 
 def run_cohort(args, tasks: list[str]) -> int:
     """`brainid predict FOLDER_OR_LIST --output OUT`: see the module docstring."""
     from .devices import select_device
-    from .inference import _segmentation_labels, cpu_precision, predict, prepare_scan
+    from .inference import segmentation_labels, cpu_precision, predict, prepare_scan
 
     source = Path(args.input).expanduser()
     paths = read_scan_list(source)
     out = _check_output(args)
     device = select_device(args.device)
     cpu_precision(args.precision, None, device)
-    _parse_heads(args.head)
-    scans = [Scan(i, p, stem) for i, (p, stem) in enumerate(zip(paths, _unique_stems(paths, set())))]
+    parse_heads(args.head)
+    scans = [Scan(i, p, stem) for i, (p, stem) in enumerate(zip(paths, unique_stems(paths, set())))]
 
     loading = Reporter(args.progress_format)  # a model download shows its progress
     try:
-        model, label = _load_model(args, loading)
+        model, label = load_command_model(args.model, loading, parse_heads(args.head))
     finally:
         loading.close()
-    tasks = _model_tasks(model, label, tasks)
-    qc = _qc_wanted(args, tasks)
+    tasks = model_tasks(model, label, tasks)
+    qc = qc_wanted(args, tasks)
     rank, world = _rank_and_world()
     if device.type == "cuda" and world > 1:
         import torch
 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    labels = [lab for lab in _segmentation_labels(model) if lab != 0] \
+    labels = [lab for lab in segmentation_labels(model) if lab != 0] \
         if "segmentation" in tasks and not args.no_volumes else []
     mine = scans[rank::world]
     fmt = args.progress_format if rank == 0 else "none"
     reporter = Reporter(fmt)
-    reporter.info(f"{_describe(model, label)} on {device.type}; {len(scans)} scans from {source}")
+    reporter.info(f"{describe(model, label)} on {device.type}; {len(scans)} scans from {source}")
     if world > 1:  # every rank says its share (torchrun gathers the logs)
         print(f"{PROG}: rank {rank} of {world}: {len(mine)} of {len(scans)} scans", file=sys.stderr, flush=True)
 
@@ -253,7 +254,7 @@ def run_cohort(args, tasks: list[str]) -> int:
                    dynamic_ncols=True)
 
     def note(message: str) -> None:
-        line = f"{PROG}: note: {_one_line(message)}"
+        line = f"{PROG}: note: {one_line(message)}"
         (bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr, flush=True))
 
     def emit(kind, path):
@@ -276,11 +277,11 @@ def run_cohort(args, tasks: list[str]) -> int:
                 pred = predict(prepared, tasks=tuple(tasks), model=model, device=str(device), on_1mm=args.on_1mm,
                                mode=args.mode, memory_budget_gb=args.memory_gb, progress=step, qc=qc,
                                precision=args.precision, cleanup=not args.no_cleanup)
-                _write_prediction(pred, model, label, scan.path, str(out / scan.stem), args, emit, lambda text: None)
+                write_prediction(pred, model, label, scan.path, str(out / scan.stem), args, emit, lambda text: None)
                 row = Row(scan.index, str(scan.path), scan.stem, "ok", seconds=time.perf_counter() - start,
                           volumes_ml=_read_volumes(_expected_outputs(out, scan, tasks, args)[1]))
             except Exception as e:  # noqa: BLE001 - one bad scan must not stop the cohort
-                message = _one_line(e) if str(e) else type(e).__name__
+                message = one_line(e) if str(e) else type(e).__name__
                 if not isinstance(e, USER_ERRORS):  # a bug: keep its traceback visible, go on with the others
                     message = f"{type(e).__name__}: {message} (a BrainID bug? please report it)"
                     traceback.print_exc(file=sys.stderr)

@@ -29,7 +29,7 @@ anatomy, and a head trained on a T1 readily labels the dark padding of a T2 as a
 
 The head file is a small safetensors file (weights + bias, a few hundred numbers) with JSON
 metadata: name, description, labels, names, colours, training figures and the backbone's name,
-architecture and SHA-256 fingerprint (of its tensors, see `correspondence.model_fingerprint`); a
+architecture and SHA-256 fingerprint (of its tensors, see `feature_maps.model_fingerprint`); a
 head is refused, with a clear message, on a backbone with another fingerprint.
 """
 
@@ -46,9 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .correspondence import (FeatureCache, FeatureMap, backbone_sha256, compute_feature_map, resolve_model,
-                             sample_grid)
+from .feature_maps import FeatureCache, FeatureMap, backbone_sha256, compute_feature_map, sample_grid
 from .errors import BrainIDError
+from .loader import resolve
+from .progress import Progress, Span
 from .volume import Volume, argmax_of_resampled, make_nifti
 
 HEAD_FORMAT = "brainid-fewshot-head"
@@ -273,8 +274,6 @@ def train_head(images, annotations, names=None, colors=None, model=None, device=
     (images may also be FeatureMaps). names: {label: name} or a list in label order; a label named
     "background" gives explicit negatives. colors: {label: (r, g, b)} or a list. Returns the head.
     """
-    from .inference import _Progress, _Span
-
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     annotations = list(annotations) if isinstance(annotations, (list, tuple)) else [annotations]
     if not images:
@@ -283,9 +282,9 @@ def train_head(images, annotations, names=None, colors=None, model=None, device=
         raise BrainIDError(f"{len(images)} images but {len(annotations)} annotations; give one annotation per image")
     if steps < 1:
         raise BrainIDError("steps must be at least 1")
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     t0 = time.perf_counter()
-    model = resolve_model(model) if not all(isinstance(i, FeatureMap) for i in images) or model is not None else None
+    model = resolve(model).model if not all(isinstance(i, FeatureMap) for i in images) or model is not None else None
     labs = [_load_labels(a) for a in annotations]
     painted = sorted({int(v) for lab, _, _ in labs for v in np.unique(lab) if v > 0})
     if not painted:
@@ -307,7 +306,7 @@ def train_head(images, annotations, names=None, colors=None, model=None, device=
     for i, (img, (lab, aff, nm)) in enumerate(zip(images, labs)):
         ts = time.perf_counter()
         fm = img if isinstance(img, FeatureMap) else compute_feature_map(
-            img, model=model, device=device, cache=cache, progress=_Span(prog, i / n * 0.8, (i + 0.9) / n * 0.8), cancel=cancel)
+            img, model=model, device=device, cache=cache, progress=Span(prog, i / n * 0.8, (i + 0.9) / n * 0.8), cancel=cancel)
         feature_seconds += time.perf_counter() - ts
         if channels is not None and fm.channels != channels:
             raise BrainIDError("the images' features come from different models; use one model for all")
@@ -385,10 +384,10 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, k: int, steps: int, lr: float,
 def _model_for_head(model, head: FewShotHead):
     if model is None and head.backbone.get("name"):
         try:
-            return resolve_model(head.backbone["name"])
+            return resolve(head.backbone["name"]).model
         except BrainIDError:
             pass
-    return resolve_model(model)
+    return resolve(model).model
 
 
 def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="auto", cache: FeatureCache | None = None,
@@ -402,19 +401,17 @@ def segment(image, head: FewShotHead | str | os.PathLike, model=None, device="au
     fill >= 5% of it, e.g. around a skull-stripped scan) is "none" (probability 1 for channel 0),
     as in predict(): the features there are not anatomy. A FeatureMap carries that mask from
     `compute_feature_map` (FeatureMap.padding); one made by hand without it gets no such rule."""
-    from .inference import _Progress, _Span
-
     if not isinstance(head, FewShotHead):
         head = FewShotHead.load(head)
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     if isinstance(image, FeatureMap):
         fm = image
         if model is not None:
-            head.check_backbone(resolve_model(model))
+            head.check_backbone(resolve(model).model)
     else:
         model = _model_for_head(model, head)
         head.check_backbone(model)
-        fm = compute_feature_map(image, model=model, device=device, cache=cache, progress=_Span(prog, 0, 0.8), cancel=cancel)
+        fm = compute_feature_map(image, model=model, device=device, cache=cache, progress=Span(prog, 0, 0.8), cancel=cancel)
     if fm.channels != head.channels:
         raise BrainIDError(f"few-shot head {head.name!r} expects {head.channels} feature channels, the features have "
                            f"{fm.channels}; use the backbone the head was trained on ({head.backbone.get('name', '?')})")

@@ -1,12 +1,51 @@
-"""Files on disk: written atomically (a crash or Ctrl-C never leaves half a result) and hashed."""
+"""Files on disk: scans found and named, outputs written atomically (a crash or Ctrl-C never leaves
+half a result), weights hashed. Pure Python, shared by the CLI, cohorts and training."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from .errors import BrainIDError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
+
+
+def nifti_stem(path: Path) -> str:
+    """The file name without its image suffix (`scan.nii.gz` -> `scan`): what outputs are named after."""
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mgz", ".gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def scan_paths(values: list[str], what: str) -> list[Path]:
+    """Files, and the NIfTI files of folders (sorted), in order; each must exist (`what` names them
+    in the error)."""
+    out: list[Path] = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+                           and not p.name.startswith("."))
+            if not found:
+                raise BrainIDError(f"{what} folder {path} holds no NIfTI file (.nii/.nii.gz)")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise BrainIDError(f"{what} not found: {path}")
+    return out
+
+
+def safe_name(text: str) -> str:
+    """`text` usable in a file name (a few-shot head's name in its segmentations' names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "fewshot"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".part") -> Path:

@@ -20,16 +20,19 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .cleanup import keep_largest_components_
 from .devices import release_memory, select_device
-from .errors import BrainIDError, Cancelled
-from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, TASKS, BrainIDModel
-from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, make_nifti, prepare
+from .errors import BrainIDError
+from .loader import resolve
+from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
+from .progress import Progress, Span
+from .tasks import OUTPUT_TASKS, heads_for, outputs_of
+from .tasks import parse as parse_tasks
+from .volume import Prepared, Volume, grid_shape, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
 
@@ -43,7 +46,6 @@ RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensor
 DEFAULT_OVERLAP_FRACTION = 0.25
 MIN_WINDOW = 64
 GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
-OUTPUT_TASKS = TASKS + ("bias_corrected",)
 # Largest model grid a run accepts (a 320 mm cube at 1 mm; a head scan is ~256 mm across): bounds the
 # work before resampling, e.g. a 35x43x38 scan whose header says 19.9 mm voxels. BRAINID_MAX_VOXELS or
 # max_voxels= (CLI --max-voxels) raise it.
@@ -68,55 +70,11 @@ class Prediction:
     precision: str = "fp32"  # of the CPU passes: fp32 or bf16
 
 
-class _Progress:
-    """Monotonic progress in [0, 1] over weighted stages, plus cancellation checks."""
-
-    def __init__(self, callback: Callable | None, cancel: Callable | None):
-        self.callback, self.cancel, self.last = callback, cancel, 0.0
-
-    def __call__(self, fraction: float, message: str = "") -> None:
-        self.check()
-        self.last = max(self.last, min(1.0, float(fraction)))
-        if self.callback is not None:
-            self.callback(self.last, message)
-
-    def check(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("cancelled by the user")
-
-
-# ------------------------------------------------------------------------------- model / device
-def _resolve_model(model, heads: dict | None) -> tuple[BrainIDModel, bool]:
-    """(model, owned): `owned` models were loaded here and can be dropped after the run."""
-    from . import load_model, registry
-
-    if isinstance(model, BrainIDModel):
-        if heads:
-            from .weights import add_head_file
-
-            for task, path in heads.items():
-                add_head_file(model, task, path)
-        return model, False
-    if model is None:
-        entry = registry.default_model()
-        if entry is None:
-            raise BrainIDError(registry.how_to_get_weights())
-        model = entry.name
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model, heads=heads, device="cpu"), True
-    raise BrainIDError(f"model must be a BrainIDModel, a weights file or a registry name, not {type(model).__name__}")
-
-
-def _check_tasks(model: BrainIDModel, tasks) -> list[str]:
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(dict.fromkeys(tasks or ()))
+def _check_tasks(model: BrainIDModel, tasks: list[str]) -> list[str]:
+    """The heads `tasks` (canonical names) need, each one present in the model."""
     if not tasks:
         raise BrainIDError(f"no task given; choose one or more of {', '.join(OUTPUT_TASKS)}")
-    for t in tasks:
-        if t not in OUTPUT_TASKS:
-            raise BrainIDError(f"unknown task {t!r}; choose from {', '.join(OUTPUT_TASKS)}")
-    heads = list(dict.fromkeys("bias_field" if t == "bias_corrected" else t for t in tasks))
+    heads = heads_for(tasks)
     missing = [t for t in heads if t not in model.heads]
     if missing:
         have = ", ".join(model.tasks) or "none"
@@ -350,7 +308,7 @@ def _forward_tiled(model, x, heads, want_features, device, window, overlap, mult
     return acc
 
 
-def _run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
+def run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
                  window=None, precision="fp32"):
     """Raw outputs (channels, *padded) on the CPU, with OOM fallbacks: tiled, smaller tiles, CPU."""
     multiple = 2 ** (model.arch.levels - 1)
@@ -411,32 +369,11 @@ def _run_network(model, prep: Prepared, heads, want_features, device, mode, budg
             messages.append(msg)
 
 
-class _Span:
-    def __init__(self, parent: _Progress, start: float, stop: float):
-        self.parent, self.start, self.stop = parent, start, stop
-
-    def __call__(self, f, msg=""):
-        self.parent(self.start + (self.stop - self.start) * f, msg)
-
-    def check(self):
-        self.parent.check()
-
-
 # ------------------------------------------------------------------------------- public calls
-def _model_input(model: BrainIDModel) -> tuple[list, dict]:
+def model_input(model: BrainIDModel) -> tuple[list, dict]:
+    """(spacing in mm, normalisation) the model's metadata asks its input to be prepared with."""
     inp = (model.metadata or {}).get("input", {})
     return inp.get("spacing_mm", [1.0, 1.0, 1.0]), inp.get("normalisation", {"method": "minmax", "percentiles": [0.0, 100.0]})
-
-
-def grid_shape(vol: Volume, spacing_mm) -> tuple[int, int, int]:
-    """The model-grid shape `prepare` makes of `vol` at `spacing_mm`, computed from the header alone."""
-    ornt = _ras_transform(vol.affine)
-    import nibabel.orientations as nio
-
-    ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
-    ras_shape = [vol.shape[int(a)] for a in np.argsort(ornt[:, 0])]
-    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
-    return tuple(_axis_map(n, s, t).m for n, s, t in zip(ras_shape, spacing, np.broadcast_to(spacing_mm, 3)))
 
 
 def max_grid_voxels(max_voxels: int | None = None) -> int:
@@ -475,16 +412,18 @@ class PreparedScan:
 
 
 def _input_key(model: BrainIDModel) -> str:
-    spacing, norm = _model_input(model)
+    spacing, norm = model_input(model)
     return json.dumps([spacing, norm, 2 ** (model.arch.levels - 1)], sort_keys=True, default=str)
 
 
-def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None) -> PreparedScan:
-    """Read, check and resample `image` for `model` (everything predict() does before the network)."""
-    return PreparedScan(*_prepare(image, model, _Progress(None, None), max_voxels), _input_key(model))
+def prepare_scan(image, model: BrainIDModel, max_voxels: int | None = None,
+                 progress: Progress | None = None) -> PreparedScan:
+    """Read, check and resample `image` for `model` (everything predict() does before the network);
+    an image already a PreparedScan is checked against the model and returned."""
+    return PreparedScan(*_prepare(image, model, progress or Progress(), max_voxels), _input_key(model))
 
 
-def _prepare(image, model, progress: _Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
+def _prepare(image, model, progress: Progress, max_voxels: int | None = None) -> tuple[Volume, Prepared]:
     progress(0.0, "reading the image")
     if isinstance(image, PreparedScan):
         if image.model_input != _input_key(model):
@@ -494,14 +433,16 @@ def _prepare(image, model, progress: _Progress, max_voxels: int | None = None) -
         return image.volume, image.prepared
     vol = load_volume(image)
     progress.check()
-    spacing, norm = _model_input(model)
+    spacing, norm = model_input(model)
     check_grid(vol, spacing, max_voxels)
     prep = prepare(vol, spacing, norm, multiple=2 ** (model.arch.levels - 1))
     progress(0.08, "image resampled to the model grid")
     return vol, prep
 
 
-def _segmentation_labels(model: BrainIDModel) -> list[int]:
+def segmentation_labels(model: BrainIDModel) -> list[int]:
+    """The FreeSurfer id of each segmentation class: from the metadata, else the 33-class table, else
+    the class indices."""
     info = model.metadata.get("heads", {}).get("segmentation", {})
     labels = info.get("labels")
     n = model.heads["segmentation"].out_channels
@@ -517,7 +458,8 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             window=None, max_voxels=None, flip_average=None, qc=False, precision="auto", cleanup=True) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
-    tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected.
+    tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected, or their
+    aliases (BrainIDLib.tasks); bias_field also writes bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
     progress(fraction, message) is called between steps and tiles; cancel() -> bool also between the
     network's convolution slabs.
@@ -535,16 +477,16 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     cleanup: each structure keeps only its largest connected piece (BrainIDLib.cleanup); other
     islands take their next most probable class. QC then compares its passes with the cleaned result.
     """
-    prog = _Progress(progress, cancel)
+    prog = Progress(progress, cancel)
     if qc:
         from .qc import check_perturbations
 
         qc = check_perturbations(qc)
-    model, owned = _resolve_model(model, heads)
+    loaded = resolve(model, heads)
+    model, owned = loaded.model, loaded.owned
+    tasks = parse_tasks(tasks, OUTPUT_TASKS)
     head_tasks = _check_tasks(model, tasks)
-    wanted = [t for t in dict.fromkeys(tasks if not isinstance(tasks, str) else [tasks])]
-    if "bias_field" in head_tasks and "bias_corrected" not in wanted and "bias_field" in wanted:
-        wanted.append("bias_corrected")
+    wanted = outputs_of(tasks)
     dev = select_device(device)
     precision = cpu_precision(precision, model, dev)
     vol, prep = _prepare(image, model, prog, max_voxels)
@@ -554,14 +496,14 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if flip_average is None:
             flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
         stop = 0.45 if flip_average else 0.85
-        raw, result.mode, result.window, used = _run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, _Span(prog, 0.1, stop), result.messages, window,
+        raw, result.mode, result.window, used = run_network(
+            model, prep, head_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, window,
             precision)
         shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
-            other = _run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
-                                 _Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
+            other = run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
+                                 Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
             if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
                 seg = _head_slice(model, head_tasks, "segmentation")
                 shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
@@ -572,7 +514,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if owned:
             model.to("cpu")
         release_memory(dev)
-    post = _Span(prog, 0.85, 1.0)
+    post = Span(prog, 0.85, 1.0)
     offset = 0
     n_steps = len(head_tasks) + 1
     seg_probs = None
@@ -589,7 +531,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     if qc and seg_probs is not None:
         try:
             _quality(model, vol, prep, shared.pop("base", seg_probs), qc, used, result.mode, budget, result.window,
-                     _Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
+                     Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
         finally:
             if owned:
                 model.to("cpu")
@@ -612,7 +554,7 @@ def _mirror_channels(model: BrainIDModel, heads: list[str]) -> torch.Tensor:
         if task != "segmentation":
             perm += list(range(len(perm), len(perm) + c))
             continue
-        labels = _segmentation_labels(model)
+        labels = segmentation_labels(model)
         partner = {a: b for a, b in LEFT_RIGHT_PAIRS} | {b: a for a, b in LEFT_RIGHT_PAIRS}
         index = {lab: i for i, lab in enumerate(labels)}
         base = len(perm)
@@ -657,8 +599,8 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
         k = next(passes)
         if kinds[k] in (shared or {}):
             return shared.pop(kinds[k])
-        step = _Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
-        raw = _run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
+        step = Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
+        raw = run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
                            result.messages, window, result.precision)[0].float()
         raw.sub_(raw.amax(0, keepdim=True)).exp_()
         return raw.div_(raw.sum(0, keepdim=True))
@@ -666,7 +608,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
     result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
     progress(0.9, "uncertainty map")
-    unc = _unpadded(prep).to_input_grid(unc[None])[0].clamp_(0, 1)
+    unc = prep.unpadded().to_input_grid(unc[None])[0].clamp_(0, 1)
     if pad is not None:  # certain there, as the segmentation is
         unc[torch.from_numpy(pad)] = 0
     result.uncertainty = make_nifti(unc.numpy(), vol.affine)
@@ -684,7 +626,7 @@ def padding_mask(array: np.ndarray, min_fraction: float = 0.05) -> np.ndarray | 
 def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, result, cleanup=False):
     affine = vol.affine
     if task == "segmentation":
-        labels = _segmentation_labels(model)
+        labels = segmentation_labels(model)
         result.labels = tuple(labels)
         probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
         probs.sub_(probs.amax(0, keepdim=True)).exp_()
@@ -727,74 +669,3 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
     result.outputs[task] = make_nifti(img.numpy(), affine)
     if on_1mm:
         result.outputs_1mm[task] = make_nifti(prep.crop(chunk)[0].numpy(), prep.grid_affine)
-
-
-def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: int = 0) -> torch.Tensor:
-    """Project (C, *spatial) features on their first k principal components, each scaled to [0, 1]
-    by its 1st-99th percentiles (for viewing as RGB). Components are fitted on a voxel sample."""
-    c = feats.shape[0]
-    if not 1 <= k <= c:
-        raise BrainIDError(f"pca must be between 1 and {c} (the number of feature channels), got {k}")
-    flat = feats.reshape(c, -1)
-    g = torch.Generator().manual_seed(seed)
-    n = flat.shape[1]
-    idx = torch.randperm(n, generator=g)[:sample] if n > sample else torch.arange(n)
-    x = flat[:, idx].T.double()
-    mean = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
-    comps = v[:k].float()  # (k, C)
-    # sign convention: make each component's largest loading positive (stable colours)
-    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True))).clamp_min(0) * 2 - 1
-    comps = comps * signs
-    out = torch.empty(k, n, dtype=torch.float32)
-    step = 1 << 20
-    for s in range(0, n, step):
-        out[:, s : s + step] = comps @ (flat[:, s : s + step].float() - mean.float()[:, None])
-    sample_proj = out[:, idx] if n > sample else out
-    lo = torch.quantile(sample_proj, 0.01, dim=1)
-    hi = torch.quantile(sample_proj, 0.99, dim=1)
-    out = ((out - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]).clamp_(0, 1)
-    return out.reshape((k,) + tuple(feats.shape[1:]))
-
-
-def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
-             progress=None, cancel=None, window=None, max_voxels=None, precision="auto"):
-    """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
-
-    On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
-    precision: as in predict().
-    """
-    prog = _Progress(progress, cancel)
-    model, owned = _resolve_model(model, None)
-    dev = select_device(device)
-    precision = cpu_precision(precision, model, dev)
-    vol, prep = _prepare(image, model, prog, max_voxels)
-    budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
-    messages: list = []
-    try:
-        raw, _, _, _ = _run_network(model, prep, [], True, dev, mode, budget, _Span(prog, 0.1, 0.85), messages, window,
-                                    precision)
-    finally:
-        if owned:
-            model.to("cpu")
-        release_memory(dev)
-    feats = prep.crop(raw)
-    del raw
-    if pca:
-        prog(0.87, "principal components")
-        feats = pca_channels(feats, int(pca))
-    prog(0.92, "mapping features back")
-    if on_1mm:
-        img = make_nifti(np.moveaxis(feats.numpy(), 0, -1), prep.grid_affine)
-    else:
-        pad = _unpadded(prep)
-        img = make_nifti(np.moveaxis(pad.to_input_grid(feats).numpy(), 0, -1), vol.affine)
-    prog(1.0, "done")
-    return img
-
-
-def _unpadded(prep: Prepared) -> Prepared:
-    """The same mapping for tensors already cropped to the model grid."""
-    from dataclasses import replace
-
-    return replace(prep, pad_before=(0, 0, 0))

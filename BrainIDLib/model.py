@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASKS = ("anatomy", "segmentation", "super_resolution", "bias_field")
+from .tasks import HEAD_TASKS
+
 # Official state-dict names of each task's 1x1x1 conv (downstream files drop the `head.` prefix).
 HEAD_KEYS = {
     "anatomy": "final_conv_image",
@@ -305,7 +306,7 @@ class TaskHead(nn.Module):
     def __init__(self, task: str, features: int, out_channels: int):
         super().__init__()
         if task not in HEAD_KEYS:
-            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(HEAD_TASKS)}")
         self.task = task
         self.key = HEAD_KEYS[task]
         in_ch = features + (1 if task in CONTRAST_DEPENDENT else 0)

@@ -37,8 +37,8 @@ from typing import Callable
 
 from .errors import BrainIDError
 from .files import sha256_of
-from .model import TASKS
 from .resources import resources_dir
+from .tasks import HEAD_TASKS
 
 REGISTRY_VERSION = 1
 MAX_UNSIZED_BYTES = 8 << 30  # cap for a verified https download whose size the registry does not give
@@ -171,8 +171,8 @@ def validate_registry(data: object) -> list[str]:
             if not isinstance(m.get(key), str) or not m.get(key).strip():
                 problems.append(f"{where}: '{key}' must be a non-empty string")
         tasks = m.get("tasks", [])
-        if not isinstance(tasks, list) or any(t not in TASKS for t in tasks):
-            problems.append(f"{where}: 'tasks' must be a list of {', '.join(TASKS)} (got {tasks!r})")
+        if not isinstance(tasks, list) or any(t not in HEAD_TASKS for t in tasks):
+            problems.append(f"{where}: 'tasks' must be a list of {', '.join(HEAD_TASKS)} (got {tasks!r})")
         arch = m.get("architecture", {})
         if not isinstance(arch, dict) or set(arch) - _ARCH_KEYS or not all(isinstance(v, int) for v in arch.values()):
             problems.append(f"{where}: 'architecture' must map {sorted(_ARCH_KEYS)} to integers")
@@ -191,7 +191,7 @@ def validate_registry(data: object) -> list[str]:
                 problems.append(f"{fw}: 'filename' must be a plain file name (got {fn!r})")
             role = f.get("role", "model")
             roles.append(role)
-            if role != "model" and not (isinstance(role, str) and role.startswith("head:") and role[5:] in TASKS):
+            if role != "model" and not (isinstance(role, str) and role.startswith("head:") and role[5:] in HEAD_TASKS):
                 problems.append(f"{fw}: 'role' must be 'model' or 'head:<task>' (got {role!r})")
             sha = f.get("sha256")
             verify = f.get("verify", True)

@@ -66,6 +66,14 @@ def head_of(task: str) -> str | None:
     return task if task in HEAD_TASKS else None
 
 
+def outputs_of(tasks) -> list[str]:
+    """The outputs a list of tasks writes, in order: the bias field also writes the scan divided by it."""
+    outputs = list(dict.fromkeys(tasks))
+    if "bias_field" in outputs and "bias_corrected" not in outputs:
+        outputs.append("bias_corrected")
+    return outputs
+
+
 def heads_for(tasks) -> list[str]:
     """The heads a list of tasks needs, in order, without repeats."""
     return list(dict.fromkeys(h for h in map(head_of, tasks) if h is not None))

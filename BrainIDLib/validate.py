@@ -12,6 +12,7 @@ import math
 import re
 
 from .errors import BrainIDError
+from .tasks import HEAD_TASKS
 
 # Bounds on what a file may ask for. The official model is f_maps 64, 5 levels, 8 groups, 1 channel;
 # brainid-lite is 16 x 4. Anything far outside is a damaged or crafted file, not a model.
@@ -162,8 +163,6 @@ def heads(d, check: Checker, tasks) -> dict:
 
 def brainid_metadata(meta, source: str, newest: int, kind: str, task: str | None = None) -> dict:
     """A checked copy of a BrainID model ("model") or task-head ("head") file's metadata."""
-    from .model import TASKS
-
     check = Checker(source)
     meta = dict(check.mapping(meta, "(top level)"))
     check.format_version(meta, newest)
@@ -180,7 +179,7 @@ def brainid_metadata(meta, source: str, newest: int, kind: str, task: str | None
     else:
         if meta.get("task") != task:
             raise BrainIDError(f"{source} is not a {task} head (it says task={clean(meta.get('task'), 40)})")
-    meta["heads"] = heads(meta.get("heads"), check, TASKS)
+    meta["heads"] = heads(meta.get("heads"), check, HEAD_TASKS)
     if kind == "model":
         missing = [t for t, info in meta["heads"].items() if "out_channels" not in info]
         if missing:

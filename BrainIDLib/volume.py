@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +294,10 @@ class Prepared:
     intensity_range: tuple[float, float] = (0.0, 1.0)
     notes: list[str] = field(default_factory=list)
 
+    def unpadded(self) -> Prepared:
+        """The same mapping for tensors already cropped to the model grid."""
+        return replace(self, pad_before=(0, 0, 0))
+
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         """Drop the padding from a (..., *padded) tensor -> (..., *grid_shape)."""
         sl = tuple(slice(p, p + s) for p, s in zip(self.pad_before, self.grid_shape))
@@ -337,6 +341,17 @@ def _inverse_transform(ornt: np.ndarray) -> np.ndarray:
     for i, (ax, fl) in enumerate(ornt):
         inv[int(ax)] = [i, fl]
     return inv
+
+
+def grid_shape(vol: Volume, spacing_mm) -> tuple[int, int, int]:
+    """The model-grid shape `prepare` makes of `vol` at `spacing_mm`, computed from the header alone."""
+    ornt = _ras_transform(vol.affine)
+    import nibabel.orientations as nio
+
+    ras_affine = vol.affine @ nio.inv_ornt_aff(ornt, vol.shape)
+    ras_shape = [vol.shape[int(a)] for a in np.argsort(ornt[:, 0])]
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(axis=0))
+    return tuple(_axis_map(n, s, t).m for n, s, t in zip(ras_shape, spacing, np.broadcast_to(spacing_mm, 3)))
 
 
 def prepare(vol: Volume, spacing_mm=(1.0, 1.0, 1.0), normalisation: dict | None = None, multiple: int = 16) -> Prepared:

@@ -21,7 +21,8 @@ import torch
 from .errors import BrainIDError
 from .files import atomic_write
 from .labels import SEGMENTATION_LABELS
-from .model import HEAD_KEYS, TASKS, Architecture, BrainIDModel, UNet3D
+from .model import CONTRAST_DEPENDENT, HEAD_KEYS, Architecture, BrainIDModel, UNet3D
+from .tasks import HEAD_TASKS
 from .validate import ARCH_BOUNDS, Checker, brainid_metadata, clean, declared_shapes, finite_tensors
 
 FORMAT_VERSION = 1
@@ -217,7 +218,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _head_shapes(task: str, features: int, out_channels: int) -> dict[str, tuple]:
     key = HEAD_KEYS[task]
-    extra = 1 if task in ("super_resolution", "bias_field") else 0
+    extra = 1 if task in CONTRAST_DEPENDENT else 0
     return {f"{key}.weight": (out_channels, features + extra, 1, 1, 1), f"{key}.bias": (out_channels,)}
 
 
@@ -249,8 +250,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def read_head(path: str | os.PathLike, task: str, features: int) -> tuple[dict[str, torch.Tensor], dict]:
     """One task head: an official `final_conv_<name>.*` file or a BrainID head file."""
     path = Path(path)
-    if task not in TASKS:
-        raise BrainIDError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in HEAD_TASKS:
+        raise BrainIDError(f"unknown task {task!r}; choose from {', '.join(HEAD_TASKS)}")
     if not path.is_file():
         raise BrainIDError(f"head file not found: {path}")
     kind = _sniff(path)

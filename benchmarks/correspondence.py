@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's brainid_devtools
 
 import BrainIDLib as bid  # noqa: E402
-from BrainIDLib.correspondence import CONTEXT_MM, compute_feature_map, find_correspondence  # noqa: E402
+from BrainIDLib.correspondence import CONTEXT_MM, find_correspondence  # noqa: E402
+from BrainIDLib.feature_maps import compute_feature_map  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 from brainid_devtools.demo_pairs import apply_transform, displaced, grid_points, recontrast  # noqa: E402
 

@@ -27,7 +27,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's brainid_devtools
 
 import BrainIDLib as bid  # noqa: E402
-from BrainIDLib.correspondence import compute_feature_map  # noqa: E402
+from BrainIDLib.feature_maps import compute_feature_map  # noqa: E402
 from BrainIDLib.fewshot import segment, train_head  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 from BrainIDLib.volume import make_nifti  # noqa: E402
@@ -103,7 +103,7 @@ def print_quality(rows: list[dict], title: str) -> None:
 
 
 def quality(args) -> None:
-    from BrainIDLib.correspondence import FeatureCache
+    from BrainIDLib.feature_maps import FeatureCache
 
     model = bid.load_model(args.model)
     cache = FeatureCache(args.feature_cache) if args.feature_cache else None

@@ -97,7 +97,8 @@ def full_network() -> dict:
 
 
 def correspondence_and_fewshot() -> dict:
-    from BrainIDLib.correspondence import compute_feature_map, find_correspondence
+    from BrainIDLib.correspondence import find_correspondence
+    from BrainIDLib.feature_maps import compute_feature_map
     from brainid_devtools.demo_pairs import apply_transform, displaced, grid_points, painted_slices, recontrast, tissue_labels
     from BrainIDLib.fewshot import segment, train_head
     from BrainIDLib.volume import make_nifti

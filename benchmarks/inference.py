@@ -129,6 +129,7 @@ def run_case(name: str, threads: int, budget_gb: float) -> dict:
         import numpy as np
 
         from BrainIDLib import inference as inf
+        from BrainIDLib.progress import Progress, Span
         from BrainIDLib.volume import load_volume, prepare
 
         img, source = _head_image()
@@ -142,7 +143,7 @@ def run_case(name: str, threads: int, budget_gb: float) -> dict:
         whole = inf._forward_window(m, x, [], True, torch.device("cpu"), lambda: None)
         t_whole = time.perf_counter() - t0
         overlap = max(16, int(round(min(window) * inf.DEFAULT_OVERLAP_FRACTION / 16)) * 16)
-        span = inf._Span(inf._Progress(None, None), 0, 1)
+        span = Span(Progress(None, None), 0, 1)
         t0 = time.perf_counter()
         tiled = inf._forward_tiled(m, x, [], True, torch.device("cpu"), window, overlap, 16, span)
         t_tiled = time.perf_counter() - t0

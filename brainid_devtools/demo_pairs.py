@@ -128,7 +128,7 @@ def intensity_feature_map(fm, img):
 
     import torch
 
-    from BrainIDLib.correspondence import sample_grid
+    from BrainIDLib.feature_maps import sample_grid
 
     vol = load_volume(img)
     ijk = np.indices(fm.shape).reshape(3, -1).T.astype(float)

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from BrainIDLib.correspondence import compute_feature_map, find_correspondence, similarity_map  # noqa: E402
+from BrainIDLib.correspondence import find_correspondence, similarity_map  # noqa: E402
+from BrainIDLib.feature_maps import compute_feature_map  # noqa: E402
 from brainid_devtools.demo_pairs import apply_transform, displaced, recontrast  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from BrainIDLib.errors import BrainIDError
 
-from .config import CONFIG_DIR, ConfigError, load_config
+from .config import CONFIG_DIR, ConfigError, load_config, with_defaults
 
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 DEFAULT_CONFIG = {"pretrain": "pretrain_brainid", "adapt": "adapt_segmentation", "evaluate": None}
@@ -79,23 +79,10 @@ def _config_for(args) -> "Config":  # noqa: F821
         if not saved.is_file():
             raise BrainIDError(f"{args.resume} is not a run directory (no config.json); nothing to resume")
         base = json.loads(saved.read_text())["config"]
-        cfg = load_config(None, args.overrides, base=_with_defaults(base))
+        cfg = load_config(None, args.overrides, base=with_defaults(base))
         cfg["run"]["dir"] = str(Path(args.resume))
         return cfg
     return load_config(args.config or DEFAULT_CONFIG.get(args.command), args.overrides)
-
-
-def _with_defaults(saved: dict) -> dict:
-    """A saved config completed with defaults added since it was written."""
-    import copy
-
-    from .config import DEFAULTS
-
-    out = copy.deepcopy(DEFAULTS)
-    for section, values in saved.items():
-        if section in out and isinstance(values, dict):
-            out[section].update(values)
-    return out
 
 
 def run_command(args) -> int:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from BrainIDLib.devices import DEVICES
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.tasks import HEAD_TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -25,7 +27,7 @@ DEFAULTS: dict = {
         "name": "brainid",
         "dir": "runs/brainid",          # run directory: config.json, log.jsonl, checkpoints/, tensorboard/, outputs
         "seed": 0,
-        "device": "auto",               # auto | cpu | cuda | mps
+        "device": "auto",               # a BrainIDLib.devices name: auto | cuda | mps | cpu | gpu
         "threads": 0,                   # torch CPU threads (0: leave torch's default)
         "max_steps": 1000,
         "log_every": 10,                # summary line + TensorBoard every N steps (log.jsonl gets every step)
@@ -104,7 +106,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "run.device": ("auto", "cpu", "cuda", "gpu", "mps"),
+    "run.device": (*DEVICES, "gpu"),
     "run.amp": ("auto", "bf16", "fp16", "off"),
     "data.source": ("generator", "nifti"),
     "optim.schedule": ("multistep", "cosine", "constant"),
@@ -118,7 +120,6 @@ NON_NEGATIVE = {"run.stop_at_step", "run.max_minutes", "run.threads", "data.mild
                 "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
                 "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "loss.super_resolution", "loss.bias_field",
                 "adapt.plain_forward_gb"}
-TASK_NAMES = ("anatomy", "segmentation", "super_resolution", "bias_field")
 
 
 class ConfigError(BrainIDError):
@@ -205,6 +206,16 @@ def _coerce_numbers(node):
     if isinstance(node, str) and _FLOAT.match(node.strip()):
         return float(node)
     return node
+
+
+def with_defaults(saved: dict) -> dict:
+    """A run's saved config completed with the defaults added since it was written (for resuming
+    or evaluating an older run)."""
+    out = copy.deepcopy(DEFAULTS)
+    for section, values in saved.items():
+        if section in out and isinstance(values, dict):
+            out[section].update(values)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
@@ -312,9 +323,9 @@ def validate(cfg: Config) -> None:
     tasks = cfg["adapt"]["tasks"]
     if isinstance(tasks, str):
         cfg["adapt"]["tasks"] = tasks = [tasks]
-    bad = [t for t in tasks if t not in TASK_NAMES]
+    bad = [t for t in tasks if t not in HEAD_TASKS]
     if bad or not tasks:
-        raise ConfigError(f"adapt.tasks must list some of {', '.join(TASK_NAMES)}, got {tasks!r}")
+        raise ConfigError(f"adapt.tasks must list some of {', '.join(HEAD_TASKS)}, got {tasks!r}")
     f, g, levels = cfg["model"]["f_maps"], cfg["model"]["num_groups"], cfg["model"]["levels"]
     widths = [f * 2**i for i in range(levels)]
     normalised = [max(f // 2, 1), *widths] + [widths[i] + widths[i + 1] for i in range(levels - 1)]

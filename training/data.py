@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.files import NIFTI_SUFFIXES
 
 from .config import crop_sizes, size3
 from .real_data import RealDraws, check_subject, load_subject
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz")
 
 
 def _is_nifti(p: Path) -> bool:

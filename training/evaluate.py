@@ -27,7 +27,7 @@ from BrainIDLib.devices import select_device
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS
 
-from .config import Config, crop_sizes, load_config
+from .config import Config, crop_sizes, load_config, with_defaults
 from .data import NiftiSteps, list_files, make_generator, seed_for
 from .adapt import NEEDS
 from .engine import read_log
@@ -404,9 +404,7 @@ def run_config(args) -> tuple[Config, Path | None]:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise BrainIDError(f"{run_dir} is not a run directory (no config.json)")
-    from .cli import _with_defaults
-
-    return load_config(args.config, args.overrides, base=_with_defaults(json.loads(saved.read_text())["config"])), run_dir
+    return load_config(args.config, args.overrides, base=with_defaults(json.loads(saved.read_text())["config"])), run_dir
 
 
 def evaluate_command(args) -> dict:

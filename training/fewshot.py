@@ -51,7 +51,7 @@ def _merge(dst: dict, src: dict) -> None:
 
 
 def run_fewshot(cfg: dict) -> dict:
-    from BrainIDLib.correspondence import FeatureCache
+    from BrainIDLib.feature_maps import FeatureCache
     from BrainIDLib.fewshot import segment, train_head
     from BrainIDLib.files import save_nifti
 
@@ -61,8 +61,7 @@ def run_fewshot(cfg: dict) -> dict:
         raise BrainIDError("a few-shot config needs data.subjects: a list of {image: SCAN, labels: PAINTED_LABELS}")
     if not fs["model"]:
         raise BrainIDError("set fewshot.model to a registry name or weights file (e.g. --set fewshot.model=brainid-lite)")
-    cache = FeatureCache("default" if fs["feature_cache"] == "default" else
-                         (None if fs["feature_cache"] in (None, "off") else fs["feature_cache"]))
+    cache = FeatureCache.from_setting(fs["feature_cache"])
     names = {int(k): str(v) for k, v in (fs["names"] or {}).items()} or None
     head = train_head([s["image"] for s in subjects], [s["labels"] for s in subjects], names=names, model=fs["model"],
                       device=fs["device"], cache=cache, steps=int(fs["steps"]), name=fs["name"],
@@ -71,13 +70,13 @@ def run_fewshot(cfg: dict) -> dict:
     result = {"head": str(out), "labels": dict(zip(head.labels, head.names)), "training": head.training}
     apply = cfg.get("apply") or {}
     if apply.get("input"):
-        from BrainIDLib.cli import _nifti_stem, _safe_name, _scans
+        from BrainIDLib.files import nifti_stem, safe_name, scan_paths
 
         written = []
-        for scan in _scans([apply["input"]], "apply.input"):
+        for scan in scan_paths([apply["input"]], "apply.input"):
             seg = segment(str(scan), head, model=fs["model"], device=fs["device"], cache=cache)
             written.append(str(save_nifti(seg, Path(apply.get("output") or Path(out).parent) /
-                                          f"{_nifti_stem(scan)}_{_safe_name(head.name)}.nii.gz")))
+                                          f"{nifti_stem(scan)}_{safe_name(head.name)}.nii.gz")))
         result["segmentations"] = written
     print(json.dumps(result, indent=2))
     return result

@@ -140,8 +140,7 @@ def evaluate_synthetic(model, label_files, families, regimes, log, plan: str = "
             draw = gens[fam, reg](labels, seed=seed, severity=[0.0])
             x = draw["inputs"][:1].float()  # (1,1,*SIZE)
             img = nib.Nifti1Image(x[0, 0].numpy(), affine)
-            pred = BrainIDLib.predict(img, tasks=("segmentation", "anatomy", "super_resolution", "bias_field"),
-                                      model=model, device="cpu")
+            pred = BrainIDLib.predict(img, tasks=BrainIDLib.TASKS, model=model, device="cpu")
             seg = np.asarray(pred.outputs["segmentation"].dataobj).astype(np.int32)
             ref = _SEG[draw["segmentation"].numpy()]
             table = M.dice_table(seg, ref)

@@ -99,7 +99,7 @@ def _pca_on_input_grid(features_1mm, scan) -> np.ndarray:
 
     import torch
 
-    from BrainIDLib.inference import pca_channels
+    from BrainIDLib.feature_maps import pca_channels
 
     feats = torch.from_numpy(np.moveaxis(np.asarray(features_1mm.dataobj, dtype=np.float32), -1, 0))
     rgb = pca_channels(feats, 3)

@@ -23,13 +23,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import BrainIDError
+from ..files import NIFTI_SUFFIXES
 from .generator import SubjectGenerator
-
-SUFFIXES = (".nii.gz", ".nii", ".mgz")
 
 
 def _is_volume(p: Path) -> bool:
-    return p.is_file() and any(p.name.endswith(s) for s in SUFFIXES)
+    return p.is_file() and any(p.name.endswith(s) for s in NIFTI_SUFFIXES)
 
 
 def list_label_maps(source) -> list[Path]:

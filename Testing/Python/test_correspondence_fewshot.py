@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from BrainIDLib import cli
-from BrainIDLib.correspondence import (FeatureCache, FeatureMap, compute_feature_map, find_correspondence,
-                                       similarity_map)
+from BrainIDLib.correspondence import find_correspondence, similarity_map
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.feature_maps import FeatureCache, FeatureMap, compute_feature_map
 from BrainIDLib.fewshot import FewShotHead, negative_mask, segment, train_head
 from BrainIDLib.model import Architecture, BrainIDModel
 from BrainIDLib.volume import make_nifti
@@ -85,6 +85,12 @@ def test_memory_budget_evicts_oldest():
     compute_feature_map(blob_image(seed=1)[0], model=model, cache=cache)
     assert len(cache) == 1 and cache.memory_bytes <= cache.max_memory_bytes
     assert compute_feature_map(blob_image(seed=0)[0], model=model, cache=cache) is not a
+
+
+def test_feature_cache_from_a_cli_or_config_setting(tmp_path):
+    assert FeatureCache.from_setting("default").directory == tmp_path / "cache" / "features"  # $BRAINID_CACHE
+    assert FeatureCache.from_setting(str(tmp_path / "mine")).directory == tmp_path / "mine"
+    assert all(FeatureCache.from_setting(v).directory is None for v in ("off", "None", None, ""))
 
 
 def test_similarity_map_on_target_grid_and_self_match():
@@ -426,11 +432,13 @@ def test_cli_correspond_source_among_targets_is_written_once(tmp_path, capsys):
     assert "match a.nii.gz" in capsys.readouterr().out
 
 
-def test_public_api_exports_correspondence_and_fewshot():
+def test_public_api_exports_features_correspondence_and_fewshot():
     import BrainIDLib as bid
-    from BrainIDLib import correspondence, fewshot
+    from BrainIDLib import correspondence, feature_maps, fewshot
 
-    for name in ("find_correspondence", "similarity_map", "compute_feature_map", "FeatureCache"):
+    for name in ("features", "compute_feature_map", "FeatureCache"):
+        assert getattr(bid, name) is getattr(feature_maps, name) and name in bid.__all__
+    for name in ("find_correspondence", "similarity_map"):
         assert getattr(bid, name) is getattr(correspondence, name) and name in bid.__all__
     for name in ("train_head", "segment", "FewShotHead"):
         assert getattr(bid, name) is getattr(fewshot, name) and name in bid.__all__

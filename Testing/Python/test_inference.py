@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import BrainIDLib.feature_maps as feature_maps
 import BrainIDLib.inference as inf
 import BrainIDLib.model as model_mod
 from BrainIDLib.errors import BrainIDError, Cancelled
 from BrainIDLib.labels import SEGMENTATION_LABELS
 from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.progress import Progress, Span
 from BrainIDLib.volume import load_volume, prepare
 from BrainIDLib.volumes import volumes_table, write_volumes_csv
 
@@ -156,7 +158,7 @@ def test_tiling_blends_exactly_for_local_networks():
     """Identity features: tiles agree where they overlap, so the blend must be exact everywhere."""
     m = identity_segmenter([0.0, 0.5, 1.0])
     x = torch.rand(1, 1, 40, 36, 28)
-    span = inf._Span(inf._Progress(None, None), 0, 1)
+    span = Span(Progress(None, None), 0, 1)
     out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span)
     torch.testing.assert_close(out[0], x[0, 0], atol=1e-6, rtol=1e-6)
     assert float(out[1:].abs().max()) == 0
@@ -168,7 +170,7 @@ def test_tiling_blends_constant_fields_exactly():
             return torch.full((1, self.arch.f_maps) + tuple(x.shape[2:]), 3.5)
 
     out = inf._forward_tiled(Ones(SMALL).eval(), torch.rand(1, 1, 36, 20, 44), [], True, torch.device("cpu"), (16, 12, 16),
-                             8, 4, inf._Span(inf._Progress(None, None), 0, 1))
+                             8, 4, Span(Progress(None, None), 0, 1))
     torch.testing.assert_close(out, torch.full_like(out, 3.5), atol=1e-5, rtol=0)
 
 
@@ -177,8 +179,8 @@ def test_tiled_features_agree_with_whole_volume():
     exact; with random weights and windows 3/4 of the volume the correlation is ~0.97."""
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((64, 64, 64), seed=2), np.eye(4))
-    whole = inf.features(img, m, device="cpu", mode="whole").get_fdata()
-    tiled = inf.features(img, m, device="cpu", window=48).get_fdata()
+    whole = feature_maps.features(img, m, device="cpu", mode="whole").get_fdata()
+    tiled = feature_maps.features(img, m, device="cpu", window=48).get_fdata()
     assert whole.shape == tiled.shape == (64, 64, 64, SMALL.f_maps)
     r = np.corrcoef(whole.reshape(-1), tiled.reshape(-1))[0, 1]
     assert r > 0.95, r
@@ -267,22 +269,22 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
 def test_features_and_pca():
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((24, 20, 16)), np.diag([1.2, 1.2, 1.5, 1]))
-    f = inf.features(img, m, device="cpu")
+    f = feature_maps.features(img, m, device="cpu")
     assert f.shape == (24, 20, 16, SMALL.f_maps) and np.array_equal(f.affine, img.affine)
-    p = inf.features(img, m, device="cpu", pca=3)
+    p = feature_maps.features(img, m, device="cpu", pca=3)
     d = p.get_fdata()
     assert d.shape == (24, 20, 16, 3) and d.min() >= 0 and d.max() <= 1 and d.std() > 0.05
-    one = inf.features(img, m, device="cpu", pca=3, on_1mm=True)
+    one = feature_maps.features(img, m, device="cpu", pca=3, on_1mm=True)
     np.testing.assert_allclose(np.sqrt((one.affine[:3, :3] ** 2).sum(0)), 1, atol=1e-6)
     with pytest.raises(BrainIDError, match="pca"):
-        inf.features(img, m, device="cpu", pca=99)
+        feature_maps.features(img, m, device="cpu", pca=99)
 
 
 def test_pca_recovers_the_dominant_direction():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 10, 10, 10, generator=g)
     feats = torch.cat([base * 5, base * -3, 0.01 * torch.randn(4, 10, 10, 10, generator=g)])
-    pc = inf.pca_channels(feats, 1)[0]
+    pc = feature_maps.pca_channels(feats, 1)[0]
     r = np.corrcoef(pc.reshape(-1).numpy(), base.reshape(-1).numpy())[0, 1]
     assert abs(r) > 0.99
 
@@ -296,6 +298,14 @@ def test_unknown_and_missing_tasks():
         inf.predict(img, tasks=["parcellation"], model=random_model(), device="cpu")
     with pytest.raises(BrainIDError, match="no segmentation head"):
         inf.predict(img, tasks=["segmentation"], model=random_model({"anatomy": 1}), device="cpu")
+
+
+def test_predict_reads_task_aliases_from_the_one_task_list():
+    img = nib.Nifti1Image(smooth_image((16, 16, 16)), np.eye(4))
+    pred = inf.predict(img, tasks="T1, bias", model=random_model(), device="cpu")
+    assert list(pred.outputs) == ["anatomy", "bias_field", "bias_corrected"]
+    with pytest.raises(BrainIDError, match="unknown task 'pca'"):  # a Slicer view, not a predict output
+        inf.predict(img, tasks=["pca"], model=random_model(), device="cpu")
 
 
 def test_bad_inputs_reach_predict_as_brainid_errors(tmp_path):
@@ -367,7 +377,7 @@ def test_prepare_pads_to_the_network_multiple():
 def test_half_precision_blending_when_memory_is_tight():
     m = identity_segmenter([0.0, 0.5, 1.0])
     x = torch.rand(1, 1, 40, 36, 28)
-    span = inf._Span(inf._Progress(None, None), 0, 1)
+    span = Span(Progress(None, None), 0, 1)
     out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span, torch.float16)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out[0].float(), x[0, 0], atol=2e-3, rtol=0)

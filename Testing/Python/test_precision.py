@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import BrainIDLib.feature_maps as feature_maps
 import BrainIDLib.inference as inference
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS
@@ -80,7 +81,7 @@ def test_auto_is_fp32_unless_native_and_measured(monkeypatch, tmp_path):
     # end to end: auto ran float32 (bit-identical to an explicit fp32 run)
     model = small_model(True)
     scan = make_scan(tmp_path / "scan.nii.gz")
-    runs = [inference.features(str(scan), model=model, device="cpu", precision=p, on_1mm=True)
+    runs = [feature_maps.features(str(scan), model=model, device="cpu", precision=p, on_1mm=True)
             for p in ("auto", "fp32")]
     assert np.array_equal(*(np.asarray(r.dataobj) for r in runs))
 
