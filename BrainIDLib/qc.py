@@ -18,7 +18,10 @@ the weakest signal (0.28 alone). Per structure, on the model grid:
 - volume plausibility: 1 inside the normal range of the structure's volume in training label maps
   (Resources/labels/structure_volumes.json, `benchmarks/qc_norms.py`), falling to 0 far outside it
   (scalp labelled as cortex, a structure nearly missing);
-- score = agreement x confidence x volume plausibility, in [0, 1].
+- score = mean(agreement, expected Dice) x volume plausibility, in [0, 1]: two estimates of the
+  structure's Dice (between passes, and from the probabilities), discounted by an implausible size.
+  On 12 held-out draws (372 structures, part 3 model) this ranked true Dice at Spearman 0.63, against
+  0.59 for the earlier agreement x confidence x plausibility (confidence alone: 0.30).
 
 The whole-scan score is the median score of the structures normally present, times the
 plausibility of the total labelled volume. The uncertainty map is the per-voxel entropy of the
@@ -222,7 +225,7 @@ def score(labels, by_kind: dict, volume_ml, confidence, expected_dice) -> QCRepo
         # absent from a pass and the base: they agree (the volume decides whether absence is right)
         dice = {k: (1.0 if math.isnan(a[i]) else float(a[i])) for k, a in by_kind.items()}
         agree = sum(dice.values()) / len(dice) if dice else 1.0
-        s = agree * float(confidence[i]) * plaus
+        s = 0.5 * (agree + float(expected_dice[i])) * plaus
         rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]),
                                 float(expected_dice[i]), vol, s < FLAG_BELOW, dice))
         if norm and norm["median_ml"] > 0:

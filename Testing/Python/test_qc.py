@@ -78,7 +78,7 @@ def test_consistent_network_scores_one_and_is_certain():
     s = report.by_label()
     assert s[2].agreement == 1.0 and s[41].agreement == 1.0
     assert s[2].by_perturbation == {"flip": 1.0, "shift": 1.0}
-    assert s[2].confidence == 1.0 and s[2].score == pytest.approx(s[2].volume_plausibility)
+    assert s[2].confidence == 1.0 and s[2].score == pytest.approx(s[2].volume_plausibility)  # both estimates 1
     assert s[2].expected_dice == pytest.approx(1.0)
     assert s[2].volume_ml == pytest.approx(4 * 6 * 6)
     assert float(unc.max()) == pytest.approx(0.0, abs=1e-6)
@@ -181,7 +181,7 @@ def test_qc_on_the_sample_ranges_and_determinism(sample_runs):
         for v in (s.score, s.agreement, s.volume_plausibility, s.confidence, s.expected_dice):
             assert 0.0 <= v <= 1.0 and not math.isnan(v), s
         assert s.flagged == (s.score < a.qc.threshold)
-        assert s.score == pytest.approx(s.agreement * s.confidence * s.volume_plausibility)
+        assert s.score == pytest.approx(0.5 * (s.agreement + s.expected_dice) * s.volume_plausibility)
     assert 0.0 <= a.qc.scan_score <= 1.0
     seg = np.asanyarray(a.outputs["segmentation"].dataobj)
     brain_ml = (seg > 0).sum() * np.prod(img.header.get_zooms()) / 1000
