@@ -6,11 +6,11 @@ from typing import Annotated
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 
+from BrainIDLib.devices import DEVICES  # the one device vocabulary (auto = CUDA, then Apple MPS, then CPU)
 from BrainIDModuleLib import engine
 
 TASK_FIELDS = {"segmentation": "segmentation", "anatomy": "anatomy", "super_resolution": "superResolution",
                "bias_field": "biasField", "features_pca": "featuresPca"}  # BrainIDLib.tasks name -> field
-DEVICES = ("auto", "cpu", "cuda", "mps")  # BrainIDLib.devices: auto = CUDA, then Apple MPS, then CPU
 
 
 @parameterNodeWrapper

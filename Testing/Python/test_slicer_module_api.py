@@ -15,6 +15,8 @@ from urllib.request import url2pathname
 import numpy as np
 import pytest
 
+from BrainIDLib.devices import DEVICES
+
 from slicer_helpers import MODULE_DIR, REPO, require_slicer
 
 slicer = require_slicer()
@@ -158,8 +160,6 @@ def finish(w, runner, state="succeeded"):
 
 
 def test_widget_setup_binds_the_parameter_node_both_ways(widget, module):
-    from BrainIDModuleLib.parameters import DEVICES
-
     ui, p = widget.ui, widget._parameterNode
     bound = {w.property("SlicerParameterName") for w in vars(ui).values()} - {None}
     assert bound == set(p.allParameters) - {"modelName"}  # the editable model box is synced by the panel
@@ -301,7 +301,7 @@ def test_widget_apply_with_the_real_logic_runs_one_child_process(module, tmp_pat
     ui = w.ui
     ui.anatomyCheckBox.checked = ui.featuresPcaCheckBox.checked = True
     ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
-    ui.deviceComboBox.currentIndex = 1  # cpu
+    ui.deviceComboBox.currentIndex = DEVICES.index("cpu")
     assert ui.modelStatusLabel.text == "Weights file"
     ui.applyButton.click()
     assert len(w.panel.job.runner.commands) == 1  # one process: PCA from the same network pass
@@ -341,7 +341,7 @@ def test_widget_find_match_train_and_segment_through_the_cli(module, tmp_path):
     ui.fewShotSegmentationsSelector.check(seg)
     ui.headNameLineEdit.text = "parts"
     ui.modelComboBox.setEditText(tiny_model_file(tmp_path))
-    ui.deviceComboBox.currentIndex = 1  # cpu
+    ui.deviceComboBox.currentIndex = DEVICES.index("cpu")
 
     ui.findMatchButton.click()
     drive(w)
