@@ -34,9 +34,10 @@ from .volume import Prepared, Volume, _axis_map, _ras_transform, load_volume, ma
 log = logging.getLogger("BrainIDLib")
 
 # Device bytes per slab element of a convolution step (input slab with halo, output slab, oneDNN's
-# reordered copies, the upsampled rows), in values of the compute precision. Measured with
-# benchmarks/tiling.py (RssAnon of a disk-backed run).
-SLAB_BUFFERS = 5
+# reordered copies, the upsampled rows), in values of the compute precision. benchmarks/tiling.py:
+# disk-backed full-size runs at 96^3 and 128^3 with 32M-value slabs peak at 0.92 GB RssAnon, 0.42 GB
+# (3.1 float32 values per slab element) above the idle process; rounded down, the halo term covers it.
+SLAB_BUFFERS = 3
 RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensors around a run
 OUTPUT_TASKS = TASKS + ("bias_corrected",)
 # Largest model grid a run accepts (a 320 mm cube at 1 mm; a head scan is ~256 mm across): bounds the
@@ -205,20 +206,23 @@ def _slab_bytes(model: BrainIDModel, shape, device, slab_elements: int) -> int:
 
 
 def storage_bytes(model: BrainIDModel, shape, device, out_channels: int = 0) -> int:
-    """Peak bytes of the whole-volume activations (and, after them, the features plus the float32
-    outputs) that a run keeps in its storage."""
+    """Peak bytes a run keeps in its storage: the whole-volume activations, or afterwards the features
+    next to the float32 outputs."""
     v, voxels = _value_bytes(device), math.prod(shape)
-    after = v * model.arch.f_maps * voxels + 4 * out_channels * voxels
-    return max(activation_peak_bytes(model.arch, shape, v), after)
+    return max(activation_peak_bytes(model.arch, shape, v), (v * model.arch.f_maps + 4 * out_channels) * voxels)
 
 
 def estimate_forward_bytes(model: BrainIDModel, shape, device: torch.device | str = "cpu", out_channels: int = 0,
                            slab_elements: int | None = None) -> int:
     """Peak device bytes of one forward of a volume of `shape` (weights and runtime not included):
-    whole (slab_elements None) holds the activations there too; tiled holds only the slab buffers."""
+    whole (slab_elements None) holds the activations there too (and on the CPU the outputs); tiled
+    holds only the slab buffers."""
+    slabs = _slab_bytes(model, shape, device, slab_elements or SLAB_ELEMENTS)
     if slab_elements is not None:
-        return _slab_bytes(model, shape, device, slab_elements)
-    return storage_bytes(model, shape, device, out_channels) + _slab_bytes(model, shape, device, SLAB_ELEMENTS)
+        return slabs
+    v, voxels = _value_bytes(device), math.prod(shape)
+    outputs = 4 * out_channels * voxels if torch.device(device).type == "cpu" else 0
+    return max(activation_peak_bytes(model.arch, shape, v) + slabs, v * model.arch.f_maps * voxels + outputs)
 
 
 def _weights_bytes(model: BrainIDModel) -> int:
