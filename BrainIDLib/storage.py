@@ -54,8 +54,7 @@ class Storage:
             t = _file_tensor(numel, dtype, self.directory).view(tuple(shape))
         else:
             t = torch.empty(tuple(shape), dtype=dtype, device=self.device, pin_memory=self.pinned and _can_pin())
-        self._track(t)
-        return t
+        return self.adopt(t)
 
     def output(self, shape) -> torch.Tensor:
         """The run's float32 result on the CPU: a file for disk storage, RAM otherwise."""
@@ -67,11 +66,13 @@ class Storage:
         """A slab of a stored tensor on the compute device (asynchronous from pinned memory)."""
         return t.to(self.compute, non_blocking=self.pinned)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def adopt(self, t: torch.Tensor) -> torch.Tensor:
+        """Count `t` (already in this storage) among the stored tensors until it is freed."""
         nbytes = t.numel() * t.element_size()
         self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         weakref.finalize(t, self._release, nbytes)
+        return t
 
     def _release(self, nbytes: int) -> None:
         self.live_bytes -= nbytes
