@@ -57,7 +57,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="add or replace a task head from a head file (official final_conv_*.pth or BrainID head); repeatable")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--mode", default="auto", choices=("auto", "whole", "tiled"),
-                   help="whole-volume or tiled (overlapping windows) inference; auto picks from the memory budget")
+                   help="whole-volume or tiled inference (same results; tiled keeps activations in RAM or on disk and "
+                        "streams slabs through the device); auto picks from the memory budget")
     p.add_argument("--memory-gb", type=float, default=None, metavar="X",
                    help="memory budget in GB for choosing whole-volume vs tiled inference")
     p.add_argument("--progress-format", default="bar", choices=("bar", "machine", "none"),

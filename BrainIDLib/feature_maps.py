@@ -423,7 +423,7 @@ def pca_channels(feats: torch.Tensor, k: int = 3, sample: int = 200_000, seed: i
 
 
 def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="auto", memory_budget_gb=None,
-             progress=None, cancel=None, window=None, max_voxels=None, precision="auto"):
+             progress=None, cancel=None, max_voxels=None, precision="auto"):
     """Brain-ID features (or their k-channel PCA, scaled to [0, 1]) as a 4D NIfTI (X,Y,Z,C).
 
     On the input's grid (same shape and affine) by default; on the model's 1 mm grid with on_1mm.
@@ -439,7 +439,7 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     messages: list = []
     try:
-        raw, _, _, _ = run_network(model, prep, [], True, dev, mode, budget, Span(prog, 0.1, 0.85), messages, window,
+        raw, _, _, _ = run_network(model, prep, [], True, dev, mode, budget, Span(prog, 0.1, 0.85), messages, None,
                                    precision)
     finally:
         if owned:

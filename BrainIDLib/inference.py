@@ -3,12 +3,12 @@
     pred = predict("t1.nii.gz", tasks=["segmentation"], model="weights.safetensors")
     pred.outputs["segmentation"]            # int16 FreeSurfer ids, same shape/affine as the input
 
-Whole-volume or tiled (overlapping windows at multiples of 2**(levels-1), blended with a smooth
-cosine ramp), chosen from a memory budget; half precision on CUDA, bfloat16 on the CPU when asked
-(`precision=`, see `cpu_precision`); CUDA out-of-memory falls back to
-tiling, then to the CPU, with a warning instead of a traceback. Task heads are 1x1x1 convolutions,
-i.e. linear in the features, so blending raw head outputs equals applying the heads to blended
-features; softmax / exp come after blending.
+Whole-volume or tiled, chosen from a memory budget, with the same numbers either way: tiled runs
+keep the network's whole-volume activations in CPU RAM (GPU runs) or in files on disk (CPU runs) and
+stream depth slabs through the device, so GroupNorm still sees whole-volume statistics (see
+`BrainIDLib.storage`). Half precision on CUDA, bfloat16 on the CPU when asked (`precision=`, see
+`cpu_precision`); CUDA out-of-memory falls back to tiling, smaller slabs, then the CPU, with a
+warning instead of a traceback. Task heads (1x1x1 convolutions) run a depth slab at a time.
 """
 
 from __future__ import annotations
@@ -28,24 +28,21 @@ from .cleanup import keep_largest_components_
 from .devices import release_memory, select_device
 from .errors import BrainIDError
 from .loader import resolve
-from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel
+from .model import CONTRAST_DEPENDENT, SLAB_ELEMENTS, BrainIDModel, activation_peak_bytes, widest_slab_row
 from .progress import Progress, Span
+from .storage import Storage
 from .tasks import OUTPUT_TASKS, heads_for, outputs_of
 from .tasks import parse as parse_tasks
 from .volume import Prepared, Volume, grid_shape, load_volume, make_nifti, prepare
 
 log = logging.getLogger("BrainIDLib")
 
-# Peak bytes of the low-memory forward ~ PEAK_UNITS x (f_maps x voxels x bytes per value) plus the
-# slab buffers of its convolutions, on top of the weights and the runtime. Measured on the CPU with
-# benchmarks/inference.py (full network: 160^3 peaks 1.9 units above the idle process, 96^3 3.3
-# units, the difference being the fixed slab buffers); GPU figures are a conservative guess.
-PEAK_UNITS = {"cpu": 1.8, "cuda": 2.5, "mps": 2.5}
-SLAB_OVERHEAD_BYTES = 3 * 4 * SLAB_ELEMENTS  # input slab, its padded copy and the output slab
+# Device bytes per slab element of a convolution step (input slab with halo, output slab, oneDNN's
+# reordered copies, the upsampled rows), in values of the compute precision. benchmarks/tiling.py:
+# disk-backed full-size runs at 96^3 and 128^3 with 32M-value slabs peak at 0.92 GB RssAnon, 0.42 GB
+# (3.1 float32 values per slab element) above the idle process; rounded down, the halo term covers it.
+SLAB_BUFFERS = 3
 RUNTIME_BYTES = 400 << 20  # torch itself, the input volume and the small tensors around a run
-DEFAULT_OVERLAP_FRACTION = 0.25
-MIN_WINDOW = 64
-GOOD_WINDOW = 128  # below this, tiles lose context: prefer half-precision accumulators to smaller windows
 # Largest model grid a run accepts (a 320 mm cube at 1 mm; a head scan is ~256 mm across): bounds the
 # work before resampling, e.g. a 35x43x38 scan whose header says 19.9 mm voxels. BRAINID_MAX_VOXELS or
 # max_voxels= (CLI --max-voxels) raise it.
@@ -65,7 +62,6 @@ class Prediction:
     labels: tuple = ()  # FreeSurfer id of each segmentation class
     device: str = "cpu"
     mode: str = "whole"
-    window: tuple | None = None
     messages: list = field(default_factory=list)
     precision: str = "fp32"  # of the CPU passes: fp32 or bf16
 
@@ -158,63 +154,63 @@ def available_memory_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
-def estimate_forward_bytes(model: BrainIDModel, shape, device: torch.device | str = "cpu", out_channels: int = 0) -> int:
-    """Peak bytes of one low-memory forward on a window of `shape` (weights not included).
+def _value_bytes(device) -> int:
+    return 2 if torch.device(device).type == "cuda" else 4
 
-    ~PEAK_UNITS full-resolution tensors of f_maps channels, plus the features and head outputs.
-    """
-    dev = torch.device(device).type
-    value_bytes = 2 if dev == "cuda" else 4
-    voxels = int(np.prod(shape))
-    unit = model.arch.f_maps * voxels * value_bytes
-    return int(PEAK_UNITS.get(dev, 2.5) * unit + SLAB_OVERHEAD_BYTES + (out_channels + 2) * voxels * 4)
+
+def _slab_bytes(model: BrainIDModel, shape, device, slab_elements: int) -> int:
+    """Device bytes of the slab buffers: `slab_elements`, or one row of the widest layer plus halos."""
+    row = widest_slab_row(model.arch, shape)
+    return SLAB_BUFFERS * _value_bytes(device) * (max(slab_elements, row) + 2 * row)
+
+
+def storage_bytes(model: BrainIDModel, shape, device, out_channels: int = 0) -> int:
+    """Peak bytes a run keeps in its storage: the whole-volume activations, or afterwards the features
+    next to the float32 outputs."""
+    v, voxels = _value_bytes(device), math.prod(shape)
+    return max(activation_peak_bytes(model.arch, shape, v), (v * model.arch.f_maps + 4 * out_channels) * voxels)
+
+
+def estimate_forward_bytes(model: BrainIDModel, shape, device: torch.device | str = "cpu", out_channels: int = 0,
+                           slab_elements: int | None = None) -> int:
+    """Peak device bytes of one forward of a volume of `shape` (weights and runtime not included):
+    whole (slab_elements None) holds the activations there too (and on the CPU the outputs); tiled
+    holds only the slab buffers."""
+    slabs = _slab_bytes(model, shape, device, slab_elements or SLAB_ELEMENTS)
+    if slab_elements is not None:
+        return slabs
+    v, voxels = _value_bytes(device), math.prod(shape)
+    outputs = 4 * out_channels * voxels if torch.device(device).type == "cpu" else 0
+    return max(activation_peak_bytes(model.arch, shape, v) + slabs, v * model.arch.f_maps * voxels + outputs)
 
 
 def _weights_bytes(model: BrainIDModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def plan_mode(model: BrainIDModel, padded_shape, device: torch.device, budget_bytes: int, out_channels: int,
-              multiple: int) -> tuple[str, tuple | None]:
-    """('whole', None) when the whole volume fits the budget, else ('tiled', window)."""
+def plan_mode(model: BrainIDModel, padded_shape, device: torch.device, budget_bytes: int,
+              out_channels: int) -> tuple[str, int | None]:
+    """('whole', None) when the whole volume fits the budget, else ('tiled', slab elements)."""
     fixed = _weights_bytes(model) + RUNTIME_BYTES
     if estimate_forward_bytes(model, padded_shape, device, out_channels) + fixed <= budget_bytes:
         return "whole", None
-    return "tiled", tile_plan(model, padded_shape, device, budget_bytes, out_channels, multiple)[0]
+    return "tiled", tile_plan(model, padded_shape, device, budget_bytes)
 
 
-def tile_plan(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple[tuple, torch.dtype]:
-    """(window, accumulator dtype) for a tiled run: float32 accumulators unless half-precision ones
-    leave room for a larger window while float32 ones would force windows under GOOD_WINDOW."""
-    fixed = _weights_bytes(model) + RUNTIME_BYTES
-    w32 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 4),
-                        out_channels, multiple)
-    if min(w32) >= min(GOOD_WINDOW, *padded_shape):
-        return w32, torch.float32
-    w16 = choose_window(model, padded_shape, device, budget_bytes - fixed - _accumulator_bytes(padded_shape, out_channels, 2),
-                        out_channels, multiple)
-    return (w16, torch.float16) if np.prod(w16) > np.prod(w32) else (w32, torch.float32)
+def tile_plan(model: BrainIDModel, padded_shape, device, budget_bytes: int) -> int:
+    """Slab elements of a tiled run: the largest (up to SLAB_ELEMENTS) whose buffers fit the budget,
+    and never under one row of the widest layer (the run then needs that much, whatever the budget)."""
+    room = budget_bytes - _weights_bytes(model) - RUNTIME_BYTES
+    row = widest_slab_row(model.arch, padded_shape)
+    fits = room // (SLAB_BUFFERS * _value_bytes(device)) - 2 * row
+    return int(max(row, min(SLAB_ELEMENTS, fits)))
 
 
-def _accumulator_bytes(shape, out_channels: int, value_bytes: int = 4) -> int:
-    """The blended outputs and the (float32) weight sum of a tiled run, on the CPU."""
-    return (out_channels * value_bytes + 4) * int(np.prod(shape))
-
-
-def choose_window(model, padded_shape, device, budget_bytes: int, out_channels: int, multiple: int) -> tuple:
-    """The largest cubic-ish window (multiple of `multiple`, <= the volume) whose forward fits."""
-    smallest = max(multiple, min(MIN_WINDOW, max(padded_shape)))
-    best = None
-    w = max(padded_shape)
-    while w >= smallest:
-        win = tuple(min(w, s) for s in padded_shape)
-        if estimate_forward_bytes(model, win, device, out_channels) <= budget_bytes:
-            best = win
-            break
-        w -= multiple
-    if best is None:
-        best = tuple(min(smallest, s) for s in padded_shape)
-    return tuple(int(math.ceil(b / multiple) * multiple) for b in best)
+def _tiled_storage(model: BrainIDModel, shape, device: torch.device, slab_elements: int, out_channels: int) -> Storage:
+    """CPU RAM for a GPU run when the activations fit there (pinned), disk otherwise."""
+    need = storage_bytes(model, shape, device, out_channels)
+    ram = device.type != "cpu" and need <= 0.8 * available_memory_bytes(torch.device("cpu"))
+    return Storage(device, "ram" if ram else "disk", slab_elements)
 
 
 # ------------------------------------------------------------------------------- forward passes
@@ -240,109 +236,60 @@ def _head_float32(model: BrainIDModel, task: str, feats: torch.Tensor, image: to
     return out
 
 
-def _forward_window(model, x, heads, want_features, device, progress_check, precision="fp32") -> torch.Tensor:
-    """(channels, *window) float32 on the CPU: raw head outputs, then features if asked."""
-    xd = x.to(device)
-    with torch.no_grad(), _autocast(device, precision):
-        feats = model.features(xd, progress_check)
-        progress_check()
-        parts = _raw_heads(model, feats, xd, heads)
-        if want_features:
-            parts.append(feats)
-        out = torch.cat([p.float() for p in parts], dim=1) if len(parts) > 1 else parts[0].float()
-    del feats, parts, xd
-    return out[0].cpu() if out.device.type != "cpu" else out[0]
-
-
-def _starts(size: int, window: int, overlap: int, multiple: int) -> list[int]:
-    if window >= size:
-        return [0]
-    step = max(multiple, window - overlap)
-    n = int(math.ceil((size - window) / step)) + 1
-    last = size - window
-    starts = sorted({int(round(i * last / (n - 1) / multiple)) * multiple for i in range(n)})
-    return starts
-
-
-def _ramp(length: int, ramp: int, low_edge: bool, high_edge: bool) -> torch.Tensor:
-    """1 in the middle, a raised-cosine ramp of `ramp` voxels at interior edges (never exactly 0)."""
-    w = torch.ones(length, dtype=torch.float32)
-    if ramp > 0:
-        r = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp)
-        if low_edge:
-            w[:ramp] = r
-        if high_edge:
-            w[length - ramp :] = torch.minimum(w[length - ramp :], r.flip(0))
-    return w.clamp_min(1e-3)
-
-
-def _forward_tiled(model, x, heads, want_features, device, window, overlap, multiple, progress,
-                   acc_dtype: torch.dtype = torch.float32, precision: str = "fp32") -> torch.Tensor:
-    """Blend overlapping windows with raised-cosine weights (each window normalises on its own)."""
+def _forward_window(model, x, heads, want_features, device, progress_check, precision="fp32",
+                    storage: Storage | None = None) -> torch.Tensor:
+    """(channels, *shape) float32 on the CPU: raw head outputs, then features if asked. The network's
+    activations live in `storage` (default: all on `device`); heads run a depth slab at a time."""
+    storage = storage or Storage(device)
     shape = tuple(x.shape[2:])
-    window = tuple(min(w, s) for w, s in zip(window, shape))
-    starts = [_starts(s, w, overlap, multiple) for s, w in zip(shape, window)]
-    tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-    acc = wsum = None
-    for k, origin in enumerate(tiles):
-        progress(k / len(tiles), f"tile {k + 1}/{len(tiles)}")
-        sl = tuple(slice(o, o + w) for o, w in zip(origin, window))
-        out = _forward_window(model, x[(Ellipsis,) + sl], heads, want_features, device, progress.check, precision)
-        prof = []
-        for d, (st, w) in enumerate(zip(origin, window)):
-            ramp = min(overlap, w // 2)
-            prof.append(_ramp(w, ramp, st > 0, st + w < shape[d]))
-        wt = prof[0].view(-1, 1, 1) * prof[1].view(1, -1, 1) * prof[2].view(1, 1, -1)
-        if acc is None:
-            acc = torch.zeros((out.shape[0],) + shape, dtype=acc_dtype)
-            wsum = torch.zeros(shape, dtype=torch.float32)
-        out.mul_(wt)
-        acc[(slice(None),) + sl].add_(out if out.dtype == acc_dtype else out.to(acc_dtype))
-        wsum[sl].add_(wt)
-        del out
-    progress(1.0, "tiles blended")
-    if acc.dtype == torch.float32:
-        return acc.div_(wsum)
-    for c in range(acc.shape[0]):  # channel by channel: no full-size float32 temporary
-        acc[c] = acc[c].float().div_(wsum)
-    return acc
+    channels = sum(model.heads[t].out_channels for t in heads) + (model.arch.f_maps if want_features else 0)
+    with torch.no_grad(), _autocast(device, precision):
+        feats = model.features(x, progress_check, storage)
+        progress_check()
+        out = storage.output((channels,) + shape)
+        rows = max(1, (storage.slab_elements or SLAB_ELEMENTS) // (model.arch.f_maps * shape[1] * shape[2]))
+        for d0 in range(0, shape[0], rows):
+            sl = (slice(None), slice(None), slice(d0, d0 + rows))
+            f = storage.load(feats[sl])
+            parts = _raw_heads(model, f, x[sl].to(device), heads) + ([f] if want_features else [])
+            c = 0
+            for p in parts:
+                out[c : c + p.shape[1], d0 : d0 + rows].copy_(p[0])
+                c += p.shape[1]
+            del f, parts
+    return out
 
 
 def run_network(model, prep: Prepared, heads, want_features, device, mode, budget_bytes, progress, messages,
-                 window=None, precision="fp32"):
-    """Raw outputs (channels, *padded) on the CPU, with OOM fallbacks: tiled, smaller tiles, CPU."""
-    multiple = 2 ** (model.arch.levels - 1)
+                slab_elements=None, precision="fp32"):
+    """(raw outputs (channels, *padded) on the CPU, mode, slab elements of a tiled run, device used).
+
+    Tiled runs hold the activations in CPU RAM or on disk and pass `slab_elements`-sized slabs through
+    the device (None: sized from the budget). CUDA out-of-memory retries tiled, with smaller slabs,
+    then on the CPU."""
     out_channels = sum(model.heads[t].out_channels for t in heads) + (model.arch.f_maps if want_features else 0)
     shape = tuple(prep.tensor.shape[2:])
     if mode not in ("auto", "whole", "tiled"):
         raise BrainIDError(f"unknown mode {mode!r}; use auto, whole or tiled")
     if budget_bytes is None:
         budget_bytes = int(0.8 * available_memory_bytes(device))
-    if window is not None:  # an explicit window (tests, benchmarks): tiled at that size
-        mode = "tiled"
-        window = tuple(int(math.ceil(min(w, s) / multiple) * multiple) for w, s in zip(np.broadcast_to(window, 3), shape))
-    elif mode == "auto":
-        mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
-    elif mode == "tiled":
-        window = tile_plan(model, shape, device, budget_bytes, out_channels, multiple)[0]
-    acc_dtype = torch.float32
-    if mode == "tiled":  # half-precision blending only where float32 accumulators would not fit
-        acc_bytes = _weights_bytes(model) + RUNTIME_BYTES + _accumulator_bytes(shape, out_channels, 4)
-        if acc_bytes + estimate_forward_bytes(model, window, device, out_channels) > budget_bytes:
-            acc_dtype = torch.float16
-    attempts = 0
+    if mode == "auto":
+        mode, slab_elements = plan_mode(model, shape, device, budget_bytes, out_channels)
+    elif mode == "tiled" and slab_elements is None:
+        slab_elements = tile_plan(model, shape, device, budget_bytes)
     while True:
-        attempts += 1
         try:
             model.to(device)
             if mode == "whole":
                 progress(0.0, "running the network on the whole volume")
-                out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check, precision)
-                progress(1.0, "network done")
-                return out, mode, None, device
-            overlap = max(multiple, int(round(min(window) * DEFAULT_OVERLAP_FRACTION / multiple)) * multiple)
-            return (_forward_tiled(model, prep.tensor, heads, want_features, device, window, overlap, multiple,
-                                   progress, acc_dtype, precision), "tiled", window, device)
+                storage = Storage(device)
+            else:
+                storage = _tiled_storage(model, shape, device, slab_elements, out_channels)
+                where = "on disk" if storage.kind == "disk" else "in RAM"
+                progress(0.0, f"running the network tiled (activations {where}, slabs of {slab_elements / 1e6:.1f}M values)")
+            out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check, precision, storage)
+            progress(1.0, "network done")
+            return out, mode, slab_elements, device
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
             if not _is_oom(e) or device.type == "cpu":
                 if _is_oom(e):
@@ -352,18 +299,17 @@ def run_network(model, prep: Prepared, heads, want_features, device, mode, budge
                     ) from None
                 raise
             release_memory(device)
-            current = window if mode == "tiled" else shape
-            floor = max(2 * multiple, min(MIN_WINDOW, max(shape)))
-            smaller = tuple(min(s, max(floor, int(w * 0.7) // multiple * multiple)) for w, s in zip(current, shape))
-            if smaller != tuple(current) and attempts < 5:
-                window, mode = smaller, "tiled"
-                msg = f"GPU out of memory; retrying tiled with {'x'.join(map(str, window))} windows"
+            smallest = widest_slab_row(model.arch, shape)
+            if mode == "whole" or slab_elements > smallest:
+                slab_elements = tile_plan(model, shape, device, budget_bytes) if mode == "whole" else max(smallest, slab_elements // 4)
+                mode = "tiled"
+                msg = f"GPU out of memory; retrying tiled with slabs of {slab_elements / 1e6:.1f}M values"
             else:
                 msg = "GPU out of memory even when tiled; falling back to the CPU (slower)"
                 model.to("cpu")
                 device = torch.device("cpu")
                 budget_bytes = int(0.8 * available_memory_bytes(device))
-                mode, window = plan_mode(model, shape, device, budget_bytes, out_channels, multiple)
+                mode, slab_elements = plan_mode(model, shape, device, budget_bytes, out_channels)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             log.warning(msg)
             messages.append(msg)
@@ -455,15 +401,17 @@ def segmentation_labels(model: BrainIDModel) -> list[int]:
 
 def predict(image, tasks=("segmentation",), model=None, device="auto", heads=None, on_1mm=False, mode="auto",
             memory_budget_gb=None, progress=None, cancel=None, probabilities=False, keep_features=False,
-            window=None, max_voxels=None, flip_average=None, qc=False, precision="auto", cleanup=True) -> Prediction:
+            max_voxels=None, flip_average=None, qc=False, precision="auto", cleanup=True) -> Prediction:
     """Run task heads on a scan; outputs land on the input's exact grid (see module docs).
 
     tasks: any of anatomy, segmentation, super_resolution, bias_field, bias_corrected, or their
     aliases (BrainIDLib.tasks); bias_field also writes bias_corrected.
     model: BrainIDModel, weights file or registry name (None: the registry's default model).
-    progress(fraction, message) is called between steps and tiles; cancel() -> bool also between the
-    network's convolution slabs.
-    window: force tiling with this window size (voxels on the model grid; int or 3 ints).
+    progress(fraction, message) is called between steps; cancel() -> bool also between the network's
+    convolution slabs.
+    mode: whole, tiled or auto (whole when its estimate fits memory_budget_gb, default 80% of the free
+    memory). Tiled gives the same numbers: it keeps the activations in CPU RAM (GPU) or on disk (CPU,
+    in $TMPDIR) and streams depth slabs sized to the budget through the device.
     max_voxels: refuse scans whose model grid is larger (default MAX_GRID_VOXELS or $BRAINID_MAX_VOXELS).
     flip_average: also run the left/right mirrored scan and average the heads' outputs (segmentation
     channels of left/right structures swapped back): a symmetric result at twice the network time.
@@ -496,14 +444,14 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if flip_average is None:
             flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
         stop = 0.45 if flip_average else 0.85
-        raw, result.mode, result.window, used = run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, window,
+        raw, result.mode, slab, used = run_network(
+            model, prep, head_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, None,
             precision)
         shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
             other = run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
-                                 Span(prog, stop, 0.85), result.messages, result.window, precision)[0]
+                                Span(prog, stop, 0.85), result.messages, slab, precision)[0]
             if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
                 seg = _head_slice(model, head_tasks, "segmentation")
                 shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
@@ -530,7 +478,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
             seg_probs = chunk  # softmaxed in place by _finish_task
     if qc and seg_probs is not None:
         try:
-            _quality(model, vol, prep, shared.pop("base", seg_probs), qc, used, result.mode, budget, result.window,
+            _quality(model, vol, prep, shared.pop("base", seg_probs), qc, used, result.mode, budget, slab,
                      Span(post, len(head_tasks) / n_steps, 1.0), result, shared)
         finally:
             if owned:
@@ -583,7 +531,7 @@ def _head_slice(model: BrainIDModel, heads: list[str], task: str) -> slice:
     raise KeyError(task)
 
 
-def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progress, result, shared=None) -> None:
+def _quality(model, vol, prep, probs, kinds, device, mode, budget, slab, progress, result, shared=None) -> None:
     """Prediction.qc and .uncertainty from perturbed passes of the network (BrainIDLib.qc); `shared`
     holds passes predict() already ran ({kind: probabilities on the perturbed grid})."""
     from . import qc
@@ -601,7 +549,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, window, progr
             return shared.pop(kinds[k])
         step = Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
         raw = run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
-                           result.messages, window, result.precision)[0].float()
+                          result.messages, slab, result.precision)[0].float()
         raw.sub_(raw.amax(0, keepdim=True)).exp_()
         return raw.div_(raw.sum(0, keepdim=True))
 

@@ -92,7 +92,7 @@ def full_network() -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     pred, t = timed(lambda: bid.predict(img, tasks=["segmentation"], model=m, device="cuda"))
-    out["predict"] = {"seconds": t, "peak_gb": peak_gb(), "mode": pred.mode, "window": list(pred.window or [])}
+    out["predict"] = {"seconds": t, "peak_gb": peak_gb(), "mode": pred.mode}
     return out
 
 

@@ -9,9 +9,9 @@ Each case runs in a fresh subprocess and reports its own wall time and peak resi
   ours-96 / ours-160         : BrainIDLib's low-memory forward, `model.features(x)`
   head-tiled                 : `predict(...)` of a whole 1 mm head (the MNI152 2009a template shipped
                                inside nilearn, 197x233x189, or a 192x224x192 phantom) with a random
-                               33-class segmentation head, tiled within a 3 GB budget, outputs
-                               mapped back to the input grid
-  agreement                  : correlation of tiled vs whole-volume features on the same head
+                               33-class segmentation head, tiled (exact: activations on disk) within
+                               a --budget-gb budget, outputs mapped back to the input grid
+Tiled vs whole equality and memory: benchmarks/tiling.py.
 The baseline (official-*) runs in the same invocation, so ratios compare like with like.
 """
 
@@ -66,31 +66,6 @@ def _head_image():
         return nib.Nifti1Image(data, np.eye(4)), "synthetic 192x224x192 phantom"
 
 
-def _correlations(a, b, mask) -> tuple[float, float, list[float]]:
-    """Pearson correlation over all values, over masked voxels, and per channel (streamed in float64)."""
-    import torch
-
-    tot = {k: torch.zeros(5, dtype=torch.float64) for k in ("all", "mask")}
-    per_channel = []
-    for c in range(a.shape[0]):
-        x, y = a[c].double(), b[c].double()
-        for key, sel in (("all", None), ("mask", mask)):
-            xs, ys = (x, y) if sel is None else (x[sel], y[sel])
-            s = torch.stack([xs.sum(), ys.sum(), (xs * xs).sum(), (ys * ys).sum(), (xs * ys).sum()])
-            tot[key] += s
-            if sel is None:
-                n = xs.numel()
-                per_channel.append(_pearson(s, n))
-    n_all, n_mask = a.shape[0] * a.shape[1], a.shape[0] * int(mask.sum())
-    return _pearson(tot["all"], n_all), _pearson(tot["mask"], n_mask), per_channel
-
-
-def _pearson(s, n) -> float:
-    sx, sy, sxx, syy, sxy = (float(v) for v in s)
-    cov = sxy - sx * sy / n
-    return cov / max(1e-300, ((sxx - sx * sx / n) * (syy - sy * sy / n)) ** 0.5)
-
-
 def run_case(name: str, threads: int, budget_gb: float) -> dict:
     import torch
 
@@ -124,36 +99,7 @@ def run_case(name: str, threads: int, budget_gb: float) -> dict:
         stages.append((1.0, "returned", round(_peak_gb(), 2)))
         result["stages"] = stages
         result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, peak_gb=_peak_gb(), idle_gb=base, source=source,
-                      shape=list(img.shape), window=list(pred.window or []), mode=pred.mode)
-    elif name == "agreement":
-        import numpy as np
-
-        from BrainIDLib import inference as inf
-        from BrainIDLib.progress import Progress, Span
-        from BrainIDLib.volume import load_volume, prepare
-
-        img, source = _head_image()
-        m = _model()
-        prep = prepare(load_volume(img), [1, 1, 1], None, multiple=16)
-        x = prep.tensor
-        out_ch = m.arch.f_maps
-        budget = int(budget_gb * (1 << 30))
-        _, window = inf.plan_mode(m, tuple(x.shape[2:]), torch.device("cpu"), budget, 33, 16)
-        t0 = time.perf_counter()
-        whole = inf._forward_window(m, x, [], True, torch.device("cpu"), lambda: None)
-        t_whole = time.perf_counter() - t0
-        overlap = max(16, int(round(min(window) * inf.DEFAULT_OVERLAP_FRACTION / 16)) * 16)
-        span = Span(Progress(None, None), 0, 1)
-        t0 = time.perf_counter()
-        tiled = inf._forward_tiled(m, x, [], True, torch.device("cpu"), window, overlap, 16, span)
-        t_tiled = time.perf_counter() - t0
-        a, b = prep.crop(whole).reshape(out_ch, -1), prep.crop(tiled).reshape(out_ch, -1)
-        brain = prep.crop(x[0, 0]).reshape(-1) > 0.05
-        del whole, tiled
-        r_all, r_brain, per_channel = _correlations(a, b, brain)
-        result.update(source=source, window=list(window), overlap=overlap, whole_seconds=t_whole, tiled_seconds=t_tiled,
-                      corr_all=r_all, corr_brain=r_brain, corr_channel_median=float(np.median(per_channel)),
-                      corr_channel_min=float(np.min(per_channel)), peak_gb=_peak_gb())
+                      shape=list(img.shape), mode=pred.mode)
     else:
         raise SystemExit(f"unknown case {name}")
     return result
@@ -163,7 +109,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-gb", type=float, default=3.0, help="memory budget of the tiled head case")
-    ap.add_argument("--cases", default="official-96,ours-96,official-160,ours-160,head-tiled,agreement")
+    ap.add_argument("--cases", default="official-96,ours-96,official-160,ours-160,head-tiled")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = ap.parse_args(argv)
     if args.case:
@@ -184,16 +130,10 @@ def main(argv=None) -> int:
             continue
         r = json.loads(line[7:])
         results[case] = r
-        if case == "agreement":
-            print(f"{case:14s} tiled vs whole features on {r['source']}: windows {'x'.join(map(str, r['window']))} "
-                  f"(overlap {r['overlap']}): correlation {r['corr_all']:.4f} (all voxels), {r['corr_brain']:.4f} (brain), "
-                  f"per channel median {r['corr_channel_median']:.4f} min {r['corr_channel_min']:.4f}; "
-                  f"whole {r['whole_seconds']:.1f} s, tiled {r['tiled_seconds']:.1f} s", flush=True)
-        else:
-            if "stages" in r:
-                print("               peak by step: " + "; ".join(f"{m} {g} GB" for _, m, g in r["stages"]), flush=True)
-            extra = f"  [{r.get('source', '')}, {'x'.join(map(str, r['shape']))}, windows {'x'.join(map(str, r['window']))}]" if case == "head-tiled" else ""
-            print(f"{case:14s} {r['seconds']:7.1f} s (cpu {r['cpu_seconds']:6.1f} s)   peak {r['peak_gb']:5.2f} GB (idle process {r['idle_gb']:.2f} GB){extra}", flush=True)
+        if "stages" in r:
+            print("               peak by step: " + "; ".join(f"{m} {g} GB" for _, m, g in r["stages"]), flush=True)
+        extra = f"  [{r.get('source', '')}, {'x'.join(map(str, r['shape']))}, {r['mode']}]" if case == "head-tiled" else ""
+        print(f"{case:14s} {r['seconds']:7.1f} s (cpu {r['cpu_seconds']:6.1f} s)   peak {r['peak_gb']:5.2f} GB (idle process {r['idle_gb']:.2f} GB){extra}", flush=True)
     for n in (96, 160):
         o, u = results.get(f"official-{n}"), results.get(f"ours-{n}")
         if o and u:

@@ -32,7 +32,7 @@ def random_model(heads=None):
 class IdentityFeatures(BrainIDModel):
     """Features = the input image in channel 0 (zeros elsewhere): a local, exactly known 'network'."""
 
-    def features(self, x, check=None):
+    def features(self, x, check=None, storage=None):
         f = torch.zeros((x.shape[0], self.arch.f_maps) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device)
         f[:, 0] = x[:, 0]
         return f
@@ -153,89 +153,40 @@ def test_segmentation_after_resampling_keeps_the_labels(affine):
     assert pred.outputs_1mm["segmentation"].shape != lab.shape
 
 
-# ---------------------------------------------------------------------------- tiling
-def test_tiling_blends_exactly_for_local_networks():
-    """Identity features: tiles agree where they overlap, so the blend must be exact everywhere."""
-    m = identity_segmenter([0.0, 0.5, 1.0])
-    x = torch.rand(1, 1, 40, 36, 28)
-    span = Span(Progress(None, None), 0, 1)
-    out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span)
-    torch.testing.assert_close(out[0], x[0, 0], atol=1e-6, rtol=1e-6)
-    assert float(out[1:].abs().max()) == 0
-
-
-def test_tiling_blends_constant_fields_exactly():
-    class Ones(BrainIDModel):
-        def features(self, x, check=None):
-            return torch.full((1, self.arch.f_maps) + tuple(x.shape[2:]), 3.5)
-
-    out = inf._forward_tiled(Ones(SMALL).eval(), torch.rand(1, 1, 36, 20, 44), [], True, torch.device("cpu"), (16, 12, 16),
-                             8, 4, Span(Progress(None, None), 0, 1))
-    torch.testing.assert_close(out, torch.full_like(out, 3.5), atol=1e-5, rtol=0)
-
-
-def test_tiled_features_agree_with_whole_volume():
-    """Each window normalises (GroupNorm) on its own content and sees less context, so tiles are not
-    exact; with random weights and windows 3/4 of the volume the correlation is ~0.97."""
-    m = random_model({})
-    img = nib.Nifti1Image(smooth_image((64, 64, 64), seed=2), np.eye(4))
-    whole = feature_maps.features(img, m, device="cpu", mode="whole").get_fdata()
-    tiled = feature_maps.features(img, m, device="cpu", window=48).get_fdata()
-    assert whole.shape == tiled.shape == (64, 64, 64, SMALL.f_maps)
-    r = np.corrcoef(whole.reshape(-1), tiled.reshape(-1))[0, 1]
-    assert r > 0.95, r
-
-
-def test_starts_are_multiples_and_cover():
-    for size, window, overlap in [(96, 32, 8), (100, 48, 16), (64, 64, 16), (40, 16, 4)]:
-        starts = inf._starts(size, min(window, size), overlap, 4)
-        assert starts[0] == 0 and starts[-1] + min(window, size) == size
-        assert all(s % 4 == 0 for s in starts)
-        assert all(b - a <= window - overlap + 4 for a, b in zip(starts, starts[1:]))
-
-
+# ---------------------------------------------------------------------------- tiling (more in test_tiling.py)
 def test_mode_is_chosen_from_the_memory_budget():
     m = random_model({})
     img = nib.Nifti1Image(smooth_image((40, 40, 40)), np.eye(4))
     pred = inf.predict(img, tasks=["anatomy"], model=random_model({"anatomy": 1}), device="cpu", memory_budget_gb=8)
     assert pred.mode == "whole"
-    mode, window = inf.plan_mode(m, (256, 256, 256), torch.device("cpu"), 1 << 30, 33, 4)
-    assert mode == "tiled" and all(w % 4 == 0 and w <= 256 for w in window)
-    assert inf.estimate_forward_bytes(m, window, "cpu", 33) <= (1 << 30)
+    mode, slab = inf.plan_mode(m, (256, 256, 256), torch.device("cpu"), 1 << 30, 33)
+    assert mode == "tiled" and inf.estimate_forward_bytes(m, (256, 256, 256), "cpu", 33, slab) <= (1 << 30)
 
 
 def test_cancel_stops_a_tiled_run():
-    m = random_model()
     img = nib.Nifti1Image(smooth_image((48, 48, 48)), np.eye(4))
     calls = {"n": 0}
-    forward = inf._forward_window
 
-    def counting(*a, **k):
+    def cancel():
         calls["n"] += 1
-        return forward(*a, **k)
+        return calls["n"] >= 20
 
-    inf_forward = inf._forward_window
-    inf._forward_window = counting
-    try:
-        messages = []
-        with pytest.raises(Cancelled):
-            inf.predict(img, tasks=["segmentation"], model=m, device="cpu", cleanup=False, window=16,
-                        progress=lambda f, msg: messages.append(msg), cancel=lambda: calls["n"] >= 2)
-    finally:
-        inf._forward_window = inf_forward
-    assert 2 <= calls["n"] < 27
+    with pytest.raises(Cancelled):
+        inf.predict(img, tasks=["segmentation"], model=random_model(), device="cpu", mode="tiled", memory_budget_gb=0.01,
+                    cancel=cancel)
+    assert calls["n"] == 20
     assert isinstance(Cancelled("x"), BrainIDError)
 
 
 def test_progress_is_monotonic_and_reaches_one_when_tiled():
     seen = []
     img = nib.Nifti1Image(smooth_image((40, 36, 32)), np.eye(4))
-    pred = inf.predict(img, tasks=["anatomy"], model=random_model(), device="cpu", window=16,
+    pred = inf.predict(img, tasks=["anatomy"], model=random_model(), device="cpu", mode="tiled",
                        progress=lambda f, msg: seen.append((f, msg)))
     assert pred.mode == "tiled"
     fr = [f for f, _ in seen]
-    assert fr[-1] == 1.0 and all(a <= b for a, b in zip(fr, fr[1:])) and len(fr) > 10
-    assert any("tile" in m for _, m in seen)
+    assert fr[-1] == 1.0 and all(a <= b for a, b in zip(fr, fr[1:]))
+    assert any("tiled" in m for _, m in seen)
 
 
 def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
@@ -244,11 +195,11 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
     real = inf._forward_window
     seen = []
 
-    def fake(model, x, heads, want, device, check, precision="fp32"):
-        seen.append((device.type, tuple(x.shape[2:])))
+    def fake(model, x, heads, want, device, check, precision="fp32", storage=None):
+        seen.append((device.type, storage.kind, storage.slab_elements))
         if device.type == "cuda":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, x, heads, want, device, check, precision)
+        return real(model, x, heads, want, device, check, precision, storage)
 
     monkeypatch.setattr(inf, "_forward_window", fake)
     monkeypatch.setattr(inf, "select_device", lambda d: torch.device("cuda"))
@@ -259,8 +210,9 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
         warnings.simplefilter("always")
         pred = inf.predict(img, tasks=["anatomy"], model=m, device="cuda")
     assert pred.device == "cpu" and pred.outputs["anatomy"].shape == (96, 96, 96)
-    assert seen[0] == ("cuda", (96, 96, 96))  # whole first
-    assert any(d == "cuda" and s != (96, 96, 96) for d, s in seen)  # then tiled on the GPU
+    assert seen[0] == ("cuda", "device", None)  # whole first
+    tiled = [slab for d, kind, slab in seen if d == "cuda" and kind != "device"]  # then tiled, activations in RAM
+    assert len(tiled) >= 2 and tiled == sorted(tiled, reverse=True) and tiled[-1] < tiled[0]  # smaller slabs
     assert any("falling back to the CPU" in str(x.message) for x in w)
     assert any("retrying tiled" in msg for msg in pred.messages)
 
@@ -372,26 +324,6 @@ def test_prepare_pads_to_the_network_multiple():
     vol = load_volume(nib.Nifti1Image(smooth_image((21, 19, 17)), np.eye(4)))
     prep = prepare(vol, [1, 1, 1], None, multiple=16)
     assert all(s % 16 == 0 for s in prep.tensor.shape[2:]) and prep.grid_shape == (21, 19, 17)
-
-
-def test_half_precision_blending_when_memory_is_tight():
-    m = identity_segmenter([0.0, 0.5, 1.0])
-    x = torch.rand(1, 1, 40, 36, 28)
-    span = Span(Progress(None, None), 0, 1)
-    out = inf._forward_tiled(m, x, [], True, torch.device("cpu"), (16, 16, 16), 4, 4, span, torch.float16)
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out[0].float(), x[0, 0], atol=2e-3, rtol=0)
-    big = BrainIDModel(Architecture(), {"segmentation": 33})
-    window, dtype = inf.tile_plan(big, (208, 240, 192), torch.device("cpu"), 3 << 30, 33, 16)
-    assert dtype == torch.float16 and min(window) >= 128
-    window, dtype = inf.tile_plan(big, (208, 240, 192), torch.device("cpu"), 8 << 30, 33, 16)
-    assert dtype == torch.float32
-    # end to end: a tight budget blends in half precision and still lands every label
-    lab = blocks((40, 36, 28))
-    img = nib.Nifti1Image((lab * 50.0 + 10).astype(np.float32), np.diag([-1.0, 1.0, 1.0, 1.0]))
-    pred = inf.predict(img, "segmentation", model=m, device="cpu", cleanup=False, mode="tiled", memory_budget_gb=1e-4)
-    assert pred.mode == "tiled"
-    np.testing.assert_array_equal(np.asarray(pred.outputs["segmentation"].dataobj), np.array([0, 17, 53])[lab])
 
 
 def test_cpu_out_of_memory_is_a_clear_error(monkeypatch):

@@ -1,0 +1,140 @@
+"""Exact tiling: activations in CPU RAM or on disk, depth slabs through the device, same numbers."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import BrainIDLib.inference as inf
+from BrainIDLib.labels import SEGMENTATION_LABELS
+from BrainIDLib.model import Architecture, BrainIDModel, activation_peak_bytes, widest_slab_row
+from BrainIDLib.storage import Storage
+
+ARCH = Architecture(f_maps=8, levels=3, num_groups=4)
+META = {"name": "test", "input": {"spacing_mm": [1.0, 1.0, 1.0], "normalisation": {"method": "minmax", "percentiles": [0, 100]}},
+        "heads": {"segmentation": {"labels": list(SEGMENTATION_LABELS)}}}
+
+
+def random_model(heads=None, seed=0):
+    """Random weights with non-trivial GroupNorm affine parameters (so the comparison exercises them)."""
+    torch.manual_seed(seed)
+    m = BrainIDModel(ARCH, heads or {}).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "groupnorm.weight" in name:
+                p.uniform_(0.5, 1.5)
+            elif "groupnorm.bias" in name:
+                p.uniform_(-0.3, 0.3)
+    m.metadata = {k: (dict(v) if isinstance(v, dict) else v) for k, v in META.items()}
+    return m
+
+
+def smooth_volume(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1) + tuple(s // 4 + 1 for s in shape), generator=g)
+    return torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+
+
+def brainid_mappings() -> list[str]:
+    """This process's mapped activation files (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "brainid-" in line and ".activations" in line]
+
+
+@pytest.fixture(scope="module")
+def model_and_whole():
+    m = random_model()
+    x = smooth_volume((28, 22, 19), seed=1) * 2 - 0.5
+    with torch.no_grad():
+        whole = m.backbone.forward_low_memory(x)
+        plain = m.backbone(x)
+    torch.testing.assert_close(whole, plain, rtol=1e-4, atol=1e-4)
+    return m, x, whole
+
+
+@pytest.mark.parametrize("kind", ["ram", "disk"])
+@pytest.mark.parametrize("slab", [3000, 700, 1])  # 3000: a few rows per slab; 1: one row per slab everywhere
+def test_tiled_forward_equals_the_whole_volume(model_and_whole, kind, slab, tmp_path):
+    m, x, whole = model_and_whole
+    storage = Storage("cpu", kind, slab, directory=tmp_path)
+    calls = []
+    with torch.no_grad():
+        tiled = m.backbone.forward_low_memory(x, lambda: calls.append(1), storage)
+    assert len(calls) > 3 * 12  # many slabs per layer (12 convolutions)
+    err = float((tiled - whole).abs().max() / whole.abs().max())
+    assert err <= 1e-4, err
+    assert tiled.device.type == "cpu" and tiled.shape == whole.shape
+    assert storage.peak_bytes > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_storage_is_mapped_files_that_never_outlive_the_run(tmp_path):
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    m = random_model()
+    x = smooth_volume((24, 16, 16))
+    seen = []
+
+    def check():  # during the run: activations are mapped files whose names are already gone
+        seen.append((len(brainid_mappings()), list(tmp_path.iterdir())))
+
+    with torch.no_grad():
+        out = m.backbone.forward_low_memory(x, check, Storage("cpu", "disk", 2000, directory=tmp_path))
+    assert max(n for n, _ in seen) >= 2 and all(files == [] for _, files in seen)
+    assert all("(deleted)" in line for line in brainid_mappings())
+    del out
+    assert brainid_mappings() == []
+
+    class Stop(Exception):
+        pass
+
+    def cancel():
+        if len(brainid_mappings()) >= 3:
+            raise Stop
+    with pytest.raises(Stop), torch.no_grad():
+        m.backbone.forward_low_memory(x, cancel, Storage("cpu", "disk", 2000, directory=tmp_path))
+    assert brainid_mappings() == [] and list(tmp_path.iterdir()) == []
+
+
+def test_storage_estimate_matches_what_the_forward_allocates():
+    for arch, shape in [(ARCH, (32, 24, 16)), (Architecture(f_maps=6, levels=4, num_groups=3), (33, 17, 20))]:
+        m = BrainIDModel(arch).eval()
+        storage = Storage("cpu", "ram")
+        with torch.no_grad():
+            m.backbone.forward_low_memory(torch.rand((1, 1) + shape), None, storage)
+        assert storage.peak_bytes == activation_peak_bytes(arch, shape, 4), arch
+
+
+def test_planner_tiles_when_the_budget_is_short():
+    big = BrainIDModel(Architecture(), {"segmentation": 33})
+    head = (208, 240, 192)
+    cpu = torch.device("cpu")
+    assert inf.plan_mode(big, head, cpu, 64 << 30, 33) == ("whole", None)
+    mode, slab = inf.plan_mode(big, head, cpu, 3 << 30, 33)
+    assert mode == "tiled" and widest_slab_row(big.arch, head) <= slab <= inf.SLAB_ELEMENTS
+    fixed = inf._weights_bytes(big) + inf.RUNTIME_BYTES
+    assert fixed + inf.estimate_forward_bytes(big, head, cpu, 33, slab) <= 3 << 30
+    # a tighter budget gives smaller slabs, never under one row of the widest layer
+    _, tight = inf.plan_mode(big, head, cpu, 1 << 30, 33)
+    assert widest_slab_row(big.arch, head) <= tight < slab
+    assert inf.tile_plan(big, head, cpu, 1 << 20) == widest_slab_row(big.arch, head)
+
+
+def test_predict_tiled_on_disk_gives_the_whole_volume_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    m = random_model({"segmentation": 33, "anatomy": 1})
+    img = nib.Nifti1Image((smooth_volume((30, 26, 21), seed=3)[0, 0].numpy() * 200).astype(np.float32), np.eye(4))
+    whole = inf.predict(img, ["segmentation", "anatomy"], model=m, device="cpu", mode="whole", flip_average=False)
+    messages = []
+    tiled = inf.predict(img, ["segmentation", "anatomy"], model=m, device="cpu", memory_budget_gb=0.01, flip_average=False,
+                        progress=lambda f, msg: messages.append(msg))
+    assert whole.mode == "whole" and tiled.mode == "tiled"
+    assert any("tiled (activations on disk" in msg for msg in messages)
+    np.testing.assert_array_equal(np.asarray(tiled.outputs["segmentation"].dataobj),
+                                  np.asarray(whole.outputs["segmentation"].dataobj))
+    a, b = whole.outputs["anatomy"].get_fdata(), tiled.outputs["anatomy"].get_fdata()
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    assert list(tmp_path.iterdir()) == []
