@@ -44,7 +44,7 @@ from BrainIDLib.synth.corruption import LN5_OVER_PI
 from BrainIDLib.synth.filters import apply_along, downsample_matrix
 from BrainIDLib.synth.spatial import foreground_box
 from BrainIDLib.synth.tables import KIND_CODES
-from .model_card import _SEG, FAMILY_NAMES, FAMILY_OPTIONS, TISSUES, dice, nanmean, overlay, show, tissue_of
+from .card_parts import _SEG, FAMILY_NAMES, FAMILY_OPTIONS, TISSUES, dice, nanmean, overlay, show, tissue_of
 
 FAMILIES = ("t1", "t2", "flair", "ct")
 RESOLUTIONS = ("1mm", "5mm")

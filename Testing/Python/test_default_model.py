@@ -66,7 +66,8 @@ def test_default_model_segments_the_shipped_sample_like_a_brain():
     scored 0.61 / 0.54) minus a margin for other CPUs and library versions; a model that only finds the
     brain scores far lower."""
     from BrainIDLib.samples import sample_path
-    from training.model_card import MNI_GM, MNI_WM, dice
+    from training.card_parts import dice
+    from training.model_card import MNI_GM, MNI_WM
 
     img = nib.load(str(sample_path()))
     pred = BrainIDLib.predict(img, tasks=("segmentation",), device="cpu")  # no model: the default

@@ -15,9 +15,9 @@ TORCH_FREE = ("BrainIDLib", "BrainIDLib.registry", "BrainIDLib.labels", "BrainID
               "BrainIDLib.resources", "BrainIDLib.devices", "BrainIDLib.progress", "BrainIDLib.files")
 
 
-def core_modules() -> dict[str, Path]:
+def core_modules(root: Path = CORE) -> dict[str, Path]:
     modules = {}
-    for py in CORE.rglob("*.py"):
+    for py in root.rglob("*.py"):
         parts = py.relative_to(REPO).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = py
     return modules
@@ -44,8 +44,8 @@ def imports_of(name: str, path: Path, modules) -> list[tuple[str, int]]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = core_modules()
+def import_graph(root: Path = CORE) -> dict[str, set[str]]:
+    modules = core_modules(root)
     return {name: {m for m, _ in imports_of(name, path, modules) if m in modules and m != name}
             for name, path in modules.items()}
 
@@ -80,6 +80,14 @@ def test_core_never_imports_the_slicer_module_qt_or_training():
 def test_core_modules_import_each_other_without_cycles():
     graph = import_graph()
     assert graph["BrainIDLib.cli"] >= {"BrainIDLib.console", "BrainIDLib.cohort"}  # function-level imports count
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_training_modules_import_each_other_without_cycles():
+    """The same check for the headless training package (the Slicer module has its own in
+    test_slicer_module_files.py), so no package of the repository has an import cycle."""
+    graph = import_graph(REPO / "training")
+    assert graph["training.cli"], "the graph must see training's relative imports"
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
