@@ -95,7 +95,6 @@ def _loaded(model) -> tuple[object, bool]:
 def _pca_on_input_grid(features_1mm, scan) -> np.ndarray:
     """The features' first three principal components (each scaled to [0, 1]), resampled from the
     model grid to the input grid like every other output."""
-    from dataclasses import replace
 
     import torch
 
@@ -103,7 +102,7 @@ def _pca_on_input_grid(features_1mm, scan) -> np.ndarray:
 
     feats = torch.from_numpy(np.moveaxis(np.asarray(features_1mm.dataobj, dtype=np.float32), -1, 0))
     rgb = pca_channels(feats, 3)
-    cropped = replace(scan.prepared, pad_before=(0, 0, 0))  # features_1mm is already cropped
+    cropped = scan.prepared.unpadded()  # features_1mm is already cropped
     return np.moveaxis(cropped.to_input_grid(rgb).numpy(), 0, -1)
 
 
