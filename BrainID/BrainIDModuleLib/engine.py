@@ -95,7 +95,6 @@ def _loaded(model) -> tuple[object, bool]:
 def _pca_on_input_grid(features_1mm, scan) -> np.ndarray:
     """The features' first three principal components (each scaled to [0, 1]), resampled from the
     model grid to the input grid like every other output."""
-
     import torch
 
     from BrainIDLib.feature_maps import pca_channels
