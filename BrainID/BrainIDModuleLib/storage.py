@@ -8,29 +8,25 @@ from BrainIDLib.slicer_adapter import scene
 
 
 def load_volume_file(path, name: str | None = None):
-    node = scene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or "")
-    storage = scene().AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    return _read(path, name or "", "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode", "")
+
+
+def load_segmentation_file(path, name: str = "Segmentation"):
+    return _read(path, name, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", "the segmentation ")
+
+
+def _read(path, name: str, node_class: str, storage_class: str, what: str):
+    """A new node of `node_class` read from `path` by a storage node; nothing left in the scene on failure."""
+    node = scene().AddNewNodeByClass(node_class, name)
+    storage = scene().AddNewNodeByClass(storage_class)
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
         scene().RemoveNode(node)
         scene().RemoveNode(storage)
-        raise BrainIDError(f"Slicer could not read {path}")
+        raise BrainIDError(f"Slicer could not read {what}{path}")
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
     return node
-
-
-def load_segmentation_file(path, name: str = "Segmentation"):
-    seg = scene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = scene().AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    if not storage.ReadData(seg):
-        scene().RemoveNode(seg)
-        scene().RemoveNode(storage)
-        raise BrainIDError(f"Slicer could not read the segmentation {path}")
-    seg.SetAndObserveStorageNodeID(storage.GetID())
-    seg.CreateDefaultDisplayNodes()
-    return seg
 
 
 def _write(node, path, storage_class: str) -> None:

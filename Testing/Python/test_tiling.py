@@ -12,6 +12,8 @@ from BrainIDLib.labels import SEGMENTATION_LABELS
 from BrainIDLib.model import Architecture, BrainIDModel, activation_peak_bytes, widest_slab_row
 from BrainIDLib.storage import Storage
 
+from test_model import _randomise
+
 ARCH = Architecture(f_maps=8, levels=3, num_groups=4)
 META = {"name": "test", "input": {"spacing_mm": [1.0, 1.0, 1.0], "normalisation": {"method": "minmax", "percentiles": [0, 100]}},
         "heads": {"segmentation": {"labels": list(SEGMENTATION_LABELS)}}}
@@ -20,13 +22,7 @@ META = {"name": "test", "input": {"spacing_mm": [1.0, 1.0, 1.0], "normalisation"
 def random_model(heads=None, seed=0):
     """Random weights with non-trivial GroupNorm affine parameters (so the comparison exercises them)."""
     torch.manual_seed(seed)
-    m = BrainIDModel(ARCH, heads or {}).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "groupnorm.weight" in name:
-                p.uniform_(0.5, 1.5)
-            elif "groupnorm.bias" in name:
-                p.uniform_(-0.3, 0.3)
+    m = _randomise(BrainIDModel(ARCH, heads or {}).eval())
     m.metadata = {k: (dict(v) if isinstance(v, dict) else v) for k, v in META.items()}
     return m
 
