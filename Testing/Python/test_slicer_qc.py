@@ -35,7 +35,9 @@ def fake_engine():
     agree[labels.index(18)] = 0.2
     volume = [0.0] * n
     volume[labels.index(17)], volume[labels.index(18)] = 3.5, 1.5
-    report = Q.score(labels, {"flip": agree, "shift": agree}, volume, [0.9] * n)
+    expected = [0.9] * n
+    expected[labels.index(18)] = 0.5
+    report = Q.score(labels, {"flip": agree, "shift": agree}, volume, [0.9] * n, expected)
 
     class Prediction:
         def __init__(self, image):
@@ -70,7 +72,7 @@ def test_volumes_table_qc_columns_uncertainty_and_summary(monkeypatch):
     assert columns == ["Label", "Structure", "Volume [mL]", "QC", "Trust"]
     rows = {t.GetValue(r, 1).ToString(): (t.GetValue(r, 3).ToDouble(), t.GetValue(r, 4).ToString())
             for r in range(t.GetNumberOfRows())}
-    assert rows["Left-Hippocampus"][0] == pytest.approx(0.9) and rows["Left-Hippocampus"][1].endswith("good")
+    assert rows["Left-Hippocampus"][0] == pytest.approx(0.5 * (1.0 + 0.9)) and rows["Left-Hippocampus"][1].endswith("good")
     assert rows["Left-Amygdala"][0] < Q.FLAG_BELOW and rows["Left-Amygdala"][1].endswith("low")
     assert sa.table_rows(results["volumes"])[0][:2] == (2, "Left-Cerebral-White-Matter")  # first columns unchanged
     unc = results["uncertainty"]
