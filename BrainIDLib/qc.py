@@ -20,8 +20,9 @@ the weakest signal (0.28 alone). Per structure, on the model grid:
   (scalp labelled as cortex, a structure nearly missing);
 - score = mean(agreement, expected Dice) x volume plausibility, in [0, 1]: two estimates of the
   structure's Dice (between passes, and from the probabilities), discounted by an implausible size.
-  On 12 held-out draws (372 structures, part 3 model) this ranked true Dice at Spearman 0.63, against
-  0.59 for the earlier agreement x confidence x plausibility (confidence alone: 0.30).
+  Chosen on 12 pilot draws of the step 507 model (Spearman with true Dice 0.63 against 0.59 for
+  agreement x confidence x plausibility); on the 36 calibration draws of the shipped step 1176 model
+  the two rank alike (0.587 and 0.589).
 
 The whole-scan score is the median score of the structures normally present, times the
 plausibility of the total labelled volume. The uncertainty map is the per-voxel entropy of the
@@ -50,7 +51,8 @@ from .resources import resource_path
 
 PERTURBATIONS = ("flip",)  # the default passes (one network pass each)
 KNOWN_PERTURBATIONS = ("flip", "shift")
-FLAG_BELOW = 0.55  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py (part 3 brainid-lite)
+FLAG_BELOW = 0.775  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py (brainid-lite step 1176)
+GOOD_FROM = 0.9  # shown green from here, amber down to the flag threshold, red below it
 VOLUME_TOLERANCE = 0.5  # |log(volume / normal range edge)| tolerated before plausibility falls
 VOLUME_WIDTH = 0.5  # how fast plausibility falls beyond the tolerance (Gaussian width in log units)
 
@@ -87,7 +89,7 @@ class QCReport:
         return [s for s in self.structures if s.flagged]
 
     def to_dict(self) -> dict:
-        return {"scan_score": round(self.scan_score, 4), "threshold": self.threshold,
+        return {"scan_score": round(self.scan_score, 4), "threshold": self.threshold, "good_from": GOOD_FROM,
                 "total_volume_ml": round(self.total_volume_ml, 2), "perturbations": list(self.perturbations),
                 "flagged": [s.name for s in self.flagged()], "notes": list(self.notes),
                 "structures": [_rounded(asdict(s)) for s in self.structures]}

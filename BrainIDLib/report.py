@@ -20,11 +20,10 @@ import numpy as np
 
 from .files import atomic_write
 from .labels import label_color
-from .qc import FLAG_BELOW
+from .qc import FLAG_BELOW, GOOD_FROM
 from .volumes import volumes_table
 
 PLANE_PIXELS = 300  # longest side of one plane in the montage
-GOOD_QC = 0.7  # table colours: green from here, amber down to the flag threshold, red below it
 
 
 # ------------------------------------------------------------------------------ PNG
@@ -126,7 +125,7 @@ def _brain_centre(seg) -> list[int] | None:
 def _qc_class(score: float | None, threshold: float) -> str:
     if score is None:
         return ""
-    return "good" if score >= GOOD_QC else ("fair" if score >= threshold else "low")
+    return "good" if score >= GOOD_FROM else ("fair" if score >= threshold else "low")
 
 
 STYLE = """
@@ -187,7 +186,7 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
         parts.append(f"<tr>{cells}</tr>")
     parts.append("</table>")
     if qc is not None:
-        parts.append(f"<p class='note'>QC colours: green &ge; {GOOD_QC:g}, amber &ge; {threshold:g}, red below (flagged). "
+        parts.append(f"<p class='note'>QC colours: green &ge; {GOOD_FROM:g}, amber &ge; {threshold:g}, red below (flagged). "
                      f"QC = mean(agreement, expected Dice) x volume plausibility. {' / '.join(qc.perturbations)}: "
                      "Dice between the segmentation and that of the mirrored (flip) or one-voxel-shifted (shift) "
                      "input; expected Dice: soft Dice of the class probabilities against the structure; volume "

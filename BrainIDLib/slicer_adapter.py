@@ -417,14 +417,14 @@ def segmentation_to_labels(seg, reference) -> np.ndarray:
 # ---------------------------------------------------------------- tables
 
 
-QC_MARKS = ((0.7, "\U0001F7E2 good"), (None, "\U0001F7E1 fair"), (0.0, "\U0001F534 low"))  # green, amber, red
+QC_MARKS = ("\U0001F7E2 good", "\U0001F7E1 fair", "\U0001F534 low")  # green, amber, red
 
 
-def qc_mark(score: float, threshold: float) -> str:
-    """The table's coloured Trust cell: good (>= 0.7), fair (>= threshold) or low (flagged)."""
-    if score >= QC_MARKS[0][0]:
-        return QC_MARKS[0][1]
-    return QC_MARKS[1][1] if score >= threshold else QC_MARKS[2][1]
+def qc_mark(score: float, threshold: float, good_from: float) -> str:
+    """The table's coloured Trust cell: good (>= good_from), fair (>= threshold) or low (flagged)."""
+    if score >= good_from:
+        return QC_MARKS[0]
+    return QC_MARKS[1] if score >= threshold else QC_MARKS[2]
 
 
 def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
@@ -449,7 +449,7 @@ def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
         t.SetValue(r, 2, vtk.vtkVariant(float(ml)))
         if scores is not None and int(label) in scores:
             t.SetValue(r, 3, vtk.vtkVariant(round(float(scores[int(label)]), 3)))
-            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(scores[int(label)]), float(qc["threshold"]))))
+            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(scores[int(label)]), float(qc["threshold"]), float(qc["good_from"]))))
     table.Modified()
     if reference is not None:
         place_in_study(table, reference)
