@@ -521,6 +521,12 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=0)
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (dim 0) in place, in the tensor's own precision: no full-size copy."""
+    logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
+
+
 def _head_slice(model: BrainIDModel, heads: list[str], task: str) -> slice:
     """Where `task`'s channels sit in the raw output of `heads`."""
     start = 0
@@ -550,8 +556,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, slab, progres
         step = Span(progress, k / (len(kinds) + 1), (k + 1) / (len(kinds) + 1))
         raw = run_network(model, replace(prep, tensor=x), ["segmentation"], False, device, mode, budget, step,
                           result.messages, slab, result.precision)[0].float()
-        raw.sub_(raw.amax(0, keepdim=True)).exp_()
-        return raw.div_(raw.sum(0, keepdim=True))
+        return _softmax_(raw)
 
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
     result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
@@ -576,9 +581,7 @@ def _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, want_probs, resu
     if task == "segmentation":
         labels = segmentation_labels(model)
         result.labels = tuple(labels)
-        probs = chunk  # softmax in place over classes (raw outputs are not needed afterwards)
-        probs.sub_(probs.amax(0, keepdim=True)).exp_()
-        probs.div_(probs.sum(0, keepdim=True))
+        probs = _softmax_(chunk)  # in place: the raw outputs are not needed afterwards
         if cleanup:
             keep_largest_components_(probs, labels.index(0) if 0 in labels else None)
         lut = torch.tensor(labels, dtype=torch.int16)

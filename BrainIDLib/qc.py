@@ -205,7 +205,7 @@ def assess(x: torch.Tensor, probs: torch.Tensor, run: Callable[[torch.Tensor], t
     conf = torch.bincount(base.reshape(-1), weights=top.reshape(-1).double(), minlength=n) / counts.clamp_min(1)
     inside = torch.bincount(base.reshape(-1), weights=mean.gather(0, base[None]).reshape(-1).double(), minlength=n)
     mass = mean.reshape(n, -1).double().sum(1)
-    expected = torch.where(counts + mass > 0, 2 * inside / (counts + mass).clamp_min(1e-12), torch.ones_like(mass))
+    expected = 2 * inside / (counts + mass).clamp_min(1e-12)
     conf[counts == 0] = 1.0  # no voxels to doubt: the volume decides whether absence is right
     expected[counts == 0] = 1.0
     by_kind = {k: a.tolist() for k, a in zip(kinds, agreements)}
