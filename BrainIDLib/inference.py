@@ -236,7 +236,7 @@ def _head_float32(model: BrainIDModel, task: str, feats: torch.Tensor, image: to
     return out
 
 
-def _forward_window(model, x, heads, want_features, device, progress_check, precision="fp32",
+def _forward_volume(model, x, heads, want_features, device, progress_check, precision="fp32",
                     storage: Storage | None = None) -> torch.Tensor:
     """(channels, *shape) float32 on the CPU: raw head outputs, then features if asked. The network's
     activations live in `storage` (default: all on `device`); heads run a depth slab at a time."""
@@ -287,7 +287,7 @@ def run_network(model, prep: Prepared, heads, want_features, device, mode, budge
                 storage = _tiled_storage(model, shape, device, slab_elements, out_channels)
                 where = "on disk" if storage.kind == "disk" else "in RAM"
                 progress(0.0, f"running the network tiled (activations {where}, slabs of {slab_elements / 1e6:.1f}M values)")
-            out = _forward_window(model, prep.tensor, heads, want_features, device, progress.check, precision, storage)
+            out = _forward_volume(model, prep.tensor, heads, want_features, device, progress.check, precision, storage)
             progress(1.0, "network done")
             return out, mode, slab_elements, device
         except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here

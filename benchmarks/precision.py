@@ -61,7 +61,7 @@ def lite(reps: int) -> list[dict]:
     import torch
 
     import BrainIDLib
-    from BrainIDLib.inference import _forward_window, predict, prepare_scan
+    from BrainIDLib.inference import _forward_volume, predict, prepare_scan
     from BrainIDLib.volumes import volumes_table
 
     model = BrainIDLib.load_model("brainid-lite")
@@ -79,7 +79,7 @@ def lite(reps: int) -> list[dict]:
         for _ in range(reps):  # the network alone (predict above also maps outputs back to the input grid)
             for p in PRECISIONS:
                 t0 = time.perf_counter()
-                _forward_window(model, scan.prepared.tensor, ["segmentation"], False, CPU, lambda: None, p)
+                _forward_volume(model, scan.prepared.tensor, ["segmentation"], False, CPU, lambda: None, p)
                 net[p].append(time.perf_counter() - t0)
         seg = {p: np.asarray(preds[p].outputs["segmentation"].dataobj) for p in PRECISIONS}
         brain = (seg["fp32"] != 0) | (seg["bf16"] != 0)

@@ -104,9 +104,9 @@ def case_sample(args) -> dict:
     x = scan.prepared.tensor
     cpu = torch.device("cpu")
     slab = 1 << 18  # small slabs: many per layer
-    whole, c_whole, _, m_whole = _timed(lambda: inf._forward_window(model, x, [], True, cpu, lambda: None))
+    whole, c_whole, _, m_whole = _timed(lambda: inf._forward_volume(model, x, [], True, cpu, lambda: None))
     tiled, c_tiled, _, m_tiled = _timed(
-        lambda: inf._forward_window(model, x, [], True, cpu, lambda: None, "fp32", Storage(cpu, "disk", slab)))
+        lambda: inf._forward_volume(model, x, [], True, cpu, lambda: None, "fp32", Storage(cpu, "disk", slab)))
     err = _max_rel(whole, tiled)
     del whole, tiled
     pw, cp_whole, _, mp_whole = _timed(lambda: inf.predict(scan, ["segmentation"], model=model, device="cpu", mode="whole"))
@@ -136,7 +136,7 @@ def case_full(args, kind: str, n: int) -> dict:
         slab = inf.tile_plan(m, (n, n, n), cpu, int(args.budget_gb * (1 << 30)))
         storage = Storage(cpu, "disk", slab)
     idle = _maxrss_gb()
-    out, c, wall, anon = _timed(lambda: inf._forward_window(m, x, [], True, cpu, lambda: None, "fp32", storage))
+    out, c, wall, anon = _timed(lambda: inf._forward_volume(m, x, [], True, cpu, lambda: None, "fp32", storage))
     r = dict(shape=[n] * 3, cpu_s=c, wall_s=wall, rss_anon_gb=anon, maxrss_gb=_maxrss_gb(), idle_maxrss_gb=idle,
              storage_peak_gb=storage.peak_bytes / 1e9, slab_elements=storage.slab_elements,
              estimate_gb=(inf.estimate_forward_bytes(m, (n, n, n), cpu, m.arch.f_maps, storage.slab_elements)

@@ -58,7 +58,7 @@ def spy(monkeypatch):
 
     counting(weights, "build_model", "build_model")
     counting(inference, "prepare", "prepare")
-    counting(inference, "_forward_window", "forward")
+    counting(inference, "_forward_volume", "forward")
     return calls
 
 

@@ -192,7 +192,7 @@ def test_progress_is_monotonic_and_reaches_one_when_tiled():
 def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
     m = random_model()
     monkeypatch.setattr(BrainIDModel, "to", lambda self, *a, **k: self)
-    real = inf._forward_window
+    real = inf._forward_volume
     seen = []
 
     def fake(model, x, heads, want, device, check, precision="fp32", storage=None):
@@ -201,7 +201,7 @@ def test_cuda_out_of_memory_falls_back_to_tiles_then_cpu(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, x, heads, want, device, check, precision, storage)
 
-    monkeypatch.setattr(inf, "_forward_window", fake)
+    monkeypatch.setattr(inf, "_forward_volume", fake)
     monkeypatch.setattr(inf, "select_device", lambda d: torch.device("cuda"))
     monkeypatch.setattr(inf, "release_memory", lambda d: None)
     monkeypatch.setattr(inf, "available_memory_bytes", lambda d: 4 << 30)
@@ -330,7 +330,7 @@ def test_cpu_out_of_memory_is_a_clear_error(monkeypatch):
     def fake(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
 
-    monkeypatch.setattr(inf, "_forward_window", fake)
+    monkeypatch.setattr(inf, "_forward_volume", fake)
     img = nib.Nifti1Image(smooth_image((16, 16, 16)), np.eye(4))
     with pytest.raises(BrainIDError, match="out of memory"):
         inf.predict(img, "anatomy", model=random_model(), device="cpu")

@@ -42,7 +42,7 @@ def test_bf16_agrees_with_fp32_on_the_sample():
     model = BrainIDLib.load_model("brainid-lite")
     scan = inference.prepare_scan(str(sample_path()), model)
     x = scan.prepared.tensor
-    out = {p: inference._forward_window(model, x, ["segmentation"], True, CPU, lambda: None, p) for p in ("fp32", "bf16")}
+    out = {p: inference._forward_volume(model, x, ["segmentation"], True, CPU, lambda: None, p) for p in ("fp32", "bf16")}
     n = model.heads["segmentation"].out_channels
     brain = x[0, 0] > 0
     labels = {p: o[:n].argmax(0)[brain] for p, o in out.items()}
