@@ -174,6 +174,9 @@ def _slab_rows(storage: Storage, channels: int, plane: int, depth: int) -> int:
     return max(1, min(depth, limit // max(1, channels * plane)))
 
 
+MOMENT_CHUNK = 1 << 22
+
+
 class _Moments:
     """Per-channel sums of values and squares in float64, gathered slab by slab as outputs are written
     (whole-volume GroupNorm statistics without a second pass over the stored tensor)."""
@@ -182,23 +185,41 @@ class _Moments:
         self.count, self.sum, self.sq = 0, None, None
 
     def add(self, t: torch.Tensor) -> None:
-        sums, sqs = [], []
-        for c0 in range(0, t.shape[1], 16):  # 16 channels at a time bound the temporaries
-            chunk = t[:, c0 : c0 + 16].float()
-            c = chunk.shape[1]
-            # GroupNorm's own statistics kernel, one group per channel: ~2.7x faster than var_mean
-            _, mean, rstd = torch.native_group_norm(chunk, None, None, 1, c, chunk[0, 0].numel(), c, 0.0)
-            mean = mean.double().view(-1)
-            sums.append(mean)
-            sqs.append(rstd.double().view(-1).pow(-2) + mean * mean)  # var = rstd^-2 (eps 0; constant: 0)
-        n = t[0, 0].numel()
-        s, q = torch.cat(sums) * n, torch.cat(sqs) * n
+        """Adds a (1, C, D, H, W) slab in chunks of at most MOMENT_CHUNK values (bounded temporaries, and
+        few calls: many small kernel calls are slow on a busy CPU): channel chunks of a contiguous slab,
+        depth rows of a channels-last one."""
+        channels, depth, plane = t.shape[1], t.shape[2], t.shape[3] * t.shape[4]
+        if t.is_contiguous():
+            step = max(1, MOMENT_CHUNK // (depth * plane))
+            parts = [_channel_moments(t[:, c0 : c0 + step]) for c0 in range(0, channels, step)]
+            s, q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            step = max(1, MOMENT_CHUNK // (channels * plane))
+            parts = [_channel_moments(t[:, :, d0 : d0 + step]) for d0 in range(0, depth, step)]
+            s, q = sum(p[0] for p in parts), sum(p[1] for p in parts)
         self.sum = s if self.sum is None else self.sum + s
         self.sq = q if self.sq is None else self.sq + q
-        self.count += n
+        self.count += t[0, 0].numel()
 
     def mean_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sum / self.count, self.sq / self.count
+
+
+def _channel_moments(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sums of values and of squares (float64) of a (1, C, ...) chunk, from GroupNorm's own
+    statistics kernel with one group per channel (~2.7x faster than var_mean)."""
+    chunk = chunk.float()
+    c, n = chunk.shape[1], chunk[0, 0].numel()
+    _, mean, rstd = torch.native_group_norm(chunk, None, None, 1, c, n, c, 0.0)
+    mean = mean.double().view(-1)
+    return mean * n, (rstd.double().view(-1).pow(-2) + mean * mean) * n  # var = rstd^-2 (eps 0; constant: 0)
+
+
+def _channel_moments_last(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for a channels-last chunk: column sums of its (voxels, C) view. GroupNorm's kernel with
+    one group per channel is slow on that layout (12 ms for 256 channels of 24x24 voxels)."""
+    v = chunk.float().permute(0, 2, 3, 4, 1).reshape(-1, chunk.shape[1])
+    return v.sum(0).double(), (v * v).sum(0).double()
 
 
 class _Activation:
@@ -258,11 +279,16 @@ class _Upsampled:
         return torch.cat(means).to(device), torch.cat(sqs).to(device)
 
     def rows(self, lo: int, hi: int, storage: Storage) -> torch.Tensor:
-        """Upsampled rows lo..hi on the compute device: gather the depth rows, then upsample in-plane."""
-        low = self.low_res.tensor
-        t = torch.stack([low[:, :, i] for i in self.index[0][lo:hi].tolist()], dim=2)  # faster than index_select
-        t = storage.load(t)
-        return F.interpolate(t, size=(hi - lo, len(self.index[1]), len(self.index[2])), mode="nearest")
+        """Upsampled rows lo..hi on the compute device: the low-res rows they need are loaded, then one
+        gather (advanced indexing; ~3x faster than F.interpolate on the CPU) in the storage's layout."""
+        d = self.index[0][lo:hi]
+        first = int(d[0])
+        t = storage.load(self.low_res.tensor[:, :, first : int(d[-1]) + 1])[0]
+        i, j, k = (v.to(t.device) for v in (d - first, self.index[1], self.index[2]))
+        i, j, k = i[:, None, None], j[None, :, None], k[None, None, :]
+        if t.is_contiguous():
+            return t[:, i, j, k].unsqueeze(0)
+        return t.permute(1, 2, 3, 0)[i, j, k].permute(3, 0, 1, 2).unsqueeze(0)  # channels-last: whole C vectors
 
 
 def _max_pool(x: _Activation, storage: Storage, check: Callable[[], None]) -> _Activation:
@@ -323,12 +349,13 @@ def _single_conv(layer: SingleConv, parts: list, storage: Storage, check) -> _Ac
     target = first if first.shape[1] == conv.out_channels else None
     depth, plane = spatial[0], spatial[1] * spatial[2]
     slab = _slab_rows(storage, max(channels, conv.out_channels), plane, depth)
+    weight = conv.weight.contiguous(memory_format=storage.memory_format)
     out, halo, moments = None, None, _Moments()
     for d0 in range(0, depth, slab):
         check()
         d1 = min(depth, d0 + slab)
         xs = _input_slab(parts, d0, d1, scale, shift, storage, halo if out is target else None)
-        r = F.leaky_relu_(F.conv3d(xs, conv.weight, padding=(0, 1, 1)), LEAKY_SLOPE)
+        r = F.leaky_relu_(F.conv3d(xs, weight, padding=(0, 1, 1)), LEAKY_SLOPE)
         del xs
         moments.add(r)
         if d1 - d0 == depth and storage.kind == "device":  # one slab: the convolution's output is the result
@@ -353,7 +380,8 @@ def _input_slab(parts: list, d0: int, d1: int, scale, shift, storage: Storage, h
     rows = hi - lo
     shape = tuple(parts[0].tensor.shape[3:])
     dtype = parts[0].tensor.dtype
-    xs = torch.empty((1, scale.numel(), pad_lo + rows + pad_hi) + shape, dtype=dtype, device=storage.compute)
+    xs = torch.empty((1, scale.numel(), pad_lo + rows + pad_hi) + shape, dtype=dtype, device=storage.compute,
+                     memory_format=storage.memory_format)
     if pad_lo:
         xs[:, :, 0].zero_()
     if pad_hi:

@@ -26,11 +26,12 @@ class Storage:
 
     kind: "device" (on `compute`), "ram" (CPU memory, pinned when `compute` is CUDA) or "disk"
     (memory-mapped files in `directory`, default the temp folder). slab_elements: the largest slab a
-    convolution reads or writes at once (None: the model's default). Tracks live and peak bytes.
+    convolution reads or writes at once (None: the model's default). memory_format: the layout of
+    5-D tensors (None: channels-last on the CPU, contiguous elsewhere). Tracks live and peak bytes.
     """
 
     def __init__(self, compute: torch.device | str, kind: str = "device", slab_elements: int | None = None,
-                 directory: str | os.PathLike | None = None):
+                 directory: str | os.PathLike | None = None, memory_format: torch.memory_format | None = None):
         if kind not in KINDS:
             raise ValueError(f"storage kind must be one of {KINDS}, not {kind!r}")
         self.compute = torch.device(compute)
@@ -38,6 +39,14 @@ class Storage:
         self.slab_elements = slab_elements
         self.directory = str(directory or tempfile.gettempdir())
         self.pinned = kind == "ram" and self.compute.type == "cuda"
+        # 5-D tensors are kept channels-last on the CPU: oneDNN's convolutions are as fast or faster on
+        # (N, D, H, W, C) data, GroupNorm-style statistics and upsampling gathers are cheaper, and a
+        # depth slab is one contiguous block. GPUs keep the (N, C, D, H, W) layout.
+        if memory_format is None:
+            memory_format = torch.channels_last_3d if self.compute.type == "cpu" else torch.contiguous_format
+        if memory_format not in (torch.channels_last_3d, torch.contiguous_format):
+            raise ValueError("memory_format must be torch.channels_last_3d or torch.contiguous_format")
+        self.memory_format = memory_format
         self.live_bytes = 0
         self.peak_bytes = 0
 
@@ -46,14 +55,18 @@ class Storage:
         return self.compute if self.kind == "device" else torch.device("cpu")
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised whole-volume tensor in this storage."""
+        """An uninitialised whole-volume tensor in this storage (5-D: in `memory_format`)."""
+        shape = tuple(int(s) for s in shape)
         numel = 1
         for s in shape:
-            numel *= int(s)
+            numel *= s
+        last = len(shape) == 5 and self.memory_format == torch.channels_last_3d
         if self.kind == "disk":
-            t = _file_tensor(numel, dtype, self.directory).view(tuple(shape))
+            t = _file_tensor(numel, dtype, self.directory)
+            t = t.view(shape[:1] + shape[2:] + shape[1:2]).permute(0, 4, 1, 2, 3) if last else t.view(shape)
         else:
-            t = torch.empty(tuple(shape), dtype=dtype, device=self.device, pin_memory=self.pinned and _can_pin())
+            t = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pinned and _can_pin(),
+                            memory_format=self.memory_format if last else torch.contiguous_format)
         return self.adopt(t)
 
     def output(self, shape) -> torch.Tensor:

@@ -563,7 +563,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, scan, model_file):
     time.sleep(0.5)  # inside `import torch` (it takes > 1 s), before any output
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    # 130, or death by SIGINT after the message (CPython can end that way once an interrupt crossed an
+    # interpreter-level eval during start-up): a shell reports both as $? == 130
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "brainid: interrupted"
     assert files_under(tmp_path / "o") == []
 

@@ -66,6 +66,26 @@ def test_tiled_forward_equals_the_whole_volume(model_and_whole, kind, slab, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["device", "disk"])
+def test_both_activation_layouts_give_the_same_features(model_and_whole, kind, tmp_path):
+    # the CPU keeps activations channels-last (depth slabs are contiguous blocks); GPUs keep (N, C, D, H, W):
+    # run that layout here too, tiled, so its code paths (moments, upsampling gather) are checked on the CPU
+    m, x, whole = model_and_whole
+    last = Storage("cpu", kind, 700, directory=tmp_path)
+    plain = Storage("cpu", kind, 700, directory=tmp_path, memory_format=torch.contiguous_format)
+    assert last.memory_format == torch.channels_last_3d
+    stored = last.empty((1, 3, 4, 5, 6), torch.float32)
+    assert stored.is_contiguous(memory_format=torch.channels_last_3d) and stored[:, :, 1:3].is_contiguous(memory_format=torch.channels_last_3d)
+    assert plain.empty((1, 3, 4, 5, 6), torch.float32).is_contiguous()
+    del stored
+    with torch.no_grad():
+        a = m.backbone.forward_low_memory(x, None, last)
+        b = m.backbone.forward_low_memory(x, None, plain)
+    assert a.is_contiguous(memory_format=torch.channels_last_3d) and b.is_contiguous()
+    for out in (a, b):
+        assert float((out - whole).abs().max() / whole.abs().max()) <= 1e-4
+
+
 def test_disk_storage_is_mapped_files_that_never_outlive_the_run(tmp_path):
     if not os.path.exists("/proc/self/maps"):
         pytest.skip("needs /proc/self/maps")
