@@ -559,7 +559,7 @@ def _quality(model, vol, prep, probs, kinds, device, mode, budget, slab, progres
         return _softmax_(raw)
 
     voxel_ml = abs(float(np.linalg.det(prep.grid_affine[:3, :3]))) / 1000.0
-    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds)
+    result.qc, unc = qc.assess(prep.tensor, probs, run, labels, voxel_ml, prep.crop, keep, kinds, qc.typical_dice_of(model))
     progress(0.9, "uncertainty map")
     unc = prep.unpadded().to_input_grid(unc[None])[0].clamp_(0, 1)
     if pad is not None:  # certain there, as the segmentation is

@@ -18,11 +18,17 @@ the weakest signal (0.28 alone). Per structure, on the model grid:
 - volume plausibility: 1 inside the normal range of the structure's volume in training label maps
   (Resources/labels/structure_volumes.json, `benchmarks/qc_norms.py`), falling to 0 far outside it
   (scalp labelled as cortex, a structure nearly missing);
-- score = mean(agreement, expected Dice) x volume plausibility, in [0, 1]: two estimates of the
-  structure's Dice (between passes, and from the probabilities), discounted by an implausible size.
-  Chosen on 12 pilot draws of the step 507 model (Spearman with true Dice 0.63 against 0.59 for
-  agreement x confidence x plausibility); on the 36 calibration draws of the shipped step 1176 model
-  the two rank alike (0.587 and 0.589).
+- typical Dice: how well this model segments the structure on label maps it was trained on (the
+  model file's `heads.segmentation.typical_dice`, measured by `training/qc_prior.py`). Which
+  structure it is explains most of how good its result is (a ventricle is easy, a vessel is not):
+  on the held-out calibration draws of the step 1176 model, each structure's mean Dice on the other
+  maps ranks the results with Spearman 0.81, the scan's own signals only 0.59;
+- score = sqrt(typical Dice x mean(agreement, expected Dice)) x volume plausibility, in [0, 1]: the
+  geometric mean of the model's record on the structure and this scan's two estimates of its Dice
+  (between passes, and from the probabilities), discounted by an implausible size. Without a typical
+  Dice in the model file (other models) the score is mean(agreement, expected Dice) x plausibility.
+  Within one structure only the scan's signals rank the results, and they rank them weakly
+  (calibration figures in the README and model card).
 
 The whole-scan score is the median score of the structures normally present, times the
 plausibility of the total labelled volume. The uncertainty map is the per-voxel entropy of the
@@ -69,6 +75,7 @@ class StructureQC:
     volume_ml: float  # on the model grid
     flagged: bool
     by_perturbation: dict = field(default_factory=dict)  # perturbation -> Dice with the base
+    typical_dice: float | None = None  # the model's mean Dice for this structure on its training maps
 
 
 @dataclass
@@ -170,12 +177,13 @@ def _dice_per_class(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
 
 def assess(x: torch.Tensor, probs: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], labels,
            voxel_ml: float, crop: Callable = lambda t: t, keep: torch.Tensor | None = None,
-           kinds=PERTURBATIONS) -> tuple[QCReport, torch.Tensor]:
+           kinds=PERTURBATIONS, typical_dice: dict | None = None) -> tuple[QCReport, torch.Tensor]:
     """(QC report, uncertainty map on the cropped grid) for one segmentation.
 
     x: (1, 1, *padded) network input; probs: (C, *padded) its class probabilities; run(x') -> (C,
     *padded) probabilities of another input; crop: padded -> model grid; keep: voxels of the model
-    grid that may hold a structure (None: all; elsewhere background, as predict() sets the padding).
+    grid that may hold a structure (None: all; elsewhere background, as predict() sets the padding);
+    typical_dice: label -> the model's typical Dice (`typical_dice_of(model)`), None when unknown.
     """
     labels = [int(v) for v in labels]
     n = len(labels)
@@ -209,14 +217,34 @@ def assess(x: torch.Tensor, probs: torch.Tensor, run: Callable[[torch.Tensor], t
     conf[counts == 0] = 1.0  # no voxels to doubt: the volume decides whether absence is right
     expected[counts == 0] = 1.0
     by_kind = {k: a.tolist() for k, a in zip(kinds, agreements)}
-    report = score(labels, by_kind, (counts * voxel_ml).tolist(), conf.tolist(), expected.tolist())
+    report = score(labels, by_kind, (counts * voxel_ml).tolist(), conf.tolist(), expected.tolist(), typical_dice)
     return report, entropy.clamp_(0, 1)
 
 
-def score(labels, by_kind: dict, volume_ml, confidence, expected_dice) -> QCReport:
+def typical_dice_of(model) -> dict[int, float] | None:
+    """label -> typical Dice from the model file's metadata (`training/qc_prior.py`), None if absent."""
+    seg = (getattr(model, "metadata", None) or {}).get("heads", {}).get("segmentation", {})
+    table = seg.get("typical_dice")
+    if not isinstance(table, dict) or not table:
+        return None
+    try:
+        return {int(k): min(1.0, max(0.0, float(v))) for k, v in table.items()}
+    except (TypeError, ValueError):
+        raise BrainIDError("the model file's heads.segmentation.typical_dice is not a table of label -> Dice; "
+                           "re-export the model (training/export_brainid_lite.py)") from None
+
+
+def structure_score(agreement: float, expected_dice: float, plausibility: float, typical: float | None) -> float:
+    """One structure's QC score (see the module's docstring)."""
+    own = 0.5 * (agreement + expected_dice)
+    return (own if typical is None else math.sqrt(typical * own)) * plausibility
+
+
+def score(labels, by_kind: dict, volume_ml, confidence, expected_dice, typical_dice: dict | None = None) -> QCReport:
     """Combine per-class measures (class order; by_kind: perturbation -> per-class Dice with the base)
     into structure and whole-scan scores."""
     norms = volume_norms()["structures"]
+    typical_dice = typical_dice or {}
     rows, usual = [], []
     for i, lab in enumerate(labels):
         if lab == 0:
@@ -227,9 +255,10 @@ def score(labels, by_kind: dict, volume_ml, confidence, expected_dice) -> QCRepo
         # absent from a pass and the base: they agree (the volume decides whether absence is right)
         dice = {k: (1.0 if math.isnan(a[i]) else float(a[i])) for k, a in by_kind.items()}
         agree = sum(dice.values()) / len(dice) if dice else 1.0
-        s = 0.5 * (agree + float(expected_dice[i])) * plaus
+        typical = typical_dice.get(lab)
+        s = structure_score(agree, float(expected_dice[i]), plaus, typical)
         rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]),
-                                float(expected_dice[i]), vol, s < FLAG_BELOW, dice))
+                                float(expected_dice[i]), vol, s < FLAG_BELOW, dice, typical))
         if norm and norm["median_ml"] > 0:
             usual.append(s)
     total = float(sum(v for lab, v in zip(labels, volume_ml) if lab != 0))

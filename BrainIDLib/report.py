@@ -174,7 +174,7 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
     by_label = qc.by_label() if qc is not None else {}
     parts.append("<h2>Structure volumes</h2><table><tr><th>label</th><th>structure</th><th>mL</th>"
                  + ("<th>QC</th>" + "".join(f"<th>{k}</th>" for k in qc.perturbations)
-                    + "<th>expected Dice</th><th>volume plausible</th>" if qc else "")
+                    + "<th>expected Dice</th><th>volume plausible</th><th>typical Dice</th>" if qc else "")
                  + "</tr>")
     for r in rows:
         s = by_label.get(r.label)
@@ -182,15 +182,18 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
         if s is not None:
             agree = "".join(f"<td>{s.by_perturbation[k]:.2f}</td>" for k in qc.perturbations)
             cells += (f"<td class='{_qc_class(s.score, threshold)}'>{s.score:.2f}</td>{agree}"
-                      f"<td>{s.expected_dice:.2f}</td><td>{s.volume_plausibility:.2f}</td>")
+                      f"<td>{s.expected_dice:.2f}</td><td>{s.volume_plausibility:.2f}</td>"
+                      f"<td>{'-' if s.typical_dice is None else f'{s.typical_dice:.2f}'}</td>")
         parts.append(f"<tr>{cells}</tr>")
     parts.append("</table>")
     if qc is not None:
         parts.append(f"<p class='note'>QC colours: green &ge; {GOOD_FROM:g}, amber &ge; {threshold:g}, red below (flagged). "
-                     f"QC = mean(agreement, expected Dice) x volume plausibility. {' / '.join(qc.perturbations)}: "
+                     "QC = sqrt(typical Dice x mean(agreement, expected Dice)) x volume plausibility (without a "
+                     f"typical Dice: mean(agreement, expected Dice) x volume plausibility). {' / '.join(qc.perturbations)}: "
                      "Dice between the segmentation and that of the mirrored (flip) or one-voxel-shifted (shift) "
                      "input; expected Dice: soft Dice of the class probabilities against the structure; volume "
-                     "plausible: 1 inside the range of training label maps.</p>")
+                     "plausible: 1 inside the range of training label maps; typical Dice: this model's mean Dice "
+                     "for the structure on synthetic scans of its training label maps.</p>")
     parts.append("<h2>Model and known limits</h2>"
                  f"<p class='note'>{esc(model_description or model_name)}</p><ul class='note'>"
                  "<li>QC scores rank results by how much to trust them; they are not Dice values. They were "

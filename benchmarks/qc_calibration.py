@@ -43,17 +43,11 @@ from BrainIDLib import metrics as M  # noqa: E402
 from BrainIDLib import qc as Q  # noqa: E402
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_color  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
-from training.model_card import FAMILIES, FAMILY_OPTIONS, REGIMES, make_generators  # noqa: E402
+from training.card_parts import FAMILY_OPTIONS, condition  # noqa: E402
+from training.model_card import make_generators  # noqa: E402
 
-SEVERITIES = (0.0, 0.5, 1.0)
 DICE_FAIL = 0.5
 _SEG = np.array(SEGMENTATION_LABELS)
-
-
-def condition(k: int) -> tuple[str, str, float]:
-    """The k-th (family, regime, severity) of a map: the three cycle at co-prime periods (5, 4, 3), so
-    10+ draws per map cover every family, regime and severity."""
-    return FAMILIES[k % len(FAMILIES)], REGIMES[k % len(REGIMES)], SEVERITIES[k % len(SEVERITIES)]
 
 
 def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
@@ -67,7 +61,7 @@ def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
             continue
         rows.append({**meta, "label": s.label, "dice": d, "qc": s.score, "agreement": s.agreement,
                      "volume_plausibility": s.volume_plausibility, "confidence": s.confidence,
-                     "expected_dice": s.expected_dice,
+                     "expected_dice": s.expected_dice, "typical_dice": s.typical_dice,
                      **{f"agree_{k}": v for k, v in s.by_perturbation.items()}})
     scan = {**meta, "scan_score": pred.qc.scan_score, "mean_dice": M.mean_dice(dice),
             "total_ml": pred.qc.total_volume_ml, "reference_ml": float((ref > 0).sum()) / 1000.0}
@@ -130,6 +124,11 @@ def best_threshold(qc: np.ndarray, dice: np.ndarray) -> dict:
 def calibrate(rows: list, scans: list) -> dict:
     dice = np.array([r["dice"] for r in rows])
     signals = ["qc", "agreement", "confidence", "expected_dice", "volume_plausibility"] + sorted(k for k in rows[0] if k.startswith("agree_"))
+    if all(r.get("typical_dice") is not None for r in rows):  # the model file's prior (training/qc_prior.py)
+        signals.append("typical_dice")
+        for r in rows:  # the scan's own part of the score, without the prior
+            r["scan_signals"] = Q.structure_score(r["agreement"], r["expected_dice"], r["volume_plausibility"], None)
+        signals.append("scan_signals")
     pooled = {s: spearman([r[s] for r in rows], dice) for s in signals}
     within = {}
     for s in signals:

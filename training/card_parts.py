@@ -14,6 +14,8 @@ FAMILIES = ("t1", "t2", "flair", "ct", "gmm")
 FAMILY_NAMES = {"t1": "T1-like", "t2": "T2-like", "flair": "FLAIR-like", "ct": "CT-like", "gmm": "random GMM"}
 FAMILY_OPTIONS = {f: {"ct_prob": float(f == "ct"), "flair_prob": float(f == "flair"), "t1_prob": float(f == "t1"),
                       "t2_prob": float(f == "t2")} for f in FAMILIES}
+REGIMES = ("1mm", "thick_slice", "low_field", "low_iso")
+SEVERITIES = (0.0, 0.5, 1.0)
 TISSUES = {
     "cerebral WM": (2, 41, 77),
     "cerebral cortex": (3, 42),
@@ -23,6 +25,12 @@ TISSUES = {
     "brainstem": (16,),
 }
 _SEG = np.array(SEGMENTATION_LABELS)
+
+
+def condition(k: int) -> tuple[str, str, float]:
+    """The k-th (family, regime, severity) of a series of draws: the three cycle at co-prime periods
+    (5, 4, 3), so 10+ consecutive draws cover every family, regime and severity."""
+    return FAMILIES[k % len(FAMILIES)], REGIMES[k % len(REGIMES)], SEVERITIES[k % len(SEVERITIES)]
 
 
 def tissue_of(ids: np.ndarray) -> np.ndarray:

@@ -75,6 +75,16 @@ def main(argv=None) -> int:
         "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
     }
+    prior = pre / "typical_dice.json"  # training/qc_prior.py: the QC score's per-structure prior
+    if prior.is_file():
+        table = json.loads(prior.read_text())
+        if table.get("step") != _run_summary(pre)["steps"] or "typical_dice" not in table:
+            raise SystemExit(f"{prior} was measured on other weights (step {table.get('step')}) or is unfinished: "
+                             "run python -m training.qc_prior again, or delete it")
+        heads_meta["segmentation"]["typical_dice"] = table["typical_dice"]
+        heads_meta["segmentation"]["typical_dice_source"] = (
+            f"mean Dice per structure over {table['draws_per_map']} whole-head draws of each of "
+            f"{len(table['label_maps'])} training label maps (training/qc_prior.py); the QC score's prior")
     model.metadata = {
         "name": NAME, "description": DESCRIPTION,
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},

@@ -48,9 +48,9 @@ import BrainIDLib
 from BrainIDLib import metrics as M
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_color, label_name
 
-from .card_parts import _SEG, FAMILIES, FAMILY_NAMES, FAMILY_OPTIONS, TISSUES, dice, nanmean, overlay, show, tissue_of
+from .card_parts import (_SEG, FAMILIES, FAMILY_NAMES, FAMILY_OPTIONS, REGIMES, TISSUES, dice, nanmean, overlay, show,
+                         tissue_of)
 
-REGIMES = ("1mm", "thick_slice", "low_field", "low_iso")
 SIZE = (160, 192, 160)  # 1 mm draw: the whole brain
 # MNI152 tissue check: FreeSurfer structures counted as grey / white matter
 MNI_GM = (3, 42, 8, 47, 10, 11, 12, 13, 17, 18, 26, 49, 50, 51, 52, 53, 54, 58)

@@ -151,6 +151,34 @@ def test_volume_plausibility():
     assert 1000 < norms["total"]["median_ml"] < 2500
 
 
+def test_typical_dice_prior_sets_the_level_the_scan_moves_it():
+    # the model's record on a structure and the scan's own estimate, combined as a geometric mean
+    assert qc.structure_score(0.8, 0.6, 1.0, None) == pytest.approx(0.7)
+    assert qc.structure_score(0.8, 0.6, 0.5, 0.28) == pytest.approx(math.sqrt(0.28 * 0.7) * 0.5)
+    x = blobs()
+    plain, _ = qc.assess(x, hemisphere_net(x), hemisphere_net, LABELS, voxel_ml=1.0)
+    known, _ = qc.assess(x, hemisphere_net(x), hemisphere_net, LABELS, voxel_ml=1.0, typical_dice={2: 0.36})
+    p, k = plain.by_label(), known.by_label()
+    assert p[2].typical_dice is None and k[2].typical_dice == 0.36 and k[41].typical_dice is None
+    assert k[2].score == pytest.approx(0.6 * p[2].score)  # sqrt(0.36 x 1) x plausibility
+    assert k[41].score == p[41].score
+    assert k[2].flagged and not p[2].flagged
+    written = {r["label"]: r for r in json.loads(json.dumps(known.to_dict()))["structures"]}
+    assert written[2]["typical_dice"] == 0.36 and written[41]["typical_dice"] is None
+
+
+def test_typical_dice_is_read_from_the_model_file_and_checked():
+    class Model:
+        metadata = {"heads": {"segmentation": {"typical_dice": {"2": 0.8, "41": 1.7}}}}
+
+    assert qc.typical_dice_of(Model()) == {2: 0.8, 41: 1.0}  # clipped into [0, 1]
+    Model.metadata = {"heads": {"segmentation": {"labels": [0, 2]}}}
+    assert qc.typical_dice_of(Model()) is None  # other models: the scan's signals alone
+    Model.metadata = {"heads": {"segmentation": {"typical_dice": {"left WM": "high"}}}}
+    with pytest.raises(qc.BrainIDError, match="typical_dice"):
+        qc.typical_dice_of(Model())
+
+
 @pytest.fixture(scope="module")
 def sample_runs():
     """Two QC runs of the shipped model on the shipped sample (determinism), plus a noise volume."""
@@ -181,7 +209,7 @@ def test_qc_on_the_sample_ranges_and_determinism(sample_runs):
         for v in (s.score, s.agreement, s.volume_plausibility, s.confidence, s.expected_dice):
             assert 0.0 <= v <= 1.0 and not math.isnan(v), s
         assert s.flagged == (s.score < a.qc.threshold)
-        assert s.score == pytest.approx(0.5 * (s.agreement + s.expected_dice) * s.volume_plausibility)
+        assert s.score == pytest.approx(qc.structure_score(s.agreement, s.expected_dice, s.volume_plausibility, s.typical_dice))
     assert 0.0 <= a.qc.scan_score <= 1.0
     seg = np.asanyarray(a.outputs["segmentation"].dataobj)
     brain_ml = (seg > 0).sum() * np.prod(img.header.get_zooms()) / 1000
