@@ -195,7 +195,7 @@ class _Moments:
             s, q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
             step = max(1, MOMENT_CHUNK // (channels * plane))
-            parts = [_channel_moments(t[:, :, d0 : d0 + step]) for d0 in range(0, depth, step)]
+            parts = [_channel_moments_last(t[:, :, d0 : d0 + step]) for d0 in range(0, depth, step)]
             s, q = sum(p[0] for p in parts), sum(p[1] for p in parts)
         self.sum = s if self.sum is None else self.sum + s
         self.sq = q if self.sq is None else self.sq + q
@@ -216,10 +216,14 @@ def _channel_moments(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _channel_moments_last(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for a channels-last chunk: column sums of its (voxels, C) view. GroupNorm's kernel with
-    one group per channel is slow on that layout (12 ms for 256 channels of 24x24 voxels)."""
+    """The same for a channels-last chunk, from var_mean over its (voxels, C) view: GroupNorm's kernel
+    on that layout sums in float32 row by row (variance off by ~1e-3 on 4M values) and float32 sums of
+    squares cancel; var_mean stays within ~1e-7."""
     v = chunk.float().permute(0, 2, 3, 4, 1).reshape(-1, chunk.shape[1])
-    return v.sum(0).double(), (v * v).sum(0).double()
+    var, mean = torch.var_mean(v, 0, correction=0)
+    n = v.shape[0]
+    mean = mean.double()
+    return mean * n, (var.double() + mean * mean) * n
 
 
 class _Activation:

@@ -10,7 +10,8 @@ Each case runs in a fresh subprocess and reports its own wall time and peak resi
   head-tiled                 : `predict(...)` of a whole 1 mm head (the MNI152 2009a template shipped
                                inside nilearn, 197x233x189, or a 192x224x192 phantom) with a random
                                33-class segmentation head, tiled (exact: activations on disk) within
-                               a --budget-gb budget, outputs mapped back to the input grid
+                               a --budget-gb budget, outputs mapped back to the input grid; reports
+                               peak RssAnon too (ru_maxrss also counts mapped file pages)
 Tiled vs whole equality and memory: benchmarks/tiling.py.
 The baseline (official-*) runs in the same invocation, so ratios compare like with like.
 """
@@ -94,10 +95,14 @@ def run_case(name: str, threads: int, budget_gb: float) -> dict:
             if not stages or stages[-1][1].split(" ")[0] != message.split(" ")[0]:
                 stages.append((round(fraction, 3), message, round(_peak_gb(), 2)))
 
-        pred = predict(img, tasks=["segmentation"], model=m, device="cpu", mode="tiled", memory_budget_gb=budget_gb,
-                       progress=trace)
+        from tiling import MemorySampler  # benchmarks/tiling.py: peak RssAnon, which mapped activation files do not count in
+
+        with MemorySampler() as mem:
+            pred = predict(img, tasks=["segmentation"], model=m, device="cpu", mode="tiled", memory_budget_gb=budget_gb,
+                           progress=trace)
         stages.append((1.0, "returned", round(_peak_gb(), 2)))
         result["stages"] = stages
+        result["rss_anon_gb"] = mem.peak_kb * 1024 / 1e9
         result.update(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, peak_gb=_peak_gb(), idle_gb=base, source=source,
                       shape=list(img.shape), mode=pred.mode)
     else:
@@ -132,7 +137,8 @@ def main(argv=None) -> int:
         results[case] = r
         if "stages" in r:
             print("               peak by step: " + "; ".join(f"{m} {g} GB" for _, m, g in r["stages"]), flush=True)
-        extra = f"  [{r.get('source', '')}, {'x'.join(map(str, r['shape']))}, {r['mode']}]" if case == "head-tiled" else ""
+        extra = (f"  [{r.get('source', '')}, {'x'.join(map(str, r['shape']))}, {r['mode']}; peak RssAnon {r['rss_anon_gb']:.2f} GB: "
+                 "the peak above also counts the page cache of the mapped activation files]") if case == "head-tiled" else ""
         print(f"{case:14s} {r['seconds']:7.1f} s (cpu {r['cpu_seconds']:6.1f} s)   peak {r['peak_gb']:5.2f} GB (idle process {r['idle_gb']:.2f} GB){extra}", flush=True)
     for n in (96, 160):
         o, u = results.get(f"official-{n}"), results.get(f"ours-{n}")
@@ -146,7 +152,8 @@ def main(argv=None) -> int:
         if o:
             checks.append(("160^3 whole time <= official", u["seconds"] <= o["seconds"]))
     if "head-tiled" in results:
-        checks.append(("whole head tiled peak <= 3 GB", results["head-tiled"]["peak_gb"] <= 3.0))
+        checks.append((f"whole head tiled peak RssAnon <= the {args.budget_gb:g} GB budget",
+                       results["head-tiled"]["rss_anon_gb"] <= args.budget_gb))
     for what, ok in checks:
         print(f"target {what}: {'met' if ok else 'MISSED'}")
     return 0

@@ -154,3 +154,17 @@ def test_predict_tiled_on_disk_gives_the_whole_volume_labels(tmp_path, monkeypat
     a, b = whole.outputs["anatomy"].get_fdata(), tiled.outputs["anatomy"].get_fdata()
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_whole_volume_statistics_stay_exact_on_a_real_sized_volume():
+    # GroupNorm statistics gathered over millions of voxels per channel: a float32 running sum (GroupNorm's own
+    # kernel on channels-last data) drifts to ~5e-5 here; the low-memory forward must match the plain one
+    from BrainIDLib import load_model
+    from BrainIDLib.samples import sample_path
+
+    model = load_model("brainid-lite")
+    x = inf.prepare_scan(str(sample_path()), model).prepared.tensor
+    with torch.no_grad():
+        plain = model.backbone(x)
+        low = model.backbone.forward_low_memory(x)
+    assert float((low - plain).abs().max() / plain.abs().max()) < 5e-6
