@@ -153,8 +153,9 @@ def calibrate(rows: list, scans: list) -> dict:
             "scan_spearman": spearman([s["scan_score"] for s in scans], [s["mean_dice"] for s in scans])}
 
 
-def skull_demo(model, label_file: Path, kinds: tuple, log) -> dict:
-    """A T1-like whole-head draw vs the same image with everything outside the intracranial mask set to 0."""
+def skull_demo(model, label_file: Path, kinds: tuple, log, older=None) -> dict:
+    """A T1-like whole-head draw vs the same image with everything outside the intracranial mask set to 0;
+    `older`: also the with-skull draw through another model (one that labels the scalp as brain)."""
     from BrainIDLib.synth import SubjectGenerator
 
     gen = SubjectGenerator(preset="brainid-extended", size=(192, 224, 192), n_mild=1, n_severe=0,
@@ -164,8 +165,11 @@ def skull_demo(model, label_file: Path, kinds: tuple, log) -> dict:
     ref = _SEG[draw["segmentation"].numpy()]
     head = draw["inputs"][0, 0].numpy()
     out = {}
-    for name, image in (("with skull", head), ("skull-stripped", head * (ref > 0))):
-        pred = BrainIDLib.predict(nib.Nifti1Image(image, np.eye(4)), tasks=("segmentation",), model=model,
+    cases = [("with skull", head, model), ("skull-stripped", head * (ref > 0), model)]
+    if older is not None:
+        cases.append(("with skull, older model", head, older))
+    for name, image, m in cases:
+        pred = BrainIDLib.predict(nib.Nifti1Image(image, np.eye(4)), tasks=("segmentation",), model=m,
                                   device="cpu", qc=kinds)
         _, scan = _records(pred, ref, {"map": label_file.name, "case": name})
         seg = np.asarray(pred.outputs["segmentation"].dataobj)
@@ -226,11 +230,12 @@ def plot(path: Path, rows: list, scans: list, res: dict, demo: dict | None) -> N
                     vmin=0, vmax=1, label="held-out draws (colour: severity)")
     fig.colorbar(sc, ax=ax, shrink=0.8, label="severity")
     if demo:
-        for name, marker in (("with skull", "X"), ("skull-stripped", "P")):
+        for name, marker, colour in (("with skull", "X", "red"), ("skull-stripped", "P", "C1"),
+                                     ("with skull, older model", "s", "m")):
             d = demo.get(name)
             if d:
-                ax.scatter([d["scan_score"]], [d["mean_dice"]], marker=marker, s=110, c="red" if marker == "X" else "C1",
-                           edgecolors="k", label=f"T1 draw, {name}")
+                ax.scatter([d["scan_score"]], [d["mean_dice"]], marker=marker, s=110, c=colour, edgecolors="k",
+                           label=f"T1 draw, {name} ({d['total_ml'] / 1000:.1f} L labelled)")
         real = demo.get("sample (real, skull-stripped)")
         if real:
             ax.axvline(real["scan_score"], color="grey", ls="--", lw=1,
@@ -258,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--perturbations", nargs="+", default=list(Q.PERTURBATIONS), choices=Q.KNOWN_PERTURBATIONS,
                     help="QC passes (default: BrainIDLib.qc's default)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--older-model", help="also run the with-skull draw through this model (e.g. an earlier "
+                                          "brainid-lite that labels the scalp as brain) to show its whole-scan score")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -269,7 +276,8 @@ def main(argv=None) -> int:
     kinds = tuple(args.perturbations)
     rows, scans = run_draws(model, args.labels, args.draws, args.cache, kinds, log)
     res = calibrate(rows, scans)
-    demo = None if args.quick else skull_demo(model, args.labels[0], kinds, log)
+    older = BrainIDLib.load_model(args.older_model) if args.older_model else None
+    demo = None if args.quick else skull_demo(model, args.labels[0], kinds, log, older)
     costs = None if args.quick else cost(model, kinds, log)
     print(f"\nper-structure Spearman(signal, true Dice) over {res['pairs']} (draw, structure) pairs, {res['draws']} draws:")
     for s, v in res["spearman_pooled"].items():

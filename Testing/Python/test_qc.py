@@ -163,6 +163,7 @@ def test_typical_dice_prior_sets_the_level_the_scan_moves_it():
     assert k[2].score == pytest.approx(0.6 * p[2].score)  # sqrt(0.36 x 1) x plausibility
     assert k[41].score == p[41].score
     assert k[2].flagged and not p[2].flagged
+    assert known.scan_score == plain.scan_score  # the whole-scan score compares scans: no model constant in it
     written = {r["label"]: r for r in json.loads(json.dumps(known.to_dict()))["structures"]}
     assert written[2]["typical_dice"] == 0.36 and written[41]["typical_dice"] is None
 
