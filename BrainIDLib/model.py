@@ -353,7 +353,7 @@ def _single_conv(layer: SingleConv, parts: list, storage: Storage, check) -> _Ac
     target = first if first.shape[1] == conv.out_channels else None
     depth, plane = spatial[0], spatial[1] * spatial[2]
     slab = _slab_rows(storage, max(channels, conv.out_channels), plane, depth)
-    weight = conv.weight.contiguous(memory_format=storage.memory_format)
+    weight = conv.weight.contiguous(memory_format=storage.layout(first.dtype))
     out, halo, moments = None, None, _Moments()
     for d0 in range(0, depth, slab):
         check()
@@ -385,7 +385,7 @@ def _input_slab(parts: list, d0: int, d1: int, scale, shift, storage: Storage, h
     shape = tuple(parts[0].tensor.shape[3:])
     dtype = parts[0].tensor.dtype
     xs = torch.empty((1, scale.numel(), pad_lo + rows + pad_hi) + shape, dtype=dtype, device=storage.compute,
-                     memory_format=storage.memory_format)
+                     memory_format=storage.layout(dtype))
     if pad_lo:
         xs[:, :, 0].zero_()
     if pad_hi:

@@ -77,6 +77,7 @@ def test_both_activation_layouts_give_the_same_features(model_and_whole, kind, t
     stored = last.empty((1, 3, 4, 5, 6), torch.float32)
     assert stored.is_contiguous(memory_format=torch.channels_last_3d) and stored[:, :, 1:3].is_contiguous(memory_format=torch.channels_last_3d)
     assert plain.empty((1, 3, 4, 5, 6), torch.float32).is_contiguous()
+    assert last.empty((1, 3, 4, 5, 6), torch.bfloat16).is_contiguous()  # bf16 convolutions prefer (N, C, D, H, W)
     del stored
     with torch.no_grad():
         a = m.backbone.forward_low_memory(x, None, last)
