@@ -315,7 +315,7 @@ def manual_instructions(entry: ModelEntry, f: ModelFile) -> str:
     else:
         lines.append("  3. No checksum is published for this file, so BrainID cannot verify it; it is still "
                      "loaded safely (tensors only, never arbitrary pickled code).")
-    lines.append(f"  Then check with: brainid models")
+    lines.append("  Then check with: brainid models")
     return "\n".join(lines)
 
 

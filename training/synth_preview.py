@@ -44,7 +44,6 @@ def write_preview(labels_path_or_dir, out_png, seed: int = 0, size=(128, 128, 12
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     from BrainIDLib.labels import SEGMENTATION_LABELS
     from BrainIDLib.synth import SubjectGenerator

@@ -2,7 +2,6 @@
 most probable class; the decision is mirror-symmetric; predict applies it unless told not to."""
 
 import numpy as np
-import pytest
 import torch
 
 import BrainIDLib

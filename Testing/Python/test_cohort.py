@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from BrainIDLib import cli
 from test_cli import assert_one_line_error, make_scan, run, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

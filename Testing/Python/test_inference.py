@@ -13,7 +13,6 @@ import BrainIDLib.model as model_mod
 from BrainIDLib.errors import BrainIDError, Cancelled
 from BrainIDLib.labels import SEGMENTATION_LABELS
 from BrainIDLib.model import Architecture, BrainIDModel
-from BrainIDLib.progress import Progress, Span
 from BrainIDLib.volume import load_volume, prepare
 from BrainIDLib.volumes import volumes_table, write_volumes_csv
 

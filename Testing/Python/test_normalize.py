@@ -1,7 +1,6 @@
 """Intensity normalisation shared by training and inference (BrainIDLib.normalize): outliers, the
 amount of air, CT in Hounsfield units, and the inference path using it as the model asks."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

@@ -55,7 +55,6 @@ def world_linear(affine, shape, coef=(0.3, -0.2, 0.5)):
 @pytest.mark.parametrize("name", list(AFFINES))
 def test_orientation_round_trip_is_exact_without_resampling(name):
     affine = AFFINES[name]
-    spacing = voxel_sizes(affine)
     vol = Volume(np.random.default_rng(0).random((13, 11, 9)).astype(np.float32), affine)
     prep = prepare(vol, spacing_mm=[1, 1, 1], normalisation=NORM, multiple=4)
     # resample at the input's own spacing (in RAS order): the round trip must be exact
