@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from BrainIDLib.files import atomic_write, sha256_of
@@ -76,11 +77,11 @@ def main(argv=None) -> int:
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
     }
     prior = pre / "typical_dice.json"  # training/qc_prior.py: the QC score's per-structure prior
-    if prior.is_file():
-        table = json.loads(prior.read_text())
-        if table.get("step") != _run_summary(pre)["steps"] or "typical_dice" not in table:
-            raise SystemExit(f"{prior} was measured on other weights (step {table.get('step')}) or is unfinished: "
-                             "run python -m training.qc_prior again, or delete it")
+    table = json.loads(prior.read_text()) if prior.is_file() else {}
+    if table.get("step") != _run_summary(pre)["steps"] or "typical_dice" not in table:
+        print(f"note: no QC prior for step {_run_summary(pre)['steps']} in {pre} (the QC score falls back to the scan's own "
+              "signals): run python -m training.qc_prior on this export, then export again", file=sys.stderr)
+    else:
         heads_meta["segmentation"]["typical_dice"] = table["typical_dice"]
         heads_meta["segmentation"]["typical_dice_source"] = (
             f"mean Dice per structure over {table['draws_per_map']} whole-head draws of each of "
