@@ -259,11 +259,12 @@ def score(labels, by_kind: dict, volume_ml, confidence, expected_dice, typical_d
         dice = {k: (1.0 if math.isnan(a[i]) else float(a[i])) for k, a in by_kind.items()}
         agree = sum(dice.values()) / len(dice) if dice else 1.0
         typical = typical_dice.get(lab)
-        s = structure_score(agree, float(expected_dice[i]), plaus, typical)
+        own = structure_score(agree, float(expected_dice[i]), plaus, None)  # the scan's part alone
+        s = own if typical is None else structure_score(agree, float(expected_dice[i]), plaus, typical)
         rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]),
                                 float(expected_dice[i]), vol, s < FLAG_BELOW, dice, typical))
         if norm and norm["median_ml"] > 0:
-            usual.append(s if typical is None else structure_score(agree, float(expected_dice[i]), plaus, None))
+            usual.append(own)  # the whole-scan score compares scans: no model constant in it
     total = float(sum(v for lab, v in zip(labels, volume_ml) if lab != 0))
     tn = volume_norms()["total"]
     scan = (statistics.median(usual) if usual else 0.0) * plausibility(total, tn["min_ml"], tn["max_ml"])

@@ -76,10 +76,11 @@ def main(argv=None) -> int:
         "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
     }
+    pretrain = _run_summary(pre)  # reads the whole log: once
     prior = pre / "typical_dice.json"  # training/qc_prior.py: the QC score's per-structure prior
     table = json.loads(prior.read_text()) if prior.is_file() else {}
-    if table.get("step") != _run_summary(pre)["steps"] or "typical_dice" not in table:
-        print(f"note: no QC prior for step {_run_summary(pre)['steps']} in {pre} (the QC score falls back to the scan's own "
+    if table.get("step") != pretrain["steps"] or "typical_dice" not in table:
+        print(f"note: no QC prior for step {pretrain['steps']} in {pre} (the QC score falls back to the scan's own "
               "signals): run python -m training.qc_prior on this export, then export again", file=sys.stderr)
     else:
         heads_meta["segmentation"]["typical_dice"] = table["typical_dice"]
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         "name": NAME, "description": DESCRIPTION,
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
         "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True},
-        "training": {"pretrain": _run_summary(pre), "heads": _run_summary(heads) if heads.is_dir() else None,
+        "training": {"pretrain": pretrain, "heads": _run_summary(heads) if heads.is_dir() else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
                      "card": "docs/model-card.md"},
