@@ -12,6 +12,7 @@ which is how tiled inference stays exact.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -179,10 +180,12 @@ MOMENT_CHUNK = 1 << 22
 
 class _Moments:
     """Per-channel sums of values and squares in float64, gathered slab by slab as outputs are written
-    (whole-volume GroupNorm statistics without a second pass over the stored tensor)."""
+    (whole-volume GroupNorm statistics without a second pass over the stored tensor). Channels-last
+    slabs are summed as deviations from a per-channel `pilot` near the mean, so float32 sums of squares
+    do not cancel."""
 
     def __init__(self):
-        self.count, self.sum, self.sq = 0, None, None
+        self.count, self.sum, self.sq, self.pilot = 0, None, None, None
 
     def add(self, t: torch.Tensor) -> None:
         """Adds a (1, C, D, H, W) slab in chunks of at most MOMENT_CHUNK values (bounded temporaries, and
@@ -194,15 +197,21 @@ class _Moments:
             parts = [_channel_moments(t[:, c0 : c0 + step]) for c0 in range(0, channels, step)]
             s, q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         else:
+            if self.pilot is None:  # the mean of a sparse sample of the first slab
+                self.pilot = t[:, :, ::2, ::4, ::4].float().mean((0, 2, 3, 4))
             step = max(1, MOMENT_CHUNK // (channels * plane))
-            parts = [_channel_moments_last(t[:, :, d0 : d0 + step]) for d0 in range(0, depth, step)]
+            parts = [_channel_moments_last(t[:, :, d0 : d0 + step], self.pilot) for d0 in range(0, depth, step)]
             s, q = sum(p[0] for p in parts), sum(p[1] for p in parts)
         self.sum = s if self.sum is None else self.sum + s
         self.sq = q if self.sq is None else self.sq + q
         self.count += t[0, 0].numel()
 
     def mean_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sum / self.count, self.sq / self.count
+        mean, sq = self.sum / self.count, self.sq / self.count
+        if self.pilot is None:
+            return mean, sq
+        k = self.pilot.double()
+        return k + mean, sq + k * (2 * mean + k)
 
 
 def _channel_moments(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,15 +224,12 @@ def _channel_moments(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean * n, (rstd.double().view(-1).pow(-2) + mean * mean) * n  # var = rstd^-2 (eps 0; constant: 0)
 
 
-def _channel_moments_last(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for a channels-last chunk, from var_mean over its (voxels, C) view: GroupNorm's kernel
-    on that layout sums in float32 row by row (variance off by ~1e-3 on 4M values) and float32 sums of
-    squares cancel; var_mean stays within ~1e-7."""
-    v = chunk.float().permute(0, 2, 3, 4, 1).reshape(-1, chunk.shape[1])
-    var, mean = torch.var_mean(v, 0, correction=0)
-    n = v.shape[0]
-    mean = mean.double()
-    return mean * n, (var.double() + mean * mean) * n
+def _channel_moments_last(chunk: torch.Tensor, pilot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sums of deviations from `pilot` and of their squares (float64) of a channels-last
+    chunk, from float32 sums over its (voxels, C) view (~3x faster than var_mean and as accurate, ~1e-7;
+    GroupNorm's kernel on this layout sums row by row in float32 and is off by ~1e-3)."""
+    d = chunk.float().permute(0, 2, 3, 4, 1).reshape(-1, chunk.shape[1]) - pilot
+    return d.sum(0).double(), d.mul_(d).sum(0).double()
 
 
 class _Activation:
@@ -254,6 +260,7 @@ class _Upsampled:
     def __init__(self, low_res: _Activation):
         self.low_res = low_res
         self.index: list[torch.Tensor] | None = None
+        self.doubled = False
 
     @property
     def channels(self) -> int:
@@ -265,6 +272,7 @@ class _Upsampled:
         for n_in, n_out in zip(self.low_res.tensor.shape[2:], size):
             src = torch.arange(n_in, dtype=torch.float32).view(1, 1, -1)
             self.index.append(F.interpolate(src, size=int(n_out), mode="nearest").view(-1).long())
+        self.doubled = all(torch.equal(i, torch.arange(i.numel()) // 2) for i in self.index[1:])
 
     def mean_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and mean of squares of the upsampled tensor (float64), from the low-res one."""
@@ -282,26 +290,39 @@ class _Upsampled:
         device = self.low_res.moments.sum.device
         return torch.cat(means).to(device), torch.cat(sqs).to(device)
 
-    def rows(self, lo: int, hi: int, storage: Storage) -> torch.Tensor:
-        """Upsampled rows lo..hi on the compute device: the low-res rows they need are loaded, then one
-        gather (advanced indexing; ~3x faster than F.interpolate on the CPU) in the storage's layout."""
+    def into(self, dest: torch.Tensor, lo: int, hi: int, storage: Storage) -> None:
+        """Writes upsampled rows lo..hi into `dest` (1, C, hi - lo, H, W) on the compute device: the
+        low-res rows they need are loaded and picked, then repeated in-plane straight into `dest` (a
+        broadcast copy where each voxel doubles, as between U-Net levels: ~5x faster than a gather;
+        otherwise one gather, ~3x faster than F.interpolate on the CPU)."""
         d = self.index[0][lo:hi]
         first = int(d[0])
-        t = storage.load(self.low_res.tensor[:, :, first : int(d[-1]) + 1])[0]
-        i, j, k = (v.to(t.device) for v in (d - first, self.index[1], self.index[2]))
-        i, j, k = i[:, None, None], j[None, :, None], k[None, None, :]
-        if t.is_contiguous():
-            return t[:, i, j, k].unsqueeze(0)
-        return t.permute(1, 2, 3, 0)[i, j, k].permute(3, 0, 1, 2).unsqueeze(0)  # channels-last: whole C vectors
+        t = storage.load(self.low_res.tensor[:, :, first : int(d[-1]) + 1])
+        pick = (d - first).to(t.device)
+        if self.low_res.tensor.is_contiguous():  # (a depth slice of it is not)
+            low = t.index_select(2, pick)
+        else:  # channels-last: pick whole (voxel, C) rows
+            low = t.permute(0, 2, 3, 4, 1).index_select(1, pick).permute(0, 4, 1, 2, 3)
+        n, c, rows, h, w = low.shape
+        if dest.shape[3:] == (2 * h, 2 * w) and self.doubled:
+            dest.view(n, c, rows, h, 2, w, 2).copy_(low[:, :, :, :, None, :, None].expand(n, c, rows, h, 2, w, 2))
+        else:
+            j, k = (v.to(t.device) for v in self.index[1:])
+            dest.copy_(low[:, :, :, j[:, None], k[None, :]])
 
 
 def _max_pool(x: _Activation, storage: Storage, check: Callable[[], None]) -> _Activation:
-    """2x2x2 max pooling slab by slab into the storage, with the pooled tensor's moments."""
+    """2x2x2 max pooling (slab by slab unless the storage is the device) into the storage, with the
+    pooled tensor's moments."""
     t = x.tensor
+    moments = _Moments()
+    if storage.kind == "device":  # the pooled tensor is 1/8 of the input, which is whole on the device anyway
+        p = F.max_pool3d(t, 2)
+        moments.add(p)
+        return _Activation(storage.adopt(p), moments)
     depth, plane = t.shape[2], t.shape[3] * t.shape[4]
     rows = max(2, _slab_rows(storage, t.shape[1], plane, depth) // 2 * 2)
     out = storage.empty(tuple(t.shape[:2]) + tuple(s // 2 for s in t.shape[2:]), t.dtype)
-    moments = _Moments()
     for d0 in range(0, depth - 1, rows):
         check()
         p = F.max_pool3d(storage.load(t[:, :, d0 : d0 + rows]), 2)
@@ -318,7 +339,7 @@ def _double_conv(module: DoubleConv, parts: list, storage: Storage, check) -> _A
 
 
 def _norm_affine(gn: nn.GroupNorm, parts: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float32 scale and shift equal to GroupNorm over the concatenation of `parts`, from
+    """Per-channel float64 scale and shift equal to GroupNorm over the concatenation of `parts`, from
     their float64 per-channel moments pooled per group."""
     stats = [p.mean_sq() for p in parts]
     mean_c = torch.cat([m.to(device) for m, _ in stats])
@@ -331,36 +352,132 @@ def _norm_affine(gn: nn.GroupNorm, parts: list, device: torch.device) -> tuple[t
     g_mean = g_mean.repeat_interleave(per_group)
     weight, bias = gn.weight.to(device).double(), gn.bias.to(device).double()
     scale = weight * rstd
-    return scale.float(), (bias - g_mean * scale).float()
+    return scale, bias - g_mean * scale
+
+
+def _conv_bias_bf16():
+    """oneDNN's convolution that takes bfloat16 data with a float32 bias (F.conv3d wants one dtype), or
+    None where this torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+class _NormalisedConv:
+    """GroupNorm (as `scale`, `shift`) then the 3x3x3 convolution, on (1, C, rows, H, W) input slabs.
+
+    Slabs are normalised before the convolution, except for bfloat16 activations on the CPU: normalising
+    bfloat16 data with float32 statistics took a fifth of the forward there, so the affine is folded into the
+    convolution instead and no normalised copy is written: conv(x * scale + shift) = conv(x, W * scale)
+    + conv(shift). The second term is one value per output channel except on the volume's faces, edges
+    and corners, where the zero padding cuts the kernel off: the value goes in as a float32 bias inside
+    oneDNN's float32 accumulation (outputs are rounded to bfloat16 once, after the raw inputs' offsets
+    cancel), and the border voxels get their difference added afterwards. (float32 gained nothing from
+    folding; CUDA's float16 autocast would round the bias.)
+    """
+
+    def __init__(self, layer: SingleConv, parts: list, spatial: tuple, storage: Storage):
+        compute = storage.compute
+        scale, shift = _norm_affine(layer.groupnorm, parts, compute)
+        stored = parts[0].tensor.dtype
+        # (a float32 input, the scan, is normalised before it is rounded: raw intensities far from 0
+        # relative to their spread would lose their detail to bfloat16)
+        bf16 = (compute.type == "cpu" and stored == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        self.bf16_conv = _conv_bias_bf16() if bf16 else None
+        self.fold = self.bf16_conv is not None
+        self.dtype = torch.bfloat16 if self.fold else stored
+        weight = layer.conv.weight.detach()
+        if not self.fold:
+            self.affine = scale.float(), shift.float()
+            self.weight = weight.contiguous(memory_format=storage.layout(stored))
+            return
+        self.affine = None
+        scale, shift = scale.float(), shift.float()
+        folded = (weight.to(compute) * scale.view(1, -1, 1, 1, 1)).to(self.dtype)
+        self.weight = folded.contiguous(memory_format=storage.layout(self.dtype))
+        # conv(shift) per kernel tap, through the rounded folded weights (unscaled: shift / scale), so
+        # that the raw inputs' offsets cancel as the rounded weights see them; a channel with scale 0
+        # has folded weights 0 and its shift goes through its own weights.
+        kept = scale != 0
+        out_ch, in_ch = folded.shape[:2]
+        taps = torch.matmul(torch.where(kept, shift / scale, 0.0), folded.float().view(out_ch, in_ch, 27))
+        if not bool(kept.all()):
+            taps += torch.matmul(shift[~kept], weight.to(compute, torch.float32)[:, ~kept].reshape(out_ch, -1, 27))
+        # ... summed over the taps that fall inside the volume, for the first, middle and last voxel
+        # classes along each axis
+        places = [min(n, 3) for n in spatial]
+        inside = [_taps_inside(n).to(compute) for n in spatial]
+        shifted = torch.einsum("oijk,ai,bj,ck->oabc", taps.double().view(out_ch, 3, 3, 3), *inside)
+        centre = tuple(min(1, k - 1) for k in places)
+        interior = shifted[(slice(None),) + centre]
+        self.bias = interior.float()
+        self.borders = [(place, (shifted[(slice(None),) + place] - interior).float().view(1, -1, 1, 1, 1))
+                        for place in itertools.product(*(range(k) for k in places)) if place != centre]
+        self.spatial = spatial
+
+    def __call__(self, xs: torch.Tensor, d0: int, depth_padding: int = 0) -> torch.Tensor:
+        """Output rows d0.. of the convolution of input slab `xs` (its depth halo included, or padded)."""
+        padding = (depth_padding, 1, 1)
+        if not self.fold:
+            return F.conv3d(xs, self.weight, padding=padding)
+        r = self.bf16_conv(xs, self.weight, self.bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "none", [], "")
+        d1 = d0 + r.shape[2]
+        for place, delta in self.borders:
+            (lo, hi), rows, cols = (_span(k, n) for k, n in zip(place, self.spatial))
+            lo, hi = max(lo, d0), min(hi, d1)
+            if lo < hi:
+                r[:, :, lo - d0 : hi - d0, slice(*rows), slice(*cols)] += delta
+        return r
+
+
+def _taps_inside(size: int) -> torch.Tensor:
+    """(classes, 3) float64: which of a 3-tap kernel's offsets (-1, 0, +1) fall inside an axis of `size`
+    voxels, for its first, middle and last voxel classes (`_span`)."""
+    first = [_span(c, size)[0] for c in range(min(size, 3))]
+    return torch.tensor([[float(0 <= i + t - 1 < size) for t in range(3)] for i in first], dtype=torch.float64)
+
+
+def _span(place: int, size: int) -> tuple[int, int]:
+    """Voxel range of the first (0), middle (1) or last position class along an axis of `size` voxels."""
+    last = min(size, 3) - 1
+    if place == 0:
+        return 0, 1
+    return (size - 1, size) if place == last else (1, size - 1)
 
 
 def _single_conv(layer: SingleConv, parts: list, storage: Storage, check) -> _Activation:
     """GroupNorm + conv + LeakyReLU over the channel concatenation of `parts` without building it.
 
-    Each depth slab (plus a one-voxel halo) is gathered from the storage, normalised on the compute
-    device, convolved and written into one preallocated output, whose moments accumulate as it is
-    written. When the first part has as many channels as the output, the output overwrites it slab by
-    slab; the one input row the next slab still needs is kept aside.
+    Each depth slab (plus a one-voxel halo) is gathered from the storage onto the compute device,
+    convolved (`_NormalisedConv`) and written into one preallocated output, whose moments accumulate as
+    it is written. A single part read whole needs no gathering. When the first part has as many channels
+    as the output, the output overwrites it slab by slab; the one input row the next slab still needs is
+    kept aside.
     """
-    gn, conv = layer.groupnorm, layer.conv
     spatial = tuple(parts[0].tensor.shape[2:])
     for p in parts:
         if isinstance(p, _Upsampled):
             p.set_size(spatial)
-    scale, shift = _norm_affine(gn, parts, storage.compute)
-    channels = scale.numel()
+    conv = _NormalisedConv(layer, parts, spatial, storage)
+    channels = sum(p.channels for p in parts)
+    out_channels = layer.conv.out_channels
     first = parts[0].tensor
-    target = first if first.shape[1] == conv.out_channels else None
+    target = first if first.shape[1] == out_channels else None
     depth, plane = spatial[0], spatial[1] * spatial[2]
-    slab = _slab_rows(storage, max(channels, conv.out_channels), plane, depth)
-    weight = conv.weight.contiguous(memory_format=storage.layout(first.dtype))
+    slab = _slab_rows(storage, max(channels, out_channels), plane, depth)
+    direct = conv.affine is None and slab == depth and len(parts) == 1 and first.dtype == conv.dtype
     out, halo, moments = None, None, _Moments()
     for d0 in range(0, depth, slab):
         check()
         d1 = min(depth, d0 + slab)
-        xs = _input_slab(parts, d0, d1, scale, shift, storage, halo if out is target else None)
-        r = F.leaky_relu_(F.conv3d(xs, weight, padding=(0, 1, 1)), LEAKY_SLOPE)
-        del xs
+        if direct:
+            r = conv(storage.load(first), 0, depth_padding=1)
+        else:
+            xs = _input_slab(parts, d0, d1, conv, storage, halo if out is target else None)
+            r = conv(xs, d0)
+            del xs
+        r = F.leaky_relu_(r, LEAKY_SLOPE)
         moments.add(r)
         if d1 - d0 == depth and storage.kind == "device":  # one slab: the convolution's output is the result
             out = storage.adopt(r)
@@ -374,18 +491,19 @@ def _single_conv(layer: SingleConv, parts: list, storage: Storage, check) -> _Ac
     return _Activation(out, moments)
 
 
-def _input_slab(parts: list, d0: int, d1: int, scale, shift, storage: Storage, halo) -> torch.Tensor:
-    """Normalised rows d0-1..d1+1 of the parts' concatenation on the compute device, zero rows past the
-    volume's ends (the convolution's depth padding). `halo` replaces row d0-1 of the first part when
-    that part is being overwritten by the output."""
+def _input_slab(parts: list, d0: int, d1: int, conv: _NormalisedConv, storage: Storage, halo) -> torch.Tensor:
+    """Rows d0-1..d1+1 of the parts' concatenation on the compute device in the convolution's dtype
+    (normalised unless the convolution folds the normalisation in), zero rows past the volume's ends
+    (the convolution's depth padding). `halo` replaces row d0-1 of the first part when that part is
+    being overwritten by the output."""
     depth = parts[0].tensor.shape[2]
     lo, hi = max(0, d0 - 1), min(depth, d1 + 1)
     pad_lo, pad_hi = int(d0 == 0), int(d1 == depth)
     rows = hi - lo
     shape = tuple(parts[0].tensor.shape[3:])
-    dtype = parts[0].tensor.dtype
-    xs = torch.empty((1, scale.numel(), pad_lo + rows + pad_hi) + shape, dtype=dtype, device=storage.compute,
-                     memory_format=storage.layout(dtype))
+    channels = sum(p.channels for p in parts)
+    xs = torch.empty((1, channels, pad_lo + rows + pad_hi) + shape, dtype=conv.dtype, device=storage.compute,
+                     memory_format=storage.layout(conv.dtype))
     if pad_lo:
         xs[:, :, 0].zero_()
     if pad_hi:
@@ -393,15 +511,20 @@ def _input_slab(parts: list, d0: int, d1: int, scale, shift, storage: Storage, h
     c = 0
     for i, p in enumerate(parts):
         n = p.channels
-        sc, sh = scale[c : c + n].view(1, -1, 1, 1, 1), shift[c : c + n].view(1, -1, 1, 1, 1)
         dest = xs[:, c : c + n, pad_lo : pad_lo + rows]
         if isinstance(p, _Upsampled):
-            torch.addcmul(sh, p.rows(lo, hi, storage), sc, out=dest)
+            p.into(dest, lo, hi, storage)
+            sources = [(dest, dest)]
         elif i == 0 and halo is not None and lo < d0:  # row d0-1 already holds outputs
-            torch.addcmul(sh, storage.load(halo), sc, out=dest[:, :, :1])
-            torch.addcmul(sh, storage.load(p.tensor[:, :, d0:hi]), sc, out=dest[:, :, 1:])
+            sources = [(storage.load(halo), dest[:, :, :1]), (storage.load(p.tensor[:, :, d0:hi]), dest[:, :, 1:])]
         else:
-            torch.addcmul(sh, storage.load(p.tensor[:, :, lo:hi]), sc, out=dest)
+            sources = [(storage.load(p.tensor[:, :, lo:hi]), dest)]
+        for src, to in sources:
+            if conv.affine is not None:
+                scale, shift = conv.affine
+                torch.addcmul(shift[c : c + n].view(1, -1, 1, 1, 1), src, scale[c : c + n].view(1, -1, 1, 1, 1), out=to)
+            elif src is not to:
+                to.copy_(src)
         c += n
     return xs
 

@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "Resources" / "Models" / f"{NAME}.safetensors"))
     ap.add_argument("--registry", default=str(ROOT / "Resources" / "models.json"))
     ap.add_argument("--make-default", action="store_true", help="also make it the registry default")
+    ap.add_argument("--bf16-measured", action="store_true",
+                    help="record that bfloat16 CPU inference was measured equivalent to float32 for these weights "
+                         "(benchmarks/precision.py --part lite), so precision auto uses it on CPUs with native bf16")
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
@@ -87,10 +90,13 @@ def main(argv=None) -> int:
         heads_meta["segmentation"]["typical_dice_source"] = (
             f"mean Dice per structure over {table['draws_per_map']} whole-head draws of each of "
             f"{len(table['label_maps'])} training label maps (training/qc_prior.py); the QC score's prior")
+    inputs = {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True}
+    if args.bf16_measured:
+        inputs["bf16"] = True
     model.metadata = {
         "name": NAME, "description": DESCRIPTION,
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
-        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True},
+        "input": inputs,
         "training": {"pretrain": pretrain, "heads": _run_summary(heads) if heads.is_dir() else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
         "architecture": model.arch.to_dict(),
         "tasks": list(BrainIDLib.TASKS),
         "labels": list(SEGMENTATION_LABELS),
-        "input": {"spacing_mm": SPACING, "normalisation": NORMALISATION, "flip_average": True},
+        "input": inputs,
         "licence": "Apache-2.0",
         "source": "Trained by the BrainID project (training/train_brainid_lite.sh, training/export_brainid_lite.py); "
                   "evaluation in docs/model-card.md",

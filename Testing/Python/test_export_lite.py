@@ -30,14 +30,15 @@ def make_run(tmp_path: Path, step: int) -> Path:
     return run
 
 
-def export(tmp_path: Path, run: Path, capsys):
+def export(tmp_path: Path, run: Path, capsys, *extra: str):
     registry = tmp_path / "models.json"
     shutil.copy(REPO / "Resources" / "models.json", registry)
     out = tmp_path / "brainid-lite.safetensors"
     assert export_brainid_lite.main(["--pretrain", str(run), "--heads", str(tmp_path / "none"), "--out", str(out),
-                                     "--registry", str(registry)]) == 0
+                                     "--registry", str(registry), *extra]) == 0
     entry = next(m for m in json.loads(registry.read_text())["models"] if m["name"] == "brainid-lite")
     assert entry["files"][0]["sha256"] == sha256_of(out)
+    assert entry["input"] == BrainIDLib.load_model(out).metadata["input"]
     return BrainIDLib.load_model(out), capsys.readouterr().err
 
 
@@ -59,3 +60,17 @@ def test_export_leaves_out_a_prior_of_other_weights_with_a_note(tmp_path, capsys
     model, err = export(tmp_path, run, capsys)
     assert "typical_dice" not in model.metadata["heads"]["segmentation"]
     assert "no QC prior for step 6" in err and "training.qc_prior" in err
+
+
+def test_bf16_is_recorded_only_when_measured(tmp_path, capsys):
+    """precision auto runs bf16 only for weights whose export says it was measured equivalent."""
+    from BrainIDLib.inference import cpu_has_native_bf16, cpu_precision
+
+    run = make_run(tmp_path, 5)
+    model, _ = export(tmp_path, run, capsys)
+    assert "bf16" not in model.metadata["input"]
+    measured, _ = export(tmp_path, run, capsys, "--bf16-measured")
+    assert measured.metadata["input"]["bf16"] is True
+    cpu = torch.device("cpu")
+    assert cpu_precision("auto", model, cpu) == "fp32"
+    assert cpu_precision("auto", measured, cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")

@@ -71,6 +71,32 @@ def test_bf16_keeps_the_low_memory_forward():
     torch.testing.assert_close(heads[0], whole)
 
 
+@pytest.mark.parametrize("shape", [(6, 7, 5), (1, 2, 3), (2, 5, 1), (9, 3, 4)])
+def test_bf16_folded_normalisation_is_exact_to_rounding_everywhere(shape):
+    """bf16 on the CPU folds GroupNorm's affine into the convolution and adds the shift's border terms
+    (faces, edges, corners; axes of 1-3 voxels) afterwards. Inputs offset by 3x their spread (the fold
+    cancels the offset inside the convolution; a missing or misplaced border term would be off by about
+    the offset) must give the normalised convolution to bf16 rounding at every voxel: whole, and one
+    depth row per slab with the output overwriting its input."""
+    from BrainIDLib.model import SingleConv, _Activation, _single_conv
+    from BrainIDLib.storage import Storage
+
+    torch.manual_seed(3)
+    x = (3 + torch.randn(1, 8, *shape)).bfloat16()
+    layer = SingleConv(8, 8, 4).eval()
+    with torch.no_grad():
+        layer.groupnorm.weight.copy_(torch.rand(8) + 0.5)
+        layer.groupnorm.bias.copy_(torch.randn(8))
+        ref = layer(x.float())
+    for slab in (None, 8 * shape[1] * shape[2]):
+        storage = Storage(CPU, "ram", slab, memory_format=torch.contiguous_format)
+        with torch.no_grad(), inference._autocast(CPU, "bf16"):
+            out = _single_conv(layer, [_Activation.store(x, storage)], storage, lambda: None).tensor
+        assert out.dtype == torch.bfloat16
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 0.03 * float(ref.abs().max()), (shape, slab, err)  # (without the border terms: ~1.5x)
+
+
 def test_auto_is_fp32_unless_native_and_measured(monkeypatch, tmp_path):
     for native, measured, expected in [(False, True, "fp32"), (True, None, "fp32"), (True, False, "fp32"),
                                        (True, True, "bf16"), (False, None, "fp32")]:
