@@ -480,7 +480,9 @@ def _single_conv(layer: SingleConv, parts: list, storage: Storage, check) -> _Ac
         r = F.leaky_relu_(r, LEAKY_SLOPE)
         moments.add(r)
         if d1 - d0 == depth and storage.kind == "device":  # one slab: the convolution's output is the result
-            out = storage.adopt(r)
+            # (in the storage's layout: a bfloat16 output of the float32, channels-last input layer is
+            # channels-last too, and would make every later bfloat16 layer convert)
+            out = storage.adopt(r.contiguous(memory_format=storage.layout(r.dtype)))
             break
         if out is None:
             out = target if target is not None and target.dtype == r.dtype else storage.empty((1, r.shape[1]) + spatial, r.dtype)
