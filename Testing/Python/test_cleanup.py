@@ -64,3 +64,20 @@ def test_predict_cleans_by_default_and_keeps_islands_when_asked():
     assert pieces(runs[True]) < pieces(runs[False])
     agree = float((runs[True] == runs[False]).mean())
     assert 0.97 < agree < 1.0  # islands only: the bulk of the segmentation is untouched
+
+
+def test_renormalising_slab_by_slab_changes_nothing(monkeypatch):
+    """The changed voxels are renormalised a few slices at a time (bounded memory on whole heads): the
+    result must equal doing them all at once, bit for bit, and every voxel must still sum to 1."""
+    import BrainIDLib.cleanup as cleanup
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(3 * torch.randn(6, 20, 18, 16, generator=g), 0)  # fragmented: many islands
+    whole = probs.clone()
+    assert keep_largest_components_(whole, 0) > 300
+    monkeypatch.setattr(cleanup, "RENORMALISE_VALUES", 6 * 18 * 16 * 3)  # 3 slices per slab
+    slabs = probs.clone()
+    keep_largest_components_(slabs, 0)
+    torch.testing.assert_close(slabs, whole, rtol=1e-6, atol=1e-7)
+    assert torch.equal(slabs.argmax(0), whole.argmax(0))
+    torch.testing.assert_close(slabs.sum(0), torch.ones(20, 18, 16))
