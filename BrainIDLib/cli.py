@@ -633,6 +633,22 @@ class _LibraryLogNotes:
         self.logger.handlers = self.saved
 
 
+def _import_torch_holding_ctrl_c() -> None:
+    """`import torch` with Ctrl-C held until it is done, then raised: a KeyboardInterrupt raised inside
+    one of torch's C++ extension initialisers aborts the interpreter (an uncaught pybind11
+    error_already_set, exit -6) instead of ending with "interrupted"."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brainid` console script; returns the exit status."""
     previous = None
@@ -655,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "func", None):
                 parser.print_help(sys.stderr)
                 return EXIT_ERROR
+            if args.func in (cmd_predict, cmd_features, cmd_correspond, cmd_fewshot_train, cmd_fewshot_apply):
+                _import_torch_holding_ctrl_c()
             with _LibraryLogNotes():
                 return int(args.func(args) or 0)
     except BrainIDError as e:
