@@ -385,10 +385,10 @@ class _NormalisedConv:
         bf16 = (compute.type == "cpu" and stored == torch.bfloat16 and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         self.bf16_conv = _conv_bias_bf16() if bf16 else None
-        self.fold = self.bf16_conv is not None
-        self.dtype = torch.bfloat16 if self.fold else stored
+        fold = self.bf16_conv is not None
+        self.dtype = torch.bfloat16 if fold else stored
         weight = layer.conv.weight.detach()
-        if not self.fold:
+        if not fold:  # `affine` set: slabs are normalised before the convolution
             self.affine = scale.float(), shift.float()
             self.weight = weight.contiguous(memory_format=storage.layout(stored))
             return
@@ -419,7 +419,7 @@ class _NormalisedConv:
     def __call__(self, xs: torch.Tensor, d0: int, depth_padding: int = 0) -> torch.Tensor:
         """Output rows d0.. of the convolution of input slab `xs` (its depth halo included, or padded)."""
         padding = (depth_padding, 1, 1)
-        if not self.fold:
+        if self.affine is not None:
             return F.conv3d(xs, self.weight, padding=padding)
         r = self.bf16_conv(xs, self.weight, self.bias, list(padding), [1, 1, 1], [1, 1, 1], 1, "none", [], "")
         d1 = d0 + r.shape[2]
