@@ -123,6 +123,17 @@ def lr_lambda(optim_cfg: dict, max_steps: int) -> Callable[[int], float]:
     return fn
 
 
+def follow_config_lr(optimizer, scheduler, lr: float) -> None:
+    """Make the config's optim.lr the base lr after a resume (a scheduler's state carries the base lr it
+    was started with, so `--resume --set optim.lr=...` would otherwise be silently ignored); the lr of
+    the next step follows the config's schedule at the checkpoint's step."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, f in zip(optimizer.param_groups, factors):
+        group["initial_lr"], group["lr"] = lr, lr * f
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def versions() -> dict:
     return {"brainid": BrainIDLib.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "platform": platform.platform()}
@@ -242,6 +253,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
         net.load_state_dict(ckpt["net"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        follow_config_lr(optimizer, scheduler, float(optim_cfg["lr"]))
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])

@@ -262,6 +262,18 @@ def test_killed_run_resumes_exactly(label_dir, tmp_path):
             torch.testing.assert_close(v, ref_w[k], rtol=1e-4, atol=1e-5)
 
 
+def test_resume_takes_a_new_lr_and_schedule(label_dir, tmp_path):
+    """A resumed run follows --set optim.lr / optim.schedule (the scheduler state carries the old base lr)."""
+    run = tmp_path / "lr"
+    first = ["--set", "run.max_steps=4", "--set", "run.stop_at_step=2", "--set", "optim.schedule=cosine",
+             "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=0"]
+    assert main(["pretrain", *smoke(label_dir, run, *first)]) == 0
+    assert main(["pretrain", "--resume", str(run), "--set", "optim.lr=2e-4", "--set", "optim.schedule=constant"]) == 0
+    lrs = [r["lr"] for r in read_log(run)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] < 1e-3  # cosine before the stop
+    assert lrs[2:] == pytest.approx([2e-4, 2e-4])
+
+
 # --- multi-process --------------------------------------------------------------------------
 
 @pytest.mark.slow
