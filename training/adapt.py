@@ -158,7 +158,7 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
         if net.frozen_backbone() is not None:
             net.frozen_backbone().eval()
 
-    def export(net: AdaptNet, run_dir: Path) -> dict:
+    def export(net: AdaptNet, run_dir: Path, step: int) -> dict:
         model.cpu()
         backbone_file = None
         try:
@@ -184,7 +184,7 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
                 "name": f"{cfg['run']['name']}-{task}", "description": info["description"],
                 "source": head_source,
                 "backbone": {"init": str(cfg["model"]["init"]), "sha256": sha, "fine_tuned": fine_tune},
-                "training": {"command": "adapt", "steps": cfg["run"]["max_steps"], "data": cfg["data"]["source"],
+                "training": {"command": "adapt", "steps": step, "data": cfg["data"]["source"],
                              "corruption": ac["corruption"]}})
             outputs[f"{task}_head"] = path
             entries.append({"name": f"{cfg['run']['name']}-{task}", "kind": "head", "task": task,

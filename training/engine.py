@@ -40,14 +40,15 @@ class Job:
     net: the trainable module (wrapped in DDP when distributed; its state is checkpointed).
     batches(start): iterator over the batches of steps start, start+1, ...
     loss(module, batch, step): (loss tensor, {name: float}); `module` is `net` or its DDP wrapper.
-    export(net, run_dir): writes the run's products with the final (EMA if enabled) weights on
-        rank 0 and returns {name: path} for the summary.
+    export(net, run_dir, step): writes the run's products with the final (EMA if enabled) weights on
+        rank 0 and returns {name: path} for the summary; `step` is the step reached (a time-boxed run
+        stops before run.max_steps).
     """
 
     net: nn.Module
     batches: Callable[[int], Iterator]
     loss: Callable[[nn.Module, dict, int], tuple[torch.Tensor, dict]]
-    export: Callable[[nn.Module, Path], dict]
+    export: Callable[[nn.Module, Path, int], dict]
     train_mode: Callable[[nn.Module], None] = field(default=lambda net: net.train())
     info: dict = field(default_factory=dict)
 
@@ -370,7 +371,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
     if channels_last:  # exported files hold contiguous tensors
         net.to(memory_format=torch.contiguous_format)
     if dist.is_main:
-        summary["outputs"] = {k: str(v) for k, v in job.export(net, run_dir).items()}
+        summary["outputs"] = {k: str(v) for k, v in job.export(net, run_dir, step).items()}
         summary["final_loss"] = _last_loss(run_dir)
         Path(run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     distributed.barrier(dist)

@@ -96,17 +96,17 @@ def make_job(cfg: Config, dist: DistInfo) -> Job:
     data = GeneratorSteps(cfg["data"], int(cfg["run"]["seed"]), dist.rank, dist.world_size)
     net = PretrainNet(model)
 
-    def export(net: PretrainNet, run_dir: Path) -> dict:
+    def export(net: PretrainNet, run_dir: Path, step: int) -> dict:
         model = net.model
         model.metadata = {
             "name": cfg["run"]["name"],
-            "description": f"Brain-ID backbone pretrained on synthetic data ({cfg['run']['max_steps']} steps)",
+            "description": f"Brain-ID backbone pretrained on synthetic data ({step} steps)",
             "heads": {t: {"out_channels": model.heads[t].out_channels,
                           **({"labels": list(SEGMENTATION_LABELS)} if t == "segmentation" else {})} for t in model.tasks},
             # what inference must do to a scan so that it looks like the training inputs
             "input": {"spacing_mm": [1.0, 1.0, 1.0],
                       "normalisation": ROBUST if generator_normalisation(cfg["data"]) == "robust" else MINMAX},
-            "training": {"command": "pretrain", "steps": cfg["run"]["max_steps"], "size": cfg["data"]["size"],
+            "training": {"command": "pretrain", "steps": step, "size": cfg["data"]["size"],
                          "mild": cfg["data"]["mild"], "severe": cfg["data"]["severe"], "loss": cfg["loss"]},
         }
         return {"model": save_model(model.cpu(), run_dir / "model.safetensors")}

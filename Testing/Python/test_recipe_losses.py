@@ -155,6 +155,9 @@ def test_time_budget_checkpoints_and_exports(tmp_path):
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert summary["stopped_by_time_budget"] and summary["step"] == len(read_log(run)) < 50
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    import BrainIDLib
+
+    assert BrainIDLib.load_model(run / "model.safetensors").metadata["training"]["steps"] == summary["step"]
 
 
 def test_pretraining_fits_contrast_dependent_heads_on_detached_features(tmp_path):
