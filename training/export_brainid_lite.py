@@ -42,7 +42,7 @@ def _run_summary(run: Path) -> dict:
     if cfg:
         d = cfg["data"]
         out.update({"crop": d["size"], "samples_per_step": d["mild"] + d["severe"], "generator": d["generator"],
-                    "loss": cfg["loss"], "optim": {k: cfg["optim"][k] for k in ("lr", "schedule", "warmup_steps", "grad_clip")}})
+                    "loss": cfg["loss"], "optim": {k: cfg["optim"].get(k) for k in ("lr", "schedule", "warmup_steps", "grad_clip", "ema")}})
         if "adapt" in cfg and run.name.endswith("heads"):
             out["tasks"] = cfg["adapt"]["tasks"]
     if log:

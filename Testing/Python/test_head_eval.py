@@ -4,6 +4,7 @@ end to end through BrainIDLib.predict, on a small head label map made here and a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -233,3 +234,17 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path):
     assert H.cli(["--labels", str(tmp_path / "missing.nii.gz"), "--no-lr"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("head_eval: error:") and "missing.nii.gz not found" in err and err.count("\n") == 1
+
+
+def test_grid_ceiling_is_exact_on_the_scans_own_grid_and_lower_on_a_coarser_one(head_files, tmp_path):
+    """benchmarks/grid_ceiling.py: the truth through the model grid and back, with predict's resampling."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid_ceiling", Path(__file__).resolve().parents[2] / "benchmarks" / "grid_ceiling.py")
+    G = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(G)
+    rec = H.render_set(head_files[:1], tmp_path, families=("t1",))[0]
+    same = G.ceiling(rec["folder"], 1.0)
+    assert same["dice_mean"] == pytest.approx(1.0) and same["anatomy_r"] == pytest.approx(1.0, abs=1e-6)
+    coarse = G.ceiling(rec["folder"], 3.0)
+    assert 0.5 < coarse["dice_mean"] < 0.99 and 0.8 < coarse["anatomy_r"] < 0.999
