@@ -386,7 +386,7 @@ class _NormalisedConv:
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         self.bf16_conv = _conv_bias_bf16() if bf16 else None
         fold = self.bf16_conv is not None
-        self.dtype = torch.bfloat16 if fold else stored
+        self.dtype = stored  # (folding needs bfloat16 activations, so it keeps their dtype)
         weight = layer.conv.weight.detach()
         if not fold:  # `affine` set: slabs are normalised before the convolution
             self.affine = scale.float(), shift.float()
