@@ -97,6 +97,9 @@ class GeneratorSteps(torch.utils.data.Dataset):
         self.seed, self.rank, self.world = int(seed), rank, world
         self.label_files = list_files(self.cfg["labels"], "data.labels")
         self.t1_files = self._match_t1(self.cfg.get("t1"))
+        from BrainIDLib.synth.dataset import warn_unless_1mm
+
+        warn_unless_1mm(self.label_files)
         self.sizes = crop_sizes(self.cfg["size"])
         probs = self.cfg.get("size_probs") or [1.0] * len(self.sizes)
         self.size_cdf = np.cumsum(probs) / np.sum(probs)
@@ -138,7 +141,7 @@ class GeneratorSteps(torch.utils.data.Dataset):
         from BrainIDLib.synth import load_label_map
 
         t1_path = None if self.t1_files is None else self.t1_files[index]
-        return self._cache.get(index, lambda: load_label_map(self.label_files[index], t1_path)[:2])
+        return self._cache.get(index, lambda: load_label_map(self.label_files[index], t1_path, check_spacing=False)[:2])
 
     def __getitem__(self, step: int) -> dict:
         draws = []

@@ -3,7 +3,8 @@
     PYTHONPATH=. python -m training.export_brainid_lite --pretrain runs/brainid-lite --heads runs/brainid-lite-heads
 
 Takes the pretraining run's model (backbone + anatomy + segmentation heads, trained jointly), adds
-the super-resolution and bias-field heads adapted on the frozen features, writes one safetensors
+the heads found in --heads (heads adapted on the frozen features: super-resolution and bias field,
+or the segmentation head refitted by training/fit_seg_head.py), writes one safetensors
 file with the model's description (labels, input grid, normalisation, training summary) to
 Resources/Models/brainid-lite.safetensors, and updates its entry (SHA-256, size) in
 Resources/models.json, making it the registry's default with --make-default.
@@ -52,6 +53,12 @@ def _run_summary(run: Path) -> dict:
     return out
 
 
+def _fit_summary(heads: Path) -> dict:
+    """What training/fit_seg_head.py recorded, without its loss curve."""
+    fit = json.loads((heads / "summary.json").read_text())
+    return {k: fit[k] for k in ("label_maps", "families", "images", "voxels", "iters", "dice_on_fit_voxels") if k in fit}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrain", default="runs/brainid-lite")
@@ -65,6 +72,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
+    fitted = json.loads((heads / "summary.json").read_text()).get("fitted_on_sha256") if (heads / "summary.json").is_file() else None
+    if fitted and fitted != sha256_of(pre / "model.safetensors"):
+        raise SystemExit(f"{heads} holds a segmentation head fitted on another backbone than {pre / 'model.safetensors'}: "
+                         "refit it (python -m training.fit_seg_head) on this one")
     for task in ("super_resolution", "bias_field", "anatomy", "segmentation"):
         f = heads / f"{task}_head.safetensors"
         if f.is_file():
@@ -74,7 +85,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"missing heads: {missing}")
     heads_meta = {
         "segmentation": {"labels": list(SEGMENTATION_LABELS), "label_names": [label_name(x) for x in SEGMENTATION_LABELS],
-                         "description": "33-class FreeSurfer segmentation (trained jointly with the backbone)"},
+                         "description": "33-class FreeSurfer segmentation (trained jointly with the backbone" +
+                                        ("; refitted on its frozen features of whole-head renders of the training maps, "
+                                         "training/fit_seg_head.py)" if fitted else ")")},
         "anatomy": {"description": "T1-weighted anatomy synthesis (Brain-ID pretraining head)"},
         "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
@@ -97,7 +110,8 @@ def main(argv=None) -> int:
         "name": NAME, "description": DESCRIPTION,
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
         "input": inputs,
-        "training": {"pretrain": pretrain, "heads": _run_summary(heads) if heads.is_dir() else None,
+        "training": {"pretrain": pretrain, "heads": _run_summary(heads) if (heads / "log.jsonl").is_file() else None,
+                     "segmentation_head_fit": _fit_summary(heads) if fitted else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
                      "card": "docs/model-card.md"},

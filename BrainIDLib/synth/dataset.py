@@ -59,9 +59,39 @@ def _crop_box(labels: np.ndarray, margin: int) -> tuple[slice, ...]:
                  for ax, v in enumerate(nz))
 
 
-def load_label_map(path, t1_path=None, margin: int = 8, canonical: bool = True):
+def _not_1mm(zooms) -> tuple[float, ...] | None:
+    """The voxel size (mm, rounded) when it is not ~1 mm, else None."""
+    return tuple(round(float(z), 2) for z in zooms) if any(abs(float(z) - 1.0) > 0.1 for z in zooms) else None
+
+
+def _warn_not_1mm(sizes: dict[str, tuple]) -> None:
+    if sizes:
+        listed = ", ".join(f"{name} ({' x '.join(map(str, mm))} mm)" for name, mm in list(sizes.items())[:3])
+        more = f" and {len(sizes) - 3} more" if len(sizes) > 3 else ""
+        warnings.warn(f"voxels are not 1 mm in {listed}{more}; the generator treats voxels as 1 mm "
+                      "(resample label maps to 1 mm for faithful ranges)", stacklevel=3)
+
+
+def warn_unless_1mm(files) -> None:
+    """One warning for every label map of a training set whose voxels are not ~1 mm (headers only),
+    so that worker processes, which load the maps with check_spacing=False, do not repeat it."""
+    import nibabel as nib
+
+    sizes = {}
+    for f in files:
+        try:
+            odd = _not_1mm(nib.load(str(f)).header.get_zooms()[:3])
+        except Exception:  # noqa: BLE001 - an unreadable map fails with its own message when loaded
+            continue
+        if odd:
+            sizes[Path(f).name] = odd
+    _warn_not_1mm(sizes)
+
+
+def load_label_map(path, t1_path=None, margin: int = 8, canonical: bool = True, check_spacing: bool = True):
     """(labels int32 tensor, t1 float32 tensor or None, affine of the crop) from files; RAS and
-    cropped to the non-zero box + margin."""
+    cropped to the non-zero box + margin. check_spacing: warn when its voxels are not ~1 mm (sets of
+    maps check once with warn_unless_1mm instead)."""
     import nibabel as nib
 
     try:
@@ -77,10 +107,9 @@ def load_label_map(path, t1_path=None, margin: int = 8, canonical: bool = True):
     if arr.dtype.kind == "f":
         arr = np.rint(arr)
     arr = arr.astype(np.int32, copy=False)
-    zooms = img.header.get_zooms()[:3]
-    if any(abs(float(z) - 1.0) > 0.1 for z in zooms):
-        warnings.warn(f"{Path(path).name}: voxel size {tuple(round(float(z), 2) for z in zooms)} mm; the "
-                      "generator treats voxels as 1 mm (resample label maps to 1 mm for faithful ranges)")
+    odd = _not_1mm(img.header.get_zooms()[:3]) if check_spacing else None
+    if odd:
+        _warn_not_1mm({Path(path).name: odd})
     box = _crop_box(arr, margin)
     lab = torch.from_numpy(np.ascontiguousarray(arr[box]))
     affine = img.affine.copy()
@@ -127,6 +156,7 @@ class LabelMapDataset(Dataset):
         if generator is None:
             generator = SubjectGenerator(preset=preset, size=size, device="cpu", **generator_kwargs)
         self.generator = generator
+        warn_unless_1mm(self.files)
 
     def __len__(self) -> int:
         return self.length
@@ -156,7 +186,7 @@ class LabelMapDataset(Dataset):
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        out = load_label_map(path, self.t1_path(path), self.margin)
+        out = load_label_map(path, self.t1_path(path), self.margin, check_spacing=False)
         if self.cache_size > 0:
             self._cache[path] = out
             while len(self._cache) > self.cache_size:

@@ -399,6 +399,32 @@ def test_dataset_with_dataloader_workers(tmp_path, lab64):
     assert raw["t1"].numel() == 0
 
 
+def test_label_maps_not_1mm_warn_once_per_set(tmp_path, lab64):
+    """A set of 2 mm maps warns once, naming them, when the set is opened; loading them does not
+    repeat it (each worker process would, once per map)."""
+    import warnings
+
+    nib = pytest.importorskip("nibabel")
+    from BrainIDLib.synth import LabelMapDataset, load_label_map
+
+    for k in range(4):
+        nib.save(nib.Nifti1Image(lab64.numpy(), np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / f"m{k}.nii.gz"))
+    nib.save(nib.Nifti1Image(lab64.numpy(), np.eye(4)), str(tmp_path / "ok.nii.gz"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = LabelMapDataset(tmp_path, generate=False, length=5)
+        items = [ds[i] for i in range(5)]
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1, msgs
+    assert "m0.nii.gz (2.0 x 2.0 x 2.0 mm)" in msgs[0] and "1 more" in msgs[0] and "ok.nii.gz" not in msgs[0]
+    assert len(items) == 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_label_map(tmp_path / "m1.nii.gz")
+        load_label_map(tmp_path / "ok.nii.gz")
+    assert [("m1.nii.gz" in str(w.message)) for w in caught] == [True]
+
+
 def test_custom_label_table_shares_class_intensities():
     """An arbitrary table: labels 1 and 2 form one generation class, 3 another; 7 is unknown."""
     lab = torch.zeros((32, 32, 32), dtype=torch.int32)

@@ -1,0 +1,181 @@
+"""Refit the segmentation head (one 1x1x1 conv) on the frozen backbone's features of whole-head renders.
+
+    PYTHONPATH=. python -m training.fit_seg_head --model runs/brainid-lite/model.safetensors \\
+        --labels $SYNTHSEG/training_seg_0{1..8}.nii.gz --out runs/brainid-lite-seghead
+
+Why: pretraining fits the backbone and its segmentation head together on 64^3 crops, one mild and one
+severe draw per step, while a user's scan is a whole head, mostly mildly corrupted. Brain-ID's
+downstream recipe is a 1x1x1 layer on frozen features, so the head can be refitted on exactly that:
+whole-head renders of training maps (training.head_eval's renders: every contrast family and CT in
+Hounsfield units, 1 mm and 5 mm slices; also skull-stripped), prepared by predict's own code
+(resampling to the model grid, normalisation). Loss: cross-entropy + soft Dice over the classes
+present (training.losses, style "brainid": it learns small structures from few steps).
+
+Writes <out>/segmentation_head.safetensors (training.export_brainid_lite --heads <out> takes it) and
+<out>/summary.json. The head belongs to the backbone it was fitted on (its SHA-256 is recorded and
+export checks it). Never pass the held-out maps the model card evaluates on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.processing import resample_from_to
+
+from BrainIDLib.errors import BrainIDError
+from BrainIDLib.files import atomic_write, sha256_of
+from BrainIDLib.metrics import dice_per_label, mean_dice
+
+from .card_parts import FAMILIES as GENERATOR_FAMILIES
+from .head_eval import HU, RESOLUTIONS, render_set
+from .losses import segmentation_loss
+
+FAMILIES = GENERATOR_FAMILIES + (HU,)
+
+
+def _grid_classes(truth: nib.Nifti1Image, prepared, class_of: np.ndarray) -> np.ndarray:
+    """The 1 mm truth (FreeSurfer ids) on the model grid (nearest), as class indices."""
+    grid = nib.Nifti1Image(np.zeros(prepared.grid_shape, np.int16), prepared.grid_affine)
+    ids = np.asarray(resample_from_to(truth, grid, order=0).dataobj).astype(np.int64)
+    return class_of[np.clip(ids, 0, len(class_of) - 1)]
+
+
+def _skull_stripped(image: nib.Nifti1Image, truth: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image with everything outside the brain (truth 0) set to 0, as a skull-stripped scan."""
+    brain = np.asarray(resample_from_to(truth, image, order=0).dataobj) > 0
+    return nib.Nifti1Image(np.where(brain, np.asarray(image.dataobj, dtype=np.float32), 0).astype(np.float32), image.affine)
+
+
+def samples(model, image, truth: nib.Nifti1Image, class_of: np.ndarray, rng, per_image: int):
+    """(features (n, f_maps) float32, classes (n,)) at up to `per_image` brain voxels of the model grid,
+    plus half as many outside the brain: the background the head must keep off the skull and air."""
+    from BrainIDLib.inference import prepare_scan
+
+    prep = prepare_scan(image, model).prepared
+    with torch.no_grad():
+        feats = prep.crop(model.features(prep.tensor)[0].float())
+    y = _grid_classes(truth, prep, class_of).reshape(-1)
+    x = feats.reshape(feats.shape[0], -1)
+    brain, other = np.flatnonzero(y > 0), np.flatnonzero(y == 0)
+    keep = np.concatenate([rng.choice(brain, min(len(brain), per_image), replace=False),
+                           rng.choice(other, min(len(other), per_image // 2), replace=False)])
+    return x[:, keep].T.contiguous(), torch.from_numpy(y[keep])
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """training.losses.segmentation_loss (style brainid) on (voxels, classes) rows."""
+    return segmentation_loss(logits.T.unsqueeze(0), y.unsqueeze(0), style="brainid")[0]
+
+
+def head_dice(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean hard Dice of the head's argmax over the foreground classes present in y."""
+    pred = (x @ weight.T + bias).argmax(1)
+    return mean_dice(dice_per_label(pred.numpy(), y.numpy(), labels=range(1, weight.shape[0])))
+
+
+def fit(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, iters: int = 200,
+        batch: int = 200_000, lr: float = 1e-2, seed: int = 0, log=print) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Adam on (weight, bias) from their current values; returns them and the loss every 20 steps."""
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for it in range(iters):
+        idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=gen)
+        loss = _loss(x[idx] @ w.T + b, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if it % 20 == 0 or it == iters - 1:
+            losses.append([it, round(loss.item(), 4)])
+            log(f"step {it}: loss {loss.item():.4f}")
+    return w.detach(), b.detach(), losses
+
+
+def collect(model, records, families, class_of, per_image: int, seed: int, log=print):
+    rng = np.random.default_rng(seed)
+    xs, ys, n = [], [], 0
+    for rec in records:
+        t0 = time.time()
+        truth = nib.load(str(rec["folder"] / "truth.nii.gz"))
+        for fam in families:
+            for res in RESOLUTIONS:
+                image = nib.load(str(rec["images"][fam, res]))
+                variants = [image] + ([] if fam == HU else [_skull_stripped(image, truth)])
+                for img in variants:
+                    x, y = samples(model, img, truth, class_of, rng, per_image)
+                    xs.append(x)
+                    ys.append(y)
+                    n += 1
+        log(f"features of {rec['name']} in {time.time() - t0:.0f}s")
+    return torch.cat(xs), torch.cat(ys), n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model file (its backbone stays frozen)")
+    ap.add_argument("--labels", nargs="+", required=True, help="training label maps (never the held-out ones)")
+    ap.add_argument("--out", required=True, help="folder for segmentation_head.safetensors and summary.json")
+    ap.add_argument("--renders", default="runs/seg-head-renders", help="cache of the whole-head renders")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--per-image", type=int, default=40_000, help="brain voxels sampled per image (model grid)")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=7, help="render seed (the card's held-out renders use 0)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import BrainIDLib
+    from BrainIDLib.inference import segmentation_labels
+    from BrainIDLib.weights import save_head
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model = BrainIDLib.load_model(args.model)
+    if "segmentation" not in model.heads:
+        raise BrainIDError(f"{args.model} has no segmentation head to refit")
+    ids = np.array(segmentation_labels(model))
+    class_of = np.zeros(int(ids.max()) + 1, np.int64)
+    class_of[ids] = np.arange(len(ids))
+    if "ct" not in args.families and HU in args.families:
+        args.families.append("ct")  # the HU renders are made from the CT-like ones
+    records = render_set(args.labels, Path(args.renders), families=tuple(args.families), seed=args.seed)
+    x, y, images = collect(model, records, args.families, class_of, args.per_image, args.seed)
+    conv = model.heads["segmentation"].conv
+    w0, b0 = conv.weight.detach().reshape(conv.out_channels, -1), conv.bias.detach()
+    before = head_dice(w0, b0, x, y)
+    w, b, losses = fit(w0, b0, x, y, args.iters, seed=args.seed)
+    after = head_dice(w, b, x, y)
+    with torch.no_grad():
+        conv.weight.copy_(w.reshape(conv.weight.shape))
+        conv.bias.copy_(b)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone_sha = sha256_of(args.model)
+    source = {"fitted_on_sha256": backbone_sha, "how": "training/fit_seg_head.py"}
+    save_head(model, "segmentation", out / "segmentation_head.safetensors", metadata={"segmentation_head_fit": source})
+    summary = {**source, "model": str(args.model), "label_maps": [Path(p).name for p in args.labels],
+               "families": args.families, "images": images, "voxels": len(y), "iters": args.iters,
+               "render_seed": args.seed, "losses": losses, "dice_on_fit_voxels": {"before": round(before, 4), "after": round(after, 4)},
+               "minutes": round((time.time() - t0) / 60, 1)}
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    print(f"segmentation head refitted on {images} images ({len(y)} voxels): Dice on those voxels "
+          f"{before:.3f} -> {after:.3f}; wrote {out / 'segmentation_head.safetensors'}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except BrainIDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
