@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from BrainIDLib.feature_maps import model_fingerprint
 from BrainIDLib.files import atomic_write, sha256_of
 import BrainIDLib
 from BrainIDLib.normalize import ROBUST
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
-    fitted = json.loads((heads / "summary.json").read_text()).get("fitted_on_sha256") if (heads / "summary.json").is_file() else None
-    if fitted and fitted != sha256_of(pre / "model.safetensors"):
+    fitted = json.loads((heads / "summary.json").read_text()).get("backbone_sha256") if (heads / "summary.json").is_file() else None
+    if fitted and fitted != model_fingerprint(model):
         raise SystemExit(f"{heads} holds a segmentation head fitted on another backbone than {pre / 'model.safetensors'}: "
                          "refit it (python -m training.fit_seg_head) on this one")
     for task in ("super_resolution", "bias_field", "anatomy", "segmentation"):

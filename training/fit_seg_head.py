@@ -7,13 +7,14 @@ Why: pretraining fits the backbone and its segmentation head together on 64^3 cr
 severe draw per step, while a user's scan is a whole head, mostly mildly corrupted. Brain-ID's
 downstream recipe is a 1x1x1 layer on frozen features, so the head can be refitted on exactly that:
 whole-head renders of training maps (training.head_eval's renders: every contrast family and CT in
-Hounsfield units, 1 mm and 5 mm slices; also skull-stripped), prepared by predict's own code
+Hounsfield units, 1 mm and 5 mm slices; the 1 mm ones also skull-stripped), prepared by predict's own code
 (resampling to the model grid, normalisation). Loss: cross-entropy + soft Dice over the classes
 present (training.losses, style "brainid": it learns small structures from few steps).
 
 Writes <out>/segmentation_head.safetensors (training.export_brainid_lite --heads <out> takes it) and
-<out>/summary.json. The head belongs to the backbone it was fitted on (its SHA-256 is recorded and
-export checks it). Never pass the held-out maps the model card evaluates on.
+<out>/summary.json. The head belongs to the backbone it was fitted on (the SHA-256 of its tensors is
+recorded and export checks it). Give it the model file as predict runs it: its metadata (input grid,
+normalisation) decides what the features are. Never pass the held-out maps the model card evaluates on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 from nibabel.processing import resample_from_to
 
 from BrainIDLib.errors import BrainIDError
-from BrainIDLib.files import atomic_write, sha256_of
+from BrainIDLib.feature_maps import model_fingerprint
+from BrainIDLib.files import atomic_write
 from BrainIDLib.metrics import dice_per_label, mean_dice
 
 from .card_parts import FAMILIES as GENERATOR_FAMILIES
@@ -108,7 +110,8 @@ def collect(model, records, families, class_of, per_image: int, seed: int, log=p
         for fam in families:
             for res in RESOLUTIONS:
                 image = nib.load(str(rec["images"][fam, res]))
-                variants = [image] + ([] if fam == HU else [_skull_stripped(image, truth)])
+                stripped = fam != HU and res == "1mm"  # skull-stripped scans: 1 mm MR-like ones
+                variants = [image] + ([_skull_stripped(image, truth)] if stripped else [])
                 for img in variants:
                     x, y = samples(model, img, truth, class_of, rng, per_image)
                     xs.append(x)
@@ -120,7 +123,9 @@ def collect(model, records, families, class_of, per_image: int, seed: int, log=p
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="model file (its backbone stays frozen)")
+    ap.add_argument("--model", required=True,
+                    help="model file as predict runs it (its backbone stays frozen): for brainid-lite the exported file, "
+                         "whose metadata sets the 2 mm grid and the normalisation, not the run's raw model.safetensors")
     ap.add_argument("--labels", nargs="+", required=True, help="training label maps (never the held-out ones)")
     ap.add_argument("--out", required=True, help="folder for segmentation_head.safetensors and summary.json")
     ap.add_argument("--renders", default="runs/seg-head-renders", help="cache of the whole-head renders")
@@ -156,12 +161,11 @@ def main(argv=None) -> int:
         conv.bias.copy_(b)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone_sha = sha256_of(args.model)
-    source = {"fitted_on_sha256": backbone_sha, "how": "training/fit_seg_head.py"}
+    source = {"backbone_sha256": model_fingerprint(model), "how": "training/fit_seg_head.py"}
     save_head(model, "segmentation", out / "segmentation_head.safetensors", metadata={"segmentation_head_fit": source})
     summary = {**source, "model": str(args.model), "label_maps": [Path(p).name for p in args.labels],
                "families": args.families, "images": images, "voxels": len(y), "iters": args.iters,
-               "render_seed": args.seed, "losses": losses, "dice_on_fit_voxels": {"before": round(before, 4), "after": round(after, 4)},
+               "input": model.metadata.get("input"), "render_seed": args.seed, "losses": losses, "dice_on_fit_voxels": {"before": round(before, 4), "after": round(after, 4)},
                "minutes": round((time.time() - t0) / 60, 1)}
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     print(f"segmentation head refitted on {images} images ({len(y)} voxels): Dice on those voxels "

@@ -15,7 +15,7 @@ import torch
 import BrainIDLib
 from BrainIDLib.weights import save_model
 from test_export_lite import REPO, make_run
-from test_head_eval import tiny_head
+from test_head_eval import META, tiny_head
 from training import export_brainid_lite, fit_seg_head
 
 
@@ -27,18 +27,22 @@ def fitted(tmp_path_factory):
     nib.save(nib.Nifti1Image(tiny_head(), np.eye(4)), lab)
     run = make_run(tmp, 3)
     before = BrainIDLib.load_model(run / "model.safetensors")
+    before.metadata["input"] = dict(META["input"])  # as an export describes it: a 2 mm grid
+    exported = save_model(before, tmp / "exported.safetensors")
     out = tmp / "seghead"
-    assert fit_seg_head.main(["--model", str(run / "model.safetensors"), "--labels", str(lab), "--out", str(out),
+    assert fit_seg_head.main(["--model", str(exported), "--labels", str(lab), "--out", str(out),
                               "--renders", str(tmp / "renders"), "--families", "t1", "ct_hu", "--per-image", "3000",
                               "--iters", "300", "--threads", "1"]) == 0
     return tmp, run, out, before
 
 
 def test_the_fit_improves_the_head_and_changes_nothing_else(fitted):
-    tmp, run, out, before = fitted
+    tmp, run, out, before = fitted  # fitted on the exported file, checked against the run's: same backbone
     summary = json.loads((out / "summary.json").read_text())
-    # t1 and the CT-like render the HU one is made from, each at 1 mm and 5 mm; skull-stripped too but not in HU
-    assert summary["families"] == ["t1", "ct_hu", "ct"] and summary["images"] == 10
+    # t1 and the CT-like render the HU one is made from, each at 1 mm and 5 mm; the 1 mm ones not in HU
+    # skull-stripped too
+    assert summary["families"] == ["t1", "ct_hu", "ct"] and summary["images"] == 8
+    assert summary["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert summary["dice_on_fit_voxels"]["after"] > summary["dice_on_fit_voxels"]["before"] + 0.03  # 0.03 -> 0.08 on random features
     assert summary["losses"][-1][1] < summary["losses"][0][1]
     refit = BrainIDLib.load_model(run / "model.safetensors", heads={"segmentation": out / "segmentation_head.safetensors"})
@@ -64,7 +68,7 @@ def test_export_takes_the_head_only_with_its_backbone(fitted, capsys):
     assert export_brainid_lite.main(args) == 0
     model = BrainIDLib.load_model(tmp / "lite.safetensors")
     assert "refitted" in model.metadata["heads"]["segmentation"]["description"]
-    assert model.metadata["training"]["segmentation_head_fit"]["images"] == 10
+    assert model.metadata["training"]["segmentation_head_fit"]["images"] == 8
     fitted_head = BrainIDLib.load_model(run / "model.safetensors", heads={"segmentation": out / "segmentation_head.safetensors"})
     assert torch.equal(model.heads["segmentation"].conv.weight, fitted_head.heads["segmentation"].conv.weight)
     (tmp / "other").mkdir()
