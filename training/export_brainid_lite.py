@@ -54,9 +54,8 @@ def _run_summary(run: Path) -> dict:
     return out
 
 
-def _fit_summary(heads: Path) -> dict:
+def _fit_summary(fit: dict) -> dict:
     """What training/fit_seg_head.py recorded, without its loss curve."""
-    fit = json.loads((heads / "summary.json").read_text())
     return {k: fit[k] for k in ("label_maps", "families", "images", "voxels", "iters", "dice_on_fit_voxels") if k in fit}
 
 
@@ -73,7 +72,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
-    fitted = json.loads((heads / "summary.json").read_text()).get("backbone_sha256") if (heads / "summary.json").is_file() else None
+    fit = json.loads((heads / "summary.json").read_text()) if (heads / "summary.json").is_file() else {}
+    fitted = fit.get("backbone_sha256")  # written by training/fit_seg_head.py
     if fitted and fitted != model_fingerprint(model):
         raise SystemExit(f"{heads} holds a segmentation head fitted on another backbone than {pre / 'model.safetensors'}: "
                          "refit it (python -m training.fit_seg_head) on this one")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
         "input": inputs,
         "training": {"pretrain": pretrain, "heads": _run_summary(heads) if (heads / "log.jsonl").is_file() else None,
-                     "segmentation_head_fit": _fit_summary(heads) if fitted else None,
+                     "segmentation_head_fit": _fit_summary(fit) if fitted else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
                      "card": "docs/model-card.md"},
