@@ -4,7 +4,7 @@
 
 Takes the pretraining run's model (backbone + anatomy + segmentation heads, trained jointly), adds
 the heads found in --heads (heads adapted on the frozen features: super-resolution and bias field,
-or the segmentation head refitted by training/fit_seg_head.py), writes one safetensors
+or the segmentation and anatomy heads refitted by training/fit_heads.py), writes one safetensors
 file with the model's description (labels, input grid, normalisation, training summary) to
 Resources/Models/brainid-lite.safetensors, and updates its entry (SHA-256, size) in
 Resources/models.json, making it the registry's default with --make-default.
@@ -35,6 +35,7 @@ DESCRIPTION = ("Small Brain-ID (3D U-Net, f_maps 16, 4 levels, 1.0 M parameters)
 SPACING = [2.0, 2.0, 2.0]
 NORMALISATION = ROBUST  # part 3 on; parts 1-2 used whole-volume min-max
 
+REFIT = "; refitted on its frozen features of whole-head renders of the training maps, training/fit_heads.py)"
 
 def _run_summary(run: Path) -> dict:
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()] if (run / "log.jsonl").is_file() else []
@@ -55,8 +56,10 @@ def _run_summary(run: Path) -> dict:
 
 
 def _fit_summary(fit: dict) -> dict:
-    """What training/fit_seg_head.py recorded, without its loss curve."""
-    return {k: fit[k] for k in ("label_maps", "families", "images", "voxels", "iters", "dice_on_fit_voxels") if k in fit}
+    """What training/fit_heads.py recorded, without the loss curves."""
+    out = {k: fit[k] for k in ("tasks", "label_maps", "families", "images", "voxels") if k in fit}
+    out["fits"] = {t: {k: v for k, v in rec.items() if k != "losses"} for t, rec in fit.get("fits", {}).items()}
+    return out
 
 
 def main(argv=None) -> int:
@@ -73,10 +76,11 @@ def main(argv=None) -> int:
     pre, heads = Path(args.pretrain), Path(args.heads)
     model = BrainIDLib.load_model(pre / "model.safetensors")
     fit = json.loads((heads / "summary.json").read_text()) if (heads / "summary.json").is_file() else {}
-    fitted = fit.get("backbone_sha256")  # written by training/fit_seg_head.py
+    fitted = fit.get("backbone_sha256")  # written by training/fit_heads.py
+    refitted = set(fit.get("tasks", ["segmentation"])) if fitted else set()
     if fitted and fitted != model_fingerprint(model):
-        raise SystemExit(f"{heads} holds a segmentation head fitted on another backbone than {pre / 'model.safetensors'}: "
-                         "refit it (python -m training.fit_seg_head) on this one")
+        raise SystemExit(f"{heads} holds heads fitted on another backbone than {pre / 'model.safetensors'}: "
+                         "refit them (python -m training.fit_heads) on this one")
     for task in ("super_resolution", "bias_field", "anatomy", "segmentation"):
         f = heads / f"{task}_head.safetensors"
         if f.is_file():
@@ -87,9 +91,9 @@ def main(argv=None) -> int:
     heads_meta = {
         "segmentation": {"labels": list(SEGMENTATION_LABELS), "label_names": [label_name(x) for x in SEGMENTATION_LABELS],
                          "description": "33-class FreeSurfer segmentation (trained jointly with the backbone" +
-                                        ("; refitted on its frozen features of whole-head renders of the training maps, "
-                                         "training/fit_seg_head.py)" if fitted else ")")},
-        "anatomy": {"description": "T1-weighted anatomy synthesis (Brain-ID pretraining head)"},
+                                        (REFIT if "segmentation" in refitted else ")")},
+        "anatomy": {"description": "T1-weighted anatomy synthesis (Brain-ID pretraining head" +
+                                   (REFIT if "anatomy" in refitted else ")")},
         "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
     }
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
         "heads": {t: {**heads_meta[t], "out_channels": model.heads[t].out_channels} for t in model.tasks},
         "input": inputs,
         "training": {"pretrain": pretrain, "heads": _run_summary(heads) if (heads / "log.jsonl").is_file() else None,
-                     "segmentation_head_fit": _fit_summary(fit) if fitted else None,
+                     "head_fit": _fit_summary(fit) if fitted else None,
                      "data": "13 SynthSeg training label maps (training_seg_01..13), downsampled to 2 mm; "
                              "training_seg_14..16 held out", "hardware": "2 shared CPU cores",
                      "card": "docs/model-card.md"},

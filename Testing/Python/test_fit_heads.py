@@ -1,6 +1,6 @@
-"""training.fit_seg_head: the segmentation head refitted on frozen features of whole-head renders,
-end to end (renders, predict's preparation, fit, head file) on a small head label map, and its use
-by training.export_brainid_lite only with the backbone it was fitted on."""
+"""training.fit_heads: the segmentation and anatomy heads refitted on frozen features of whole-head
+renders, end to end (renders, predict's preparation, fits, head files) on a small head label map, and
+their use by training.export_brainid_lite only with the backbone they were fitted on."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import BrainIDLib
 from BrainIDLib.weights import save_model
 from test_export_lite import REPO, make_run
 from test_head_eval import META, tiny_head
-from training import export_brainid_lite, fit_seg_head
+from training import export_brainid_lite, fit_heads
 
 
 @pytest.fixture(scope="module")
@@ -29,34 +29,49 @@ def fitted(tmp_path_factory):
     before = BrainIDLib.load_model(run / "model.safetensors")
     before.metadata["input"] = dict(META["input"])  # as an export describes it: a 2 mm grid
     exported = save_model(before, tmp / "exported.safetensors")
-    out = tmp / "seghead"
-    assert fit_seg_head.main(["--model", str(exported), "--labels", str(lab), "--out", str(out),
+    out = tmp / "heads"
+    assert fit_heads.main(["--model", str(exported), "--labels", str(lab), "--out", str(out),
                               "--renders", str(tmp / "renders"), "--families", "t1", "ct_hu", "--per-image", "3000",
                               "--iters", "300", "--threads", "1"]) == 0
     return tmp, run, out, before
 
 
-def test_the_fit_improves_the_head_and_changes_nothing_else(fitted):
+def test_the_fits_improve_the_heads_and_change_nothing_else(fitted):
     tmp, run, out, before = fitted  # fitted on the exported file, checked against the run's: same backbone
     summary = json.loads((out / "summary.json").read_text())
     # t1 and the CT-like render the HU one is made from, each at 1 mm and 5 mm; the 1 mm ones not in HU
     # skull-stripped too
     assert summary["families"] == ["t1", "ct_hu", "ct"] and summary["images"] == 8
     assert summary["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
-    assert summary["dice_on_fit_voxels"]["after"] > summary["dice_on_fit_voxels"]["before"] + 0.03  # 0.03 -> 0.08 on random features
-    assert summary["losses"][-1][1] < summary["losses"][0][1]
-    refit = BrainIDLib.load_model(run / "model.safetensors", heads={"segmentation": out / "segmentation_head.safetensors"})
-    old, new = before.heads["segmentation"].conv, refit.heads["segmentation"].conv
-    assert not torch.equal(old.weight, new.weight)
+    seg, anat = summary["fits"]["segmentation"], summary["fits"]["anatomy"]
+    assert seg["dice_on_fit_voxels"]["after"] > seg["dice_on_fit_voxels"]["before"] + 0.03  # 0.03 -> 0.08 on random features
+    assert seg["losses"][-1][1] < seg["losses"][0][1]
+    r = anat["r_in_brain_on_fit_voxels"]
+    assert r["after"] > r["before"] + 0.04  # least squares beats the random head: 0.02 -> 0.08 on random features
+    heads = {t: out / f"{t}_head.safetensors" for t in ("segmentation", "anatomy")}
+    refit = BrainIDLib.load_model(run / "model.safetensors", heads=heads)
+    for task in heads:
+        assert not torch.equal(before.heads[task].conv.weight, refit.heads[task].conv.weight)
     for k, v in before.backbone.state_dict().items():  # the backbone is frozen
         assert torch.equal(v, refit.backbone.state_dict()[k])
-    assert torch.equal(before.heads["anatomy"].conv.weight, refit.heads["anatomy"].conv.weight)
+    assert torch.equal(before.heads["super_resolution"].conv.weight, refit.heads["super_resolution"].conv.weight)
+
+
+def test_the_anatomy_fit_is_least_squares():
+    """On features that hold the target linearly (plus noise), the fit recovers the map; the bias is not shrunk."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 6, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 1.0])
+    w_true = torch.tensor([[0.5, -0.2, 1.0, 0.1, 0.0, 0.3]])
+    t = (x @ w_true.T)[:, 0] + 7.0 + 0.01 * torch.randn(5000, generator=gen)
+    w, b = fit_heads.fit_anatomy(x, t, ridge=1e-6)
+    assert torch.allclose(w, w_true, atol=2e-3) and abs(float(b[0]) - 7.0) < 2e-3
+    assert fit_heads.correlation(w, b, x, t) > 0.999
 
 
 def test_the_skull_stripped_variant_keeps_only_the_brain():
     truth = nib.Nifti1Image((tiny_head() > 0).astype(np.int16) * (np.isin(tiny_head(), (2, 3, 4, 41, 42, 43))), np.eye(4))
     image = nib.Nifti1Image(np.full(tiny_head().shape, 5.0, np.float32), np.eye(4))
-    stripped = np.asarray(fit_seg_head._skull_stripped(image, truth).dataobj)
+    stripped = np.asarray(fit_heads._skull_stripped(image, truth).dataobj)
     assert set(np.unique(stripped)) == {0.0, 5.0} and (stripped > 0).sum() == (np.asarray(truth.dataobj) > 0).sum()
 
 
@@ -67,10 +82,14 @@ def test_export_takes_the_head_only_with_its_backbone(fitted, capsys):
     args = ["--pretrain", str(run), "--heads", str(out), "--out", str(tmp / "lite.safetensors"), "--registry", str(registry)]
     assert export_brainid_lite.main(args) == 0
     model = BrainIDLib.load_model(tmp / "lite.safetensors")
-    assert "refitted" in model.metadata["heads"]["segmentation"]["description"]
-    assert model.metadata["training"]["segmentation_head_fit"]["images"] == 8
-    fitted_head = BrainIDLib.load_model(run / "model.safetensors", heads={"segmentation": out / "segmentation_head.safetensors"})
-    assert torch.equal(model.heads["segmentation"].conv.weight, fitted_head.heads["segmentation"].conv.weight)
+    for task in ("segmentation", "anatomy"):
+        assert "refitted" in model.metadata["heads"][task]["description"]
+    assert "refitted" not in model.metadata["heads"]["super_resolution"]["description"]
+    fit = model.metadata["training"]["head_fit"]
+    assert fit["images"] == 8 and fit["tasks"] == ["segmentation", "anatomy"] and "losses" not in fit["fits"]["segmentation"]
+    fitted_heads = BrainIDLib.load_model(run / "model.safetensors", heads={t: out / f"{t}_head.safetensors" for t in fit["tasks"]})
+    for task in fit["tasks"]:
+        assert torch.equal(model.heads[task].conv.weight, fitted_heads.heads[task].conv.weight)
     (tmp / "other").mkdir()
     other = make_run(tmp / "other", 3)
     m = BrainIDLib.load_model(other / "model.safetensors")
