@@ -12,6 +12,7 @@ which is how tiled inference stays exact.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -355,12 +356,23 @@ def _norm_affine(gn: nn.GroupNorm, parts: list, device: torch.device) -> tuple[t
     return scale, bias - g_mean * scale
 
 
+@functools.cache
 def _conv_bias_bf16():
     """oneDNN's convolution that takes bfloat16 data with a float32 bias (F.conv3d wants one dtype), or
-    None where this torch lacks it."""
+    None where this torch lacks it or this CPU cannot run it: oneDNN's bfloat16 path needs AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT (e.g. an AMD EPYC without AVX-512 lacks both). Without it bfloat16
+    still runs, unfolded, through autocast's convolution (slower there than float32)."""
     if not torch.backends.mkldnn.is_available():
         return None
-    return getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if op is None:
+        return None
+    one = torch.ones(1, 1, 1, 1, 1, dtype=torch.bfloat16)
+    try:
+        op(one, one, torch.zeros(1), [0, 0, 0], [1, 1, 1], [1, 1, 1], 1, "none", [], "")
+    except RuntimeError:  # "mkldnn_convolution: bf16 path needs the cpu support ..."
+        return None
+    return op
 
 
 class _NormalisedConv:

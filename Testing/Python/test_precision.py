@@ -13,7 +13,7 @@ import BrainIDLib.feature_maps as feature_maps
 import BrainIDLib.inference as inference
 from BrainIDLib.errors import BrainIDError
 from BrainIDLib.labels import SEGMENTATION_LABELS
-from BrainIDLib.model import Architecture, BrainIDModel
+from BrainIDLib.model import Architecture, BrainIDModel, _conv_bias_bf16
 from BrainIDLib.samples import sample_path
 from test_cli import make_scan
 
@@ -34,6 +34,12 @@ def corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1])
 
 
+NO_ONEDNN_BF16 = pytest.mark.skipif(
+    _conv_bias_bf16() is None, reason="this CPU has no oneDNN bfloat16 convolution (AVX-512 BW/VL/DQ or "
+    "AVX-NE-CONVERT): bfloat16 is emulated there, minutes per volume, and precision auto never picks it")
+
+
+@NO_ONEDNN_BF16
 def test_bf16_agrees_with_fp32_on_the_sample():
     """The shipped default model (brainid-lite, a small trained network) on the shipped sample: the
     network's labels (argmax of the segmentation head on the model grid) and features."""
