@@ -91,9 +91,9 @@ def head_dice(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torc
     return mean_dice(dice_per_label(pred.numpy(), y.numpy(), labels=range(1, weight.shape[0])))
 
 
-def fit(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, iters: int = 200,
-        batch: int = 200_000, lr: float = 1e-2, seed: int = 0, log=print) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Segmentation: Adam on (weight, bias) from their current values; returns them and the loss every 20 steps."""
+def fit_segmentation(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, iters: int = 200,
+                     batch: int = 200_000, lr: float = 1e-2, seed: int = 0, log=print) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Adam on (weight, bias) from their current values; returns them and the loss every 20 steps."""
     w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -163,7 +163,7 @@ def refit(model, tasks, x, y, t, iters: int, seed: int) -> dict:
         conv, w0, b0 = _conv_params(model, task)
         if task == "segmentation":
             before = head_dice(w0, b0, x, y)
-            w, b, losses = fit(w0, b0, x, y, iters, seed=seed)
+            w, b, losses = fit_segmentation(w0, b0, x, y, iters, seed=seed)
             rec = {"dice_on_fit_voxels": {"before": round(before, 4), "after": round(head_dice(w, b, x, y), 4)},
                    "iters": iters, "losses": losses}
         else:
