@@ -37,6 +37,7 @@ NORMALISATION = ROBUST  # part 3 on; parts 1-2 used whole-volume min-max
 
 REFIT = "; refitted on its frozen features of whole-head renders of the training maps, training/fit_heads.py)"
 
+
 def _run_summary(run: Path) -> dict:
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()] if (run / "log.jsonl").is_file() else []
     cfg = json.loads((run / "config.json").read_text())["config"] if (run / "config.json").is_file() else {}

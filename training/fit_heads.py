@@ -151,27 +151,22 @@ def collect(model, records, families, class_of, per_image: int, seed: int, log=p
     return torch.cat(xs), torch.cat(ys), torch.cat(ts), n
 
 
-def _conv_params(model, task: str) -> tuple[torch.nn.Conv3d, torch.Tensor, torch.Tensor]:
-    conv = model.heads[task].conv
-    return conv, conv.weight.detach().reshape(conv.out_channels, -1).clone(), conv.bias.detach().clone()
-
-
 def refit(model, tasks, x, y, t, iters: int, seed: int) -> dict:
     """Fit each task's head on the samples, write it into `model`; returns {task: its fit record}."""
     out = {}
     for task in tasks:
-        conv, w0, b0 = _conv_params(model, task)
+        conv = model.heads[task].conv  # its current weights are read before the fit overwrites them
+        w0, b0 = conv.weight.detach().reshape(conv.out_channels, -1), conv.bias.detach()
         if task == "segmentation":
             before = head_dice(w0, b0, x, y)
             w, b, losses = fit_segmentation(w0, b0, x, y, iters, seed=seed)
             rec = {"dice_on_fit_voxels": {"before": round(before, 4), "after": round(head_dice(w, b, x, y), 4)},
                    "iters": iters, "losses": losses}
         else:
-            brain = y > 0
-            before = correlation(w0, b0, x[brain], t[brain])
+            xb, tb = x[y > 0], t[y > 0]  # the brain's samples (a copy: index once)
+            before = correlation(w0, b0, xb, tb)
             w, b = fit_anatomy(x, t)
-            rec = {"r_in_brain_on_fit_voxels": {"before": round(before, 4),
-                                                "after": round(correlation(w, b, x[brain], t[brain]), 4)},
+            rec = {"r_in_brain_on_fit_voxels": {"before": round(before, 4), "after": round(correlation(w, b, xb, tb), 4)},
                    "ridge": RIDGE}
         with torch.no_grad():
             conv.weight.copy_(w.reshape(conv.weight.shape))
