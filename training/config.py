@@ -81,6 +81,9 @@ DEFAULTS: dict = {
         "milestones": [],               # multistep: steps (ints) or fractions of max_steps (floats < 1)
         "gamma": 0.1,
         "warmup_steps": 0,
+        "cooldown_steps": 0,            # the last N steps before run.max_steps: lr falls linearly towards 0 (a
+                                        # warmup-stable-decay cooldown: branch a constant-lr run to ship it, keep
+                                        # the constant one to continue)
         "ema": 0.0,                     # EMA decay of the weights (0: off; e.g. 0.999)
     },
     "adapt": {
@@ -117,7 +120,7 @@ CHOICES = {
 POSITIVE = {"run.max_steps", "run.log_every", "run.checkpoint_every", "data.subjects_per_step",
             "model.f_maps", "model.levels", "model.num_groups", "loss.contrastive_voxels", "evaluate.subjects"}
 NON_NEGATIVE = {"run.stop_at_step", "run.max_minutes", "run.threads", "data.mild", "data.severe", "data.num_workers",
-                "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
+                "data.cache_label_maps", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "optim.cooldown_steps",
                 "loss.anatomy_l1", "loss.anatomy_grad", "loss.contrastive", "loss.segmentation", "loss.super_resolution", "loss.bias_field",
                 "adapt.plain_forward_gb"}
 

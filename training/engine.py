@@ -105,8 +105,10 @@ class EMA:
 
 
 def lr_lambda(optim_cfg: dict, max_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at a step: linear warm-up, then multistep / cosine / constant."""
+    """Multiplier of the base lr at a step: linear warm-up, then multistep / cosine / constant, times a
+    linear cooldown over the last optim.cooldown_steps (1 at its start, 1/N on the last step)."""
     warm = int(optim_cfg["warmup_steps"])
+    cool = int(optim_cfg.get("cooldown_steps", 0))
     kind = optim_cfg["schedule"]
     gamma = float(optim_cfg["gamma"])
     milestones = sorted(int(round(m * max_steps)) if isinstance(m, float) and m < 1 else int(m) for m in optim_cfg["milestones"])
@@ -119,6 +121,8 @@ def lr_lambda(optim_cfg: dict, max_steps: int) -> Callable[[int], float]:
             f *= gamma ** sum(step >= m for m in milestones)
         elif kind == "cosine":
             f *= 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warm) / max(1, max_steps - warm))))
+        if cool:
+            f *= min(1.0, max(0, max_steps - step) / cool)
         return f
 
     return fn
@@ -258,6 +262,7 @@ def _train(cfg, command, job: Job, dist, run_dir: Path, ckpt_path: Path, resume:
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
+            ema.decay = float(optim_cfg["ema"])  # like the lr: --resume --set optim.ema=... takes effect
         rank_rng = ckpt_path.parent / f"rng_rank{dist.rank}.pt"
         if dist.rank and rank_rng.is_file() and ckpt.get("world_size", 1) == dist.world_size:
             set_rng_state(load_checkpoint(rank_rng)["rng"])  # this rank's own generators

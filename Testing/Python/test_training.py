@@ -274,6 +274,19 @@ def test_resume_takes_a_new_lr_and_schedule(label_dir, tmp_path):
     assert lrs[2:] == pytest.approx([2e-4, 2e-4])
 
 
+def test_resume_into_a_cooldown_with_a_new_ema(label_dir, tmp_path):
+    """A constant-lr run branched into a warmup-stable-decay cooldown: the lr falls linearly over the last
+    optim.cooldown_steps, and a new optim.ema on --resume replaces the checkpoint's decay."""
+    run = tmp_path / "cool"
+    first = ["--set", "run.max_steps=100", "--set", "run.stop_at_step=2", "--set", "optim.schedule=constant",
+             "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=0", "--set", "optim.ema=0.999"]
+    assert main(["pretrain", *smoke(label_dir, run, *first)]) == 0
+    assert main(["pretrain", "--resume", str(run), "--set", "run.max_steps=6", "--set", "optim.cooldown_steps=4",
+                 "--set", "optim.ema=0.5"]) == 0
+    assert [r["lr"] for r in read_log(run)] == pytest.approx([1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["ema"]["decay"] == 0.5
+
+
 # --- multi-process --------------------------------------------------------------------------
 
 @pytest.mark.slow
