@@ -81,11 +81,13 @@ CPU_VARIANTS = {"fp32": (None, False), "fp32_channels_last": (None, True),
                 "bf16_autocast": (torch.bfloat16, False), "bf16_autocast_channels_last": (torch.bfloat16, True)}
 
 
-def cpu_precision_ab(cfg, steps: int) -> dict:
+def cpu_precision_ab(cfg, steps: int, compiled: bool = False, only=None) -> dict:
     """Lite pretraining steps in float32 vs bf16 autocast, each with and without channels-last 3D,
     from the same initial weights on the same batches, one step of each variant in turn (so machine
     load hits them alike): median step time, ratio to float32, and how far each loss curve strays
-    from the float32 one."""
+    from the float32 one. `compiled` adds float32 channels-last under torch.compile (inductor); its
+    compilation (minutes per crop shape) falls in the warm-up step and the first step of each shape.
+    `only`: the variants to run besides the float32 baseline (bf16 is slow where it is emulated)."""
     import copy
 
     from training.pretrain import make_job
@@ -93,14 +95,18 @@ def cpu_precision_ab(cfg, steps: int) -> dict:
     job = make_job(cfg, DistInfo(device=torch.device("cpu")))
     batches = job.batches(0)
     batch_list = [next(batches) for _ in range(steps + 1)]
+    variants = dict(CPU_VARIANTS, **({"fp32_channels_last_compiled": (None, True)} if compiled else {}))
+    variants = {k: v for k, v in variants.items() if k == "fp32" or not only or k in only}
     runs = {}
-    for name, (dtype, channels_last) in CPU_VARIANTS.items():
+    for name, (dtype, channels_last) in variants.items():
         net = copy.deepcopy(job.net).train()
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d)
-        runs[name] = {"net": net, "opt": torch.optim.AdamW(net.parameters(), lr=1e-3), "times": [], "losses": []}
+        runs[name] = {"net": torch.compile(net) if name.endswith("_compiled") else net,
+                      "opt": torch.optim.AdamW(net.parameters(), lr=1e-3), "times": [], "losses": [], "shapes": set()}
     for i, batch in enumerate(batch_list):
-        for name, (dtype, channels_last) in CPU_VARIANTS.items():
+        shape = tuple(batch["inputs"].shape)
+        for name, (dtype, channels_last) in variants.items():
             r = runs[name]
             b = dict(batch, inputs=batch["inputs"].to(memory_format=torch.channels_last_3d)) if channels_last else batch
             t0 = time.perf_counter()
@@ -109,8 +115,9 @@ def cpu_precision_ab(cfg, steps: int) -> dict:
                 loss, _ = job.loss(r["net"], b, i)
             loss.backward()
             r["opt"].step()
-            if i:  # step 0 is warm-up
+            if i and shape in r["shapes"]:  # the first step of each crop shape is warm-up (or compilation)
                 r["times"].append(time.perf_counter() - t0)
+            r["shapes"].add(shape)
             r["losses"].append(float(loss))
     base = float(np.median(runs["fp32"]["times"]))
     ref = np.array(runs["fp32"]["losses"])
@@ -156,6 +163,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-gpu", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (adds minutes of compilation)")
+    ap.add_argument("--variants", nargs="+", metavar="NAME", help="CPU step variants besides fp32 (default: all): "
+                    + ", ".join([*CPU_VARIANTS, "fp32_channels_last_compiled"]))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     labels = args.labels or str(phantom_dir())
@@ -166,7 +176,7 @@ def main() -> None:
     results["cpu_pretrain_lite"] = time_pretrain(lite, cpu, args.steps)
     print("cpu pretrain (lite, %s^3, %d+%d samples):" % (lite.data.size[0], lite.data.mild, lite.data.severe),
           json.dumps(results["cpu_pretrain_lite"]), flush=True)
-    results["cpu_precision_lite"] = ab = cpu_precision_ab(lite, args.steps)
+    results["cpu_precision_lite"] = ab = cpu_precision_ab(lite, args.steps, args.compile, args.variants)
     print("cpu pretrain (lite), float32 vs bf16 autocast, +/- channels-last (same batches, interleaved):")
     for name, r in ab.items():
         print(f"  {name:30s} {json.dumps(r)}", flush=True)
