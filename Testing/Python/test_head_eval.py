@@ -234,6 +234,28 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path):
     assert H.cli(["--labels", str(tmp_path / "missing.nii.gz"), "--no-lr"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("head_eval: error:") and "missing.nii.gz not found" in err and err.count("\n") == 1
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"rows_": []}')
+    assert H.cli(["--no-lr", "--compare", str(bad)]) == 2  # refused before any model is loaded
+    err = capsys.readouterr().err
+    assert "notes.json is not a head_eval --json file" in err and err.count("\n") == 1
+
+
+def _row(subject, family, resolution, dice, anatomy_r=None):
+    return {"subject": subject, "family": family, "resolution": resolution, "dice_mean": dice,
+            "tissue_mean": dice + 0.05, "brain_dice": 0.9, "anatomy_r": anatomy_r}
+
+
+def test_compare_pairs_the_same_predictions_and_counts_the_improved_ones():
+    before = [_row("a", "t1", "1mm", 0.50, 0.5), _row("a", "t2", "5mm", 0.60, 0.6), _row("b", "ct", "1mm", 0.1)]
+    now = [_row("a", "t2", "5mm", 0.55, 0.7), _row("a", "t1", "1mm", 0.60), _row("c", "ct", "1mm", 0.9)]
+    lines = H.compare(now, before).splitlines()
+    assert lines[0] == "against the comparison file, 2 matched predictions:"  # c and b have no partner
+    assert lines[1].split() == ["dice_mean", "0.575", "(was", "0.550,", "+0.025);", "better", "in", "1/2"]
+    assert lines[3].split()[-1] == "0/2"  # brain Dice equal: not better
+    assert lines[4].split() == ["anatomy_r", "0.700", "(was", "0.600,", "+0.100);", "better", "in", "1/1"]  # only where both have it
+    with pytest.raises(H.BrainIDError, match="none of these predictions"):
+        H.compare(now[2:], before)
 
 
 def test_grid_ceiling_is_exact_on_the_scans_own_grid_and_lower_on_a_coarser_one(head_files, tmp_path):
