@@ -12,7 +12,7 @@
 # QC calibration and the figures follow (commands printed at the end). Reruns reuse the refitted heads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,10p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,12p' "$0"; exit 2; }
 RUN=$1; S=$2; W=${3:-runs/ship}
 PY=${PYTHON:-python}
 export PYTHONPATH=.
