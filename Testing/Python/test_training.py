@@ -7,7 +7,6 @@ a U-Net with f_maps 8 and 3 levels, a few steps.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -292,11 +291,9 @@ def test_resume_into_a_cooldown_with_a_new_ema(label_dir, tmp_path):
 @pytest.mark.slow
 def test_ddp_gloo_two_processes(label_dir, tmp_path):
     run = tmp_path / "ddp"
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(port), "-m", "training.cli", "pretrain"]
+    # --standalone: torchrun picks a free rendezvous port itself (no pick-then-bind race with other tests)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "training.cli", "pretrain"]
     # stop after 2 steps (rank 0 checkpoints, rank 1 keeps its RNG state beside), then resume on 2 ranks
     done = _run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"))
     assert done.returncode == 0, done.stderr[-3000:]
