@@ -181,7 +181,10 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
         cells = f"<td>{r.label}</td><td>{esc(r.name)}</td><td>{r.ml:.2f}</td>"
         if s is not None:
             agree = "".join(f"<td>{s.by_perturbation[k]:.2f}</td>" for k in qc.perturbations)
-            cells += (f"<td class='{_qc_class(s.score, threshold)}'>{s.score:.2f}</td>{agree}"
+            qc_cell = (f"<td title='not labelled; normal scans may have none'>absent</td>"
+                       if s.volume_ml == 0 and not s.flagged  # nothing segmented to trust: no green score
+                       else f"<td class='{_qc_class(s.score, threshold)}'>{s.score:.2f}</td>")
+            cells += (f"{qc_cell}{agree}"
                       f"<td>{s.expected_dice:.2f}</td><td>{s.volume_plausibility:.2f}</td>"
                       f"<td>{'-' if s.typical_dice is None else f'{s.typical_dice:.2f}'}</td>")
         parts.append(f"<tr>{cells}</tr>")
@@ -193,7 +196,9 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
                      "Dice between the segmentation and that of the mirrored (flip) or one-voxel-shifted (shift) "
                      "input; expected Dice: soft Dice of the class probabilities against the structure; volume "
                      "plausible: 1 inside the range of training label maps; typical Dice: this model's mean Dice "
-                     "for the structure on synthetic scans of its training label maps.</p>")
+                     "for the structure on synthetic scans of its training label maps. absent: not labelled, and "
+                     "training label maps may lack it too (a missing structure they always have is scored and "
+                     "flagged).</p>")
     parts.append("<h2>Model and known limits</h2>"
                  f"<p class='note'>{esc(model_description or model_name)}</p><ul class='note'>"
                  "<li>QC scores rank results by how much to trust them; they are not Dice values. They were "

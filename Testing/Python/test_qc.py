@@ -232,6 +232,25 @@ def test_no_qc_without_segmentation():
     assert pred.qc is None and pred.uncertainty is None
 
 
+def test_report_shows_absent_structures_as_absent_not_as_a_green_score():
+    from types import SimpleNamespace
+
+    from BrainIDLib.report import render_html
+
+    x = blobs()
+    report, unc = qc.assess(x, hemisphere_net(x), hemisphere_net, LABELS, voxel_ml=1.0)
+    seg = nib.Nifti1Image(np.asarray(LABELS)[hemisphere_net(x).argmax(0).numpy()].astype(np.int16), np.eye(4))
+    pred = SimpleNamespace(outputs={"segmentation": seg}, qc=report, uncertainty=None, device="cpu")
+    page = render_html(nib.Nifti1Image(x[0, 0].numpy(), np.eye(4)), "blobs", pred, "toy", labels=LABELS)
+    row = lambda name: re.search(rf"<tr><td>\d+</td><td>{name}</td>.*?</tr>", page).group(0)
+    wm_hypo, hippocampus = report.by_label()[77], report.by_label()[17]
+    assert wm_hypo.volume_ml == 0 and not wm_hypo.flagged and wm_hypo.score == 1.0  # absence is normal for it
+    assert "<td title='not labelled; normal scans may have none'>absent</td>" in row("WM-hypointensities")
+    assert hippocampus.volume_ml == 0 and hippocampus.flagged  # a structure every brain has, missing
+    assert f"<td class='low'>{hippocampus.score:.2f}</td>" in row("Left-Hippocampus")
+    assert "<td class='good'>1.00</td>" in row("Left-Cerebral-White-Matter")
+
+
 # ------------------------------------------------------------------------------ files
 def run_cli(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
