@@ -79,6 +79,9 @@ class StructureQC:
     flagged: bool
     by_perturbation: dict = field(default_factory=dict)  # perturbation -> Dice with the base
     typical_dice: float | None = None  # the model's mean Dice for this structure on its training maps
+    # nothing labelled and not flagged (training maps may lack it too, e.g. WM hypointensities): front
+    # ends say "absent" rather than show its high score, as there is no segmentation to trust
+    absent: bool = False
 
 
 @dataclass
@@ -262,7 +265,8 @@ def score(labels, by_kind: dict, volume_ml, confidence, expected_dice, typical_d
         own = structure_score(agree, float(expected_dice[i]), plaus, None)  # the scan's part alone
         s = own if typical is None else structure_score(agree, float(expected_dice[i]), plaus, typical)
         rows.append(StructureQC(lab, label_name(lab), s, agree, plaus, float(confidence[i]),
-                                float(expected_dice[i]), vol, s < FLAG_BELOW, dice, typical))
+                                float(expected_dice[i]), vol, s < FLAG_BELOW, dice, typical,
+                                absent=vol == 0 and s >= FLAG_BELOW))
         if norm and norm["median_ml"] > 0:
             usual.append(own)  # the whole-scan score compares scans: no model constant in it
     total = float(sum(v for lab, v in zip(labels, volume_ml) if lab != 0))

@@ -182,7 +182,7 @@ def render_html(image, input_name: str, pred, model_name: str, model_description
         if s is not None:
             agree = "".join(f"<td>{s.by_perturbation[k]:.2f}</td>" for k in qc.perturbations)
             qc_cell = (f"<td title='not labelled; normal scans may have none'>absent</td>"
-                       if s.volume_ml == 0 and not s.flagged  # nothing segmented to trust: no green score
+                       if s.absent
                        else f"<td class='{_qc_class(s.score, threshold)}'>{s.score:.2f}</td>")
             cells += (f"{qc_cell}{agree}"
                       f"<td>{s.expected_dice:.2f}</td><td>{s.volume_plausibility:.2f}</td>"

@@ -418,6 +418,7 @@ def segmentation_to_labels(seg, reference) -> np.ndarray:
 
 
 QC_MARKS = ("\U0001F7E2 good", "\U0001F7E1 fair", "\U0001F534 low")  # green, amber, red
+ABSENT_MARK = "\u26AA absent"  # nothing labelled, and normal scans may lack it (BrainIDLib.qc.StructureQC.absent)
 
 
 def qc_mark(score: float, threshold: float, good_from: float) -> str:
@@ -430,12 +431,12 @@ def qc_mark(score: float, threshold: float, good_from: float) -> str:
 def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
     """A table node with one row per structure: Label, Structure, Volume [mL]; with `qc` (a QC report
     as a dict: BrainIDLib.qc.QCReport.to_dict, the CLI's _qc.json) also QC and Trust (a coloured
-    mark; structures below the report's threshold read "low")."""
+    mark; structures below the report's threshold read "low", unflagged ones with nothing labelled "absent")."""
     table = scene().AddNewNodeByClass("vtkMRMLTableNode", scene().GenerateUniqueName(name))
     t = table.GetTable()
     cols = [vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray()]
     titles = ["Label", "Structure", "Volume [mL]"]
-    scores = {s["label"]: s["score"] for s in qc["structures"]} if qc else None
+    scores = {s["label"]: s for s in qc["structures"]} if qc else None
     if scores is not None:
         cols += [vtk.vtkDoubleArray(), vtk.vtkStringArray()]
         titles += ["QC", "Trust"]
@@ -447,9 +448,12 @@ def add_volumes_table(rows, name: str, reference=None, qc: dict | None = None):
         t.SetValue(r, 0, vtk.vtkVariant(int(label)))
         t.SetValue(r, 1, vtk.vtkVariant(str(struct)))
         t.SetValue(r, 2, vtk.vtkVariant(float(ml)))
-        if scores is not None and int(label) in scores:
-            t.SetValue(r, 3, vtk.vtkVariant(round(float(scores[int(label)]), 3)))
-            t.SetValue(r, 4, vtk.vtkVariant(qc_mark(float(scores[int(label)]), float(qc["threshold"]), float(qc["good_from"]))))
+        s = scores.get(int(label)) if scores is not None else None
+        if s is not None:
+            t.SetValue(r, 3, vtk.vtkVariant(round(float(s["score"]), 3)))
+            mark = (ABSENT_MARK if s.get("absent")
+                    else qc_mark(float(s["score"]), float(qc["threshold"]), float(qc["good_from"])))
+            t.SetValue(r, 4, vtk.vtkVariant(mark))
     table.Modified()
     if reference is not None:
         place_in_study(table, reference)

@@ -245,6 +245,9 @@ def test_report_shows_absent_structures_as_absent_not_as_a_green_score():
     row = lambda name: re.search(rf"<tr><td>\d+</td><td>{name}</td>.*?</tr>", page).group(0)
     wm_hypo, hippocampus = report.by_label()[77], report.by_label()[17]
     assert wm_hypo.volume_ml == 0 and not wm_hypo.flagged and wm_hypo.score == 1.0  # absence is normal for it
+    assert wm_hypo.absent and not hippocampus.absent and not report.by_label()[2].absent
+    # the optic chiasm too: training maps hold it down to 0.001 mL
+    assert {s["name"] for s in report.to_dict()["structures"] if s["absent"]} == {"WM-hypointensities", "Optic-Chiasm"}
     assert "<td title='not labelled; normal scans may have none'>absent</td>" in row("WM-hypointensities")
     assert hippocampus.volume_ml == 0 and hippocampus.flagged  # a structure every brain has, missing
     assert f"<td class='low'>{hippocampus.score:.2f}</td>" in row("Left-Hippocampus")

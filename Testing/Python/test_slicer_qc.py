@@ -74,6 +74,8 @@ def test_volumes_table_qc_columns_uncertainty_and_summary(monkeypatch):
             for r in range(t.GetNumberOfRows())}
     assert rows["Left-Hippocampus"][0] == pytest.approx(0.5 * (1.0 + 0.9)) and rows["Left-Hippocampus"][1].endswith("good")
     assert rows["Left-Amygdala"][0] < Q.FLAG_BELOW and rows["Left-Amygdala"][1].endswith("low")
+    assert rows["WM-hypointensities"][1] == sa.ABSENT_MARK  # 0 mL, normal: no green "good"
+    assert rows["Right-Hippocampus"][1].endswith("low")  # 0 mL where every brain has one: flagged
     assert sa.table_rows(results["volumes"])[0][:2] == (2, "Left-Cerebral-White-Matter")  # first columns unchanged
     unc = results["uncertainty"]
     np.testing.assert_array_equal(sa.ijk_to_ras(unc), sa.ijk_to_ras(node))
