@@ -1,13 +1,15 @@
 """bfloat16 vs float32 CPU inference: agreement, time and memory.
 
-    flock /tmp/brainid-heavy.lock python benchmarks/precision.py [--part lite|full] [--threads 2] [--reps 2]
+    flock /tmp/brainid-heavy.lock python benchmarks/precision.py [--part lite|full] [--threads 2] [--reps 2] [--scans 4]
 
 Two parts, each comparing `precision="bf16"` with `precision="fp32"` in the same invocation,
 timed interleaved (fp32, bf16, fp32, bf16) so machine load hits both alike (best of --reps):
   lite : the shipped default model (brainid-lite) on the shipped sample and on copies rendered from
          it (T2-like, gamma-changed, rotated and resampled): `predict` with segmentation + anatomy as
          a user runs it, then labels equal (all voxels, and voxels either run calls brain), the
-         largest structure-volume difference, anatomy and feature correlation, network time
+         largest structure-volume difference, anatomy and feature correlation, network time.
+         `--scans 1 --reps 0` checks the sample alone, untimed: the check to run before re-exporting
+         a model with --bf16-measured on a CPU that emulates bf16 (one bf16 predict, ~12 min there)
   full : the full-size network (f_maps 64, 5 levels, random weights, a random 33-class head) on a
          96^3 volume, each run in a fresh subprocess for the network's own time and peak memory
          (ru_maxrss above the idle process), then labels and features compared
@@ -55,7 +57,7 @@ def _scans():
             ("T2-like, rotated 5/8 deg, 2 mm grid", displaced(recontrast(img, "t2"), rotation_deg=(5, 0, 8))[0])]
 
 
-def lite(reps: int) -> list[dict]:
+def lite(reps: int, n_scans: int) -> list[dict]:
     import numpy as np
 
     import torch
@@ -67,7 +69,7 @@ def lite(reps: int) -> list[dict]:
     model = BrainIDLib.load_model("brainid-lite")
     CPU = torch.device("cpu")
     rows = []
-    for name, img in _scans():
+    for name, img in _scans()[:n_scans]:
         preds, seconds = {}, {p: [] for p in PRECISIONS}
         for p in PRECISIONS:  # once each: the agreement (and a rough end-to-end time)
             t0 = time.perf_counter()
@@ -94,7 +96,7 @@ def lite(reps: int) -> list[dict]:
             "anatomy_corr": _corr(preds["fp32"].outputs["anatomy"].dataobj, preds["bf16"].outputs["anatomy"].dataobj),
             "feature_corr": _corr(preds["fp32"].features_1mm.dataobj, preds["bf16"].features_1mm.dataobj),
             "predict_s": {p: round(min(v), 2) for p, v in seconds.items()},
-            "network_s": {p: round(min(v), 2) for p, v in net.items()},
+            "network_s": {p: round(min(v), 2) for p, v in net.items() if v},
         })
     return rows
 
@@ -148,7 +150,9 @@ def full(size: int, reps: int, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions (lite: 0 skips the network timing)")
+    ap.add_argument("--scans", type=int, default=4, choices=range(1, 5), metavar="1-4",
+                    help="lite: the first N scans (1: the sample alone)")
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--part", choices=("lite", "full", "both"), default="both")
     ap.add_argument("--case", choices=PRECISIONS, help=argparse.SUPPRESS)
@@ -164,12 +168,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {cpu_has_native_bf16()}")
-    for r in lite(args.reps) if args.part != "full" else []:
-        ratio = r["network_s"]["bf16"] / r["network_s"]["fp32"]
+    if args.part != "lite" and args.reps < 1:
+        ap.error("--part full needs --reps >= 1")
+    for r in lite(args.reps, args.scans) if args.part != "full" else []:
+        net = r["network_s"]
+        timing = (f"network {net['fp32']} s fp32 / {net['bf16']} s bf16 ({net['bf16'] / net['fp32']:.2f}x), "
+                  if net else "")
         print(f"lite | {r['scan']}: labels equal {r['labels_equal_pct']:.2f}% (in brain {r['labels_equal_in_brain_pct']:.2f}%), "
               f"largest structure-volume difference {r['max_structure_volume_diff_pct']:.2f}%, anatomy r "
-              f"{r['anatomy_corr']:.6f}, features r {r['feature_corr']:.6f}; network {r['network_s']['fp32']} s fp32 / "
-              f"{r['network_s']['bf16']} s bf16 ({ratio:.2f}x), predict {r['predict_s']['fp32']} / {r['predict_s']['bf16']} s")
+              f"{r['anatomy_corr']:.6f}, features r {r['feature_corr']:.6f}; {timing}"
+              f"predict {r['predict_s']['fp32']} / {r['predict_s']['bf16']} s")
     if args.part != "lite":
         r = full(args.size, args.reps, args.threads)
         t32, t16 = min(r["seconds"]["fp32"]), min(r["seconds"]["bf16"])
