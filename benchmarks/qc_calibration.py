@@ -17,7 +17,8 @@ compared with its true Dice at 1 mm (BrainIDLib.metrics). Prints:
   CPU time, not wall time, because the machine may be shared).
 
 Writes docs/images/qc-calibration.png (scatter plots) and docs/qc-calibration.json. Per-draw records
-are cached in --cache so an interrupted run resumes (delete it after changing the model).
+are cached in --cache so an interrupted run resumes; draws cached for other weights, heads, metadata or QC
+passes are not reused.
 
     flock /tmp/brainid-heavy.lock env PYTHONPATH=. python benchmarks/qc_calibration.py \
         --labels /work/shared/data/synthseg/training_seg_{14,15,16}.nii.gz --draws 10
@@ -26,6 +27,7 @@ are cached in --cache so an interrupted run resumes (delete it after changing th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 import BrainIDLib  # noqa: E402
 from BrainIDLib import metrics as M  # noqa: E402
 from BrainIDLib import qc as Q  # noqa: E402
+from BrainIDLib.feature_maps import model_fingerprint  # noqa: E402
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_color  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 from training.card_parts import FAMILY_OPTIONS, condition  # noqa: E402
@@ -68,10 +71,29 @@ def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
     return rows, scan
 
 
-def run_draws(model, label_files, draws: int, cache: Path, kinds: tuple, log) -> tuple[list, list]:
+def model_id(model) -> str:
+    """What a cached draw depends on: the backbone, the heads and the metadata (input grid,
+    normalisation, the QC typical-Dice table)."""
+    h = hashlib.sha256(model_fingerprint(model).encode())
+    for key, value in sorted(model.heads.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(json.dumps(model.metadata, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def load_cache(cache: Path, kinds: tuple, model_key: str, log) -> dict:
+    """The cached draws, if they were made by this very model with these QC passes; else an empty
+    record (a stale cache would silently calibrate an older model)."""
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    if done.get("perturbations") != list(kinds):  # records of other QC passes do not count
-        done = {"perturbations": list(kinds), "rows": [], "scans": []}
+    if done and (done.get("perturbations") != list(kinds) or done.get("model") != model_key):
+        log(f"{cache}: cached draws of another model or other QC passes, not reused")
+        done = {}
+    return done or {"perturbations": list(kinds), "model": model_key, "rows": [], "scans": []}
+
+
+def run_draws(model, label_files, draws: int, cache: Path, kinds: tuple, log) -> tuple[list, list]:
+    done = load_cache(cache, kinds, model_id(model), log)
     seen = {(s["map"], s["draw"]) for s in done["scans"]}
     gens = make_generators()
     for path in label_files:

@@ -180,6 +180,38 @@ def test_typical_dice_is_read_from_the_model_file_and_checked():
         qc.typical_dice_of(Model())
 
 
+
+def test_qc_calibration_does_not_reuse_draws_of_another_model(tmp_path):
+    """benchmarks/qc_calibration.py caches its draws; a cache left by other weights, heads or QC
+    table must not be calibrated as if it were this model's (it once was, silently)."""
+    import importlib.util
+    from pathlib import Path
+
+    from BrainIDLib.model import Architecture, BrainIDModel
+
+    spec = importlib.util.spec_from_file_location(
+        "qc_calibration", Path(__file__).resolve().parents[2] / "benchmarks" / "qc_calibration.py")
+    C = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(C)
+    torch.manual_seed(0)
+    model = BrainIDModel(Architecture(f_maps=4, levels=2, num_groups=2), {"segmentation": 3})
+    key = C.model_id(model)
+    cache, kinds, said = tmp_path / "cache.json", ("flip",), []
+    cache.write_text(json.dumps({"perturbations": list(kinds), "model": key, "rows": [{"map": "a"}], "scans": [{"map": "a"}]}))
+    assert C.load_cache(cache, kinds, key, said.append)["rows"] == [{"map": "a"}]  # the same model resumes
+    assert said == []
+    weight = next(model.heads["segmentation"].parameters())
+    with torch.no_grad():
+        weight.add_(0.1)  # a refitted head
+        assert C.model_id(model) != key
+        weight.sub_(0.1)
+    model.metadata = {"heads": {"segmentation": {"typical_dice": {"2": 0.8}}}}  # a new QC table
+    assert C.model_id(model) != key
+    fresh = C.load_cache(cache, kinds, C.model_id(model), said.append)
+    assert fresh["rows"] == [] and fresh["model"] == C.model_id(model) and "another model" in said[0]
+    assert C.load_cache(cache, ("flip", "shift"), key, said.append)["rows"] == []  # other QC passes
+
+
 @pytest.fixture(scope="module")
 def sample_runs():
     """Two QC runs of the shipped model on the shipped sample (determinism), plus a noise volume."""
