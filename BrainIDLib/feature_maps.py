@@ -128,14 +128,19 @@ def sample_grid(t: torch.Tensor, affine: np.ndarray, points_ras: np.ndarray, chu
     return out
 
 
-def model_fingerprint(model) -> str:
-    """SHA-256 of the backbone's tensors (sorted state-dict keys, float32 bytes): identifies the
-    weights whatever file format they came from (official .pth or BrainID safetensors)."""
+def tensors_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's tensors (sorted state-dict keys, float32 bytes): identifies the weights
+    whatever file format they came from (official .pth or BrainID safetensors)."""
     h = hashlib.sha256()
-    for key, value in sorted(model.backbone.state_dict().items()):
+    for key, value in sorted(module.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """The backbone's `tensors_sha256`: what the features depend on, whatever heads are attached."""
+    return tensors_sha256(model.backbone)
 
 
 def _model_key(model) -> str:

@@ -9,7 +9,7 @@ timed interleaved (fp32, bf16, fp32, bf16) so machine load hits both alike (best
          a user runs it, then labels equal (all voxels, and voxels either run calls brain), the
          largest structure-volume difference, anatomy and feature correlation, network time.
          `--scans 1 --reps 0` checks the sample alone, untimed: the check to run before re-exporting
-         a model with --bf16-measured on a CPU that emulates bf16 (one bf16 predict, ~12 min there)
+         a model with --bf16-measured on a CPU that emulates bf16 (one bf16 predict: 25 min on a 2-core AMD EPYC)
   full : the full-size network (f_maps 64, 5 levels, random weights, a random 33-class head) on a
          96^3 volume, each run in a fresh subprocess for the network's own time and peak memory
          (ru_maxrss above the idle process), then labels and features compared

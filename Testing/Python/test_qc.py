@@ -180,19 +180,12 @@ def test_typical_dice_is_read_from_the_model_file_and_checked():
         qc.typical_dice_of(Model())
 
 
-
-def test_qc_calibration_does_not_reuse_draws_of_another_model(tmp_path):
+def test_qc_calibration_does_not_reuse_draws_of_another_model(tmp_path, benchmark_module):
     """benchmarks/qc_calibration.py caches its draws; a cache left by other weights, heads or QC
     table must not be calibrated as if it were this model's (it once was, silently)."""
-    import importlib.util
-    from pathlib import Path
-
     from BrainIDLib.model import Architecture, BrainIDModel
 
-    spec = importlib.util.spec_from_file_location(
-        "qc_calibration", Path(__file__).resolve().parents[2] / "benchmarks" / "qc_calibration.py")
-    C = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(C)
+    C = benchmark_module("qc_calibration")
     torch.manual_seed(0)
     model = BrainIDModel(Architecture(f_maps=4, levels=2, num_groups=2), {"segmentation": 3})
     key = C.model_id(model)
