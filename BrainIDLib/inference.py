@@ -99,9 +99,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.device) -> str:
-    """'fp32' or 'bf16' for CPU passes. 'auto' is bf16 only on a CPU with native bfloat16 and for a
-    model whose metadata says bf16 was measured equivalent to float32 (input.bf16: true, written
-    by whoever measured it, e.g. with benchmarks/precision.py); float32 otherwise. GPU passes keep
+    """'fp32' or 'bf16' for CPU passes. 'auto' is bf16 only for a model whose metadata says bf16 was
+    measured equivalent to float32 (input.bf16: true, written by whoever measured it, e.g. with
+    benchmarks/precision.py), on a CPU with native bfloat16 where a timed probe of this model found
+    bf16 clearly faster (BrainIDLib.bf16_probe, run once per CPU and cached); float32 otherwise. GPU passes keep
     float16 autocast on CUDA (and float32 on MPS) whatever this returns. With model None it only
     checks the value (auto then reads fp32), for front ends that check before loading a model."""
     precision = str(precision or "auto").lower()
@@ -112,7 +113,11 @@ def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.devi
                            "auto (--precision auto) or the CPU (--device cpu)")
     if precision == "auto":
         measured = model is not None and (model.metadata or {}).get("input", {}).get("bf16") is True
-        return "bf16" if measured and cpu_has_native_bf16() else "fp32"
+        if not (measured and cpu_has_native_bf16()):
+            return "fp32"
+        from .bf16_probe import bf16_faster
+
+        return "bf16" if bf16_faster(model) else "fp32"
     return precision
 
 
@@ -421,7 +426,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         flip_average the mirrored pass is shared: QC compares the two passes before averaging.
     image: a path, nibabel image, Volume, or a PreparedScan from prepare_scan(image, model).
     precision: auto, fp32 or bf16 for CPU passes (see cpu_precision; auto is float32 unless bf16
-    is native and was measured equivalent for this model).
+    was measured equivalent for this model and is native and timed faster on this CPU).
     cleanup: each structure keeps only its largest connected piece (BrainIDLib.cleanup); other
     islands take their next most probable class. QC then compares its passes with the cleaned result.
     """

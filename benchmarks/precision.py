@@ -14,7 +14,8 @@ timed interleaved (fp32, bf16, fp32, bf16) so machine load hits both alike (best
          96^3 volume, each run in a fresh subprocess for the network's own time and peak memory
          (ru_maxrss above the idle process), then labels and features compared
 bf16 needs a CPU with native bfloat16 (avx512_bf16 / amx_bf16) to be fast; elsewhere oneDNN
-emulates it. The script says which this machine has.
+emulates it. The script says which this machine has, and (lite, with --reps) what precision auto's
+timed probe picks here, against the network times it measured on the scans.
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def lite(reps: int, n_scans: int) -> list[dict]:
     return rows
 
 
+def probe_verdict(rows: list[dict]) -> str:
+    """What precision auto's timed probe (BrainIDLib.bf16_probe, run afresh here) picks for brainid-lite,
+    against the network times measured above on real scans."""
+    import numpy as np
+
+    import BrainIDLib
+    from BrainIDLib.bf16_probe import BF16_MARGIN, bf16_wins, probe_side, time_forward
+
+    model = BrainIDLib.load_model("brainid-lite")
+    side = probe_side(model)
+    t = time_forward(model, side)
+    pick = "bf16" if bf16_wins(t) else "fp32"
+    ratio = float(np.mean([r["network_s"]["bf16"] / r["network_s"]["fp32"] for r in rows]))
+    faster = "bf16" if ratio < 1 else "fp32"
+    verdict = ("agrees" if pick == faster else
+               f"within its margin (bf16 must take < {BF16_MARGIN}x)" if pick == "fp32" and ratio >= BF16_MARGIN else
+               "DISAGREES")
+    return (f"auto | probe on {side}^3: {t['fp32']:.3f} s fp32 / {t['bf16']:.3f} s bf16 ({t['bf16'] / t['fp32']:.2f}x) "
+            f"-> picks {pick}; the scans above: bf16 network {ratio:.2f}x on average, {faster} faster: {verdict}")
+
+
 def full_case(precision: str, size: int, threads: int, out: str) -> dict:
     """One fresh process: the full-size network on a size^3 volume (time and peak memory of the network
     alone), then its features and segmentation labels saved to `out` for the comparison."""
@@ -170,7 +192,8 @@ def main() -> None:
           f"native bf16: {cpu_has_native_bf16()}")
     if args.part != "lite" and args.reps < 1:
         ap.error("--part full needs --reps >= 1")
-    for r in lite(args.reps, args.scans) if args.part != "full" else []:
+    rows = lite(args.reps, args.scans) if args.part != "full" else []
+    for r in rows:
         net = r["network_s"]
         timing = (f"network {net['fp32']} s fp32 / {net['bf16']} s bf16 ({net['bf16'] / net['fp32']:.2f}x), "
                   if net else "")
@@ -178,6 +201,8 @@ def main() -> None:
               f"largest structure-volume difference {r['max_structure_volume_diff_pct']:.2f}%, anatomy r "
               f"{r['anatomy_corr']:.6f}, features r {r['feature_corr']:.6f}; {timing}"
               f"predict {r['predict_s']['fp32']} / {r['predict_s']['bf16']} s")
+    if args.part != "full" and args.reps > 0:
+        print(probe_verdict(rows))
     if args.part != "lite":
         r = full(args.size, args.reps, args.threads)
         t32, t16 = min(r["seconds"]["fp32"]), min(r["seconds"]["bf16"])

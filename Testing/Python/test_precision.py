@@ -1,6 +1,6 @@
 """bf16 CPU inference: agreement with float32 on a small random model and the shipped sample, the
-memory-saving forward kept (bf16 activations), and `auto` choosing float32 unless bf16 is native
-and measured equivalent for the model."""
+memory-saving forward kept (bf16 activations), and `auto` choosing float32 unless bf16 is native,
+measured equivalent for the model and timed faster (the probe itself: test_bf16_probe.py)."""
 
 from __future__ import annotations
 
@@ -103,11 +103,17 @@ def test_bf16_folded_normalisation_is_exact_to_rounding_everywhere(shape):
         assert err <= 0.03 * float(ref.abs().max()), (shape, slab, err)  # (without the border terms: ~1.5x)
 
 
-def test_auto_is_fp32_unless_native_and_measured(monkeypatch, tmp_path):
-    for native, measured, expected in [(False, True, "fp32"), (True, None, "fp32"), (True, False, "fp32"),
-                                       (True, True, "bf16"), (False, None, "fp32")]:
+def test_auto_is_fp32_unless_native_measured_and_faster(monkeypatch, tmp_path):
+    import BrainIDLib.bf16_probe as bf16_probe
+
+    probed = []
+    for native, measured, faster, expected in [
+            (False, True, True, "fp32"), (True, None, True, "fp32"), (True, False, True, "fp32"),
+            (True, True, True, "bf16"), (True, True, False, "fp32"), (False, None, True, "fp32")]:
         monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
-        assert inference.cpu_precision("auto", small_model(measured), CPU) == expected, (native, measured)
+        monkeypatch.setattr(bf16_probe, "bf16_faster", lambda m, faster=faster: probed.append(m) or faster)
+        assert inference.cpu_precision("auto", small_model(measured), CPU) == expected, (native, measured, faster)
+    assert len(probed) == 2  # timed only where bf16 is native and measured equivalent
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     assert inference.cpu_precision("bf16", small_model(), CPU) == "bf16"  # asked for explicitly: honoured
     # end to end: auto ran float32 (bit-identical to an explicit fp32 run)
