@@ -113,8 +113,8 @@ def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.devi
                            "auto (--precision auto) or the CPU (--device cpu)")
     if precision == "auto":
         measured = model is not None and (model.metadata or {}).get("input", {}).get("bf16") is True
-        if not (measured and cpu_has_native_bf16()):
-            return "fp32"
+        if not (measured and device.type == "cpu" and cpu_has_native_bf16()):
+            return "fp32"  # (a GPU run's CPU fallback after out-of-memory is rare: float32, no probe)
         from .bf16_probe import bf16_faster
 
         return "bf16" if bf16_faster(model) else "fp32"

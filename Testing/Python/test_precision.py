@@ -114,6 +114,9 @@ def test_auto_is_fp32_unless_native_measured_and_faster(monkeypatch, tmp_path):
         monkeypatch.setattr(bf16_probe, "bf16_faster", lambda m, faster=faster: probed.append(m) or faster)
         assert inference.cpu_precision("auto", small_model(measured), CPU) == expected, (native, measured, faster)
     assert len(probed) == 2  # timed only where bf16 is native and measured equivalent
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.cpu_precision("auto", small_model(True), torch.device("cuda")) == "fp32"  # no CPU probe
+    assert len(probed) == 2
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
     assert inference.cpu_precision("bf16", small_model(), CPU) == "bf16"  # asked for explicitly: honoured
     # end to end: auto ran float32 (bit-identical to an explicit fp32 run)
