@@ -16,6 +16,7 @@ import logging
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,28 +48,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe_side(model: BrainIDModel) -> int:
-    """Voxels per side of the probe grid: a head at the model's spacing, a multiple of the U-Net's
-    downsampling factor."""
-    from .inference import model_input
-
-    spacing = min(float(s) for s in model_input(model)[0])
+def probe_side(model: BrainIDModel, spacing_mm) -> int:
+    """Voxels per side of the probe grid: a head at the model's spacing (mm, per axis), a multiple of
+    the U-Net's downsampling factor."""
+    spacing = min(float(s) for s in spacing_mm)
     side = min(max(round(HEAD_MM / spacing), SIDE_RANGE[0]), SIDE_RANGE[1])
     step = 2 ** (model.arch.levels - 1)
     return -(-side // step) * step
 
 
-def probe_key(model: BrainIDModel) -> str:
+def probe_key(model: BrainIDModel, side: int) -> str:
     a = model.arch
     return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-            f"f_maps {a.f_maps} levels {a.levels} groups {a.num_groups} in {a.in_channels} | {probe_side(model)}^3")
+            f"f_maps {a.f_maps} levels {a.levels} groups {a.num_groups} in {a.in_channels} | {side}^3")
 
 
-def time_forward(model: BrainIDModel, side: int, reps: int = 2) -> dict[str, float]:
-    """Best wall time of the model's no-grad forward on a side^3 grid, per precision, interleaved so
-    that other load on the machine hits both alike; one untimed warm-up each."""
-    from .inference import _autocast
-
+def time_forward(model: BrainIDModel, side: int, autocast: Callable, reps: int = 2) -> dict[str, float]:
+    """Best wall time of the model's no-grad forward on a side^3 grid, per precision (under
+    `autocast(device, precision)`, the context inference runs the network in), interleaved so that
+    other load on the machine hits both alike; one untimed warm-up each."""
     cpu = torch.device("cpu")
     x = torch.randn(1, model.arch.in_channels, side, side, side)
     best = {"fp32": float("inf"), "bf16": float("inf")}
@@ -76,7 +74,7 @@ def time_forward(model: BrainIDModel, side: int, reps: int = 2) -> dict[str, flo
         for rep in range(reps + 1):
             for precision in best:
                 start = time.perf_counter()
-                with _autocast(cpu, precision):
+                with autocast(cpu, precision):
                     model.features(x)
                 if rep:
                     best[precision] = min(best[precision], time.perf_counter() - start)
@@ -96,21 +94,22 @@ def _read_cache(path: Path) -> dict:
         return {}  # none yet, unreadable or corrupt: probe again and rewrite it
 
 
-def bf16_faster(model: BrainIDModel) -> bool:
-    """True when this CPU runs `model` clearly faster in bf16 (from the cache, else probed now)."""
-    key = probe_key(model)
+def bf16_faster(model: BrainIDModel, spacing_mm, autocast: Callable) -> bool:
+    """True when this CPU runs `model` (prepared at `spacing_mm`) clearly faster in bf16 under
+    `autocast`: from the cache, else probed now."""
+    side = probe_side(model, spacing_mm)
+    key = probe_key(model, side)
     if key in _answers:
         return _answers[key]
     path = cache_file()
     entries = _read_cache(path)
     entry = entries.get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("bf16_faster"), bool)):
-        side = probe_side(model)
         log.info("timing bf16 against float32 on a %d^3 grid (once for this CPU and model size)", side)
         was_training = model.training
         model.eval()
         try:
-            t = {p: round(s, 4) for p, s in time_forward(model, side).items()}
+            t = {p: round(s, 4) for p, s in time_forward(model, side, autocast).items()}
         finally:
             model.train(was_training)
         entry = {"fp32_s": t["fp32"], "bf16_s": t["bf16"], "bf16_faster": bf16_wins(t),

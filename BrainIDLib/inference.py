@@ -117,7 +117,7 @@ def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.devi
             return "fp32"  # (a GPU run's CPU fallback after out-of-memory is rare: float32, no probe)
         from .bf16_probe import bf16_faster
 
-        return "bf16" if bf16_faster(model) else "fp32"
+        return "bf16" if bf16_faster(model, model_input(model)[0], _autocast) else "fp32"
     return precision
 
 

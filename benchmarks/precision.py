@@ -109,10 +109,11 @@ def probe_verdict(rows: list[dict]) -> str:
 
     import BrainIDLib
     from BrainIDLib.bf16_probe import BF16_MARGIN, bf16_wins, probe_side, time_forward
+    from BrainIDLib.inference import _autocast, model_input
 
     model = BrainIDLib.load_model("brainid-lite")
-    side = probe_side(model)
-    t = time_forward(model, side)
+    side = probe_side(model, model_input(model)[0])
+    t = time_forward(model, side, _autocast)
     pick = "bf16" if bf16_wins(t) else "fp32"
     ratio = float(np.mean([r["network_s"]["bf16"] / r["network_s"]["fp32"] for r in rows]))
     faster = "bf16" if ratio < 1 else "fp32"

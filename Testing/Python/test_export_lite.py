@@ -67,7 +67,7 @@ def test_bf16_is_recorded_only_when_measured(tmp_path, capsys, monkeypatch):
     import BrainIDLib.bf16_probe as bf16_probe
     from BrainIDLib.inference import cpu_has_native_bf16, cpu_precision
 
-    monkeypatch.setattr(bf16_probe, "bf16_faster", lambda m: True)  # the timing is test_bf16_probe.py's
+    monkeypatch.setattr(bf16_probe, "bf16_faster", lambda *args: True)  # the timing is test_bf16_probe.py's
 
     run = make_run(tmp_path, 5)
     model, _ = export(tmp_path, run, capsys)
