@@ -94,9 +94,10 @@ def _read_cache(path: Path) -> dict:
         return {}  # none yet, unreadable or corrupt: probe again and rewrite it
 
 
-def bf16_faster(model: BrainIDModel, spacing_mm, autocast: Callable) -> bool:
+def bf16_faster(model: BrainIDModel, spacing_mm, autocast: Callable,
+                progress: Callable[[float, str], None] | None = None) -> bool:
     """True when this CPU runs `model` (prepared at `spacing_mm`) clearly faster in bf16 under
-    `autocast`: from the cache, else probed now."""
+    `autocast`: from the cache, else probed now (saying so to `progress(fraction, message)`)."""
     side = probe_side(model, spacing_mm)
     key = probe_key(model, side)
     if key in _answers:
@@ -105,7 +106,10 @@ def bf16_faster(model: BrainIDModel, spacing_mm, autocast: Callable) -> bool:
     entries = _read_cache(path)
     entry = entries.get(key)
     if not (isinstance(entry, dict) and isinstance(entry.get("bf16_faster"), bool)):
-        log.info("timing bf16 against float32 on a %d^3 grid (once for this CPU and model size)", side)
+        note = f"timing bfloat16 against float32 on a {side}^3 grid (once for this CPU and model size)"
+        log.info(note)
+        if progress is not None:
+            progress(0.0, note)
         was_training = model.training
         model.eval()
         try:

@@ -438,7 +438,7 @@ def features(image, model=None, device="auto", pca=None, on_1mm=False, mode="aut
     loaded = resolve(model)
     model, owned = loaded.model, loaded.owned
     dev = select_device(device)
-    precision = cpu_precision(precision, model, dev)
+    precision = cpu_precision(precision, model, dev, prog)
     scan = prepare_scan(image, model, max_voxels, prog)
     vol, prep = scan.volume, scan.prepared
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))

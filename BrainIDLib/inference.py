@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,13 +99,15 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.device) -> str:
+def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.device,
+                  progress: Callable[[float, str], None] | None = None) -> str:
     """'fp32' or 'bf16' for CPU passes. 'auto' is bf16 only for a model whose metadata says bf16 was
     measured equivalent to float32 (input.bf16: true, written by whoever measured it, e.g. with
     benchmarks/precision.py), on a CPU with native bfloat16 where a timed probe of this model found
     bf16 clearly faster (BrainIDLib.bf16_probe, run once per CPU and cached); float32 otherwise. GPU passes keep
     float16 autocast on CUDA (and float32 on MPS) whatever this returns. With model None it only
-    checks the value (auto then reads fp32), for front ends that check before loading a model."""
+    checks the value (auto then reads fp32), for front ends that check before loading a model. `progress`
+    (fraction, message) is told when the probe runs, so the first run's pause has a reason on screen."""
     precision = str(precision or "auto").lower()
     if precision not in PRECISIONS:
         raise BrainIDError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
@@ -117,7 +120,7 @@ def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.devi
             return "fp32"  # (a GPU run's CPU fallback after out-of-memory is rare: float32, no probe)
         from .bf16_probe import bf16_faster
 
-        return "bf16" if bf16_faster(model, model_input(model)[0], _autocast) else "fp32"
+        return "bf16" if bf16_faster(model, model_input(model)[0], _autocast, progress) else "fp32"
     return precision
 
 
@@ -441,7 +444,7 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
     head_tasks = _check_tasks(model, tasks)
     wanted = outputs_of(tasks)
     dev = select_device(device)
-    precision = cpu_precision(precision, model, dev)
+    precision = cpu_precision(precision, model, dev, prog)
     vol, prep = _prepare(image, model, prog, max_voxels)
     budget = None if memory_budget_gb is None else int(float(memory_budget_gb) * (1 << 30))
     result = Prediction(device=str(dev), precision=precision)

@@ -55,7 +55,11 @@ def test_decides_by_timing_with_a_margin(fake_timer, monkeypatch):
 
 def test_probes_once_per_cpu_torch_threads_and_architecture(fake_timer, monkeypatch):
     calls, timings = fake_timer
-    assert faster(model()) is True
+    said = []
+    assert bf16_probe.bf16_faster(model(), [2.0] * 3, _autocast, lambda f, msg: said.append(msg)) is True
+    assert said == ["timing bfloat16 against float32 on a 96^3 grid (once for this CPU and model size)"]
+    assert bf16_probe.bf16_faster(model(), [2.0] * 3, _autocast, lambda f, msg: said.append(msg)) is True
+    assert len(said) == 1  # answered from memory: nothing to say
     timings["bf16"] = 2.0  # would flip the answer if it were timed again
     assert faster(model()) is True  # the process's answer
     monkeypatch.setattr(bf16_probe, "_answers", {})
