@@ -11,6 +11,7 @@ the process), so a machine pays the probe (about 7 s for brainid-lite on 2 cores
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -37,15 +38,33 @@ def cache_file() -> Path:
     return cache_dir() / "bf16-probe.json"
 
 
-def cpu_name() -> str:
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo, read once per process (every
+    CPU run asks); empty where there is none (not Linux)."""
+    name, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name, flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (x86 avx512_bf16 / amx_bf16, Arm bf16). Elsewhere
+    oneDNN emulates it, slower than float32."""
+    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_name() -> str:
+    return _cpuinfo()[0] or platform.processor() or platform.machine()
 
 
 def probe_side(model: BrainIDModel, spacing_mm) -> int:
@@ -110,17 +129,11 @@ def bf16_faster(model: BrainIDModel, spacing_mm, autocast: Callable,
         log.info(note)
         if progress is not None:
             progress(0.0, note)
-        was_training = model.training
-        model.eval()
-        try:
-            t = {p: round(s, 4) for p, s in time_forward(model, side, autocast).items()}
-        finally:
-            model.train(was_training)
+        t = {p: round(s, 4) for p, s in time_forward(model, side, autocast).items()}
         entry = {"fp32_s": t["fp32"], "bf16_s": t["bf16"], "bf16_faster": bf16_wins(t),
                  "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         entries[key] = entry
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1)))
         except OSError as e:  # a read-only home: the answer still holds for this call
             log.warning("could not keep the bf16 probe's result in %s (%s); it will be timed again", path, e)

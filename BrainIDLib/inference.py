@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .bf16_probe import bf16_faster, cpu_has_native_bf16
 from .cleanup import keep_largest_components_
 from .devices import release_memory, select_device
 from .errors import BrainIDError
@@ -85,20 +86,6 @@ def _check_tasks(model: BrainIDModel, tasks: list[str]) -> list[str]:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (x86 avx512_bf16 / amx_bf16, Arm bf16). Elsewhere
-    oneDNN emulates it, slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.device,
                   progress: Callable[[float, str], None] | None = None) -> str:
     """'fp32' or 'bf16' for CPU passes. 'auto' is bf16 only for a model whose metadata says bf16 was
@@ -118,8 +105,6 @@ def cpu_precision(precision: str, model: BrainIDModel | None, device: torch.devi
         measured = model is not None and (model.metadata or {}).get("input", {}).get("bf16") is True
         if not (measured and device.type == "cpu" and cpu_has_native_bf16()):
             return "fp32"  # (a GPU run's CPU fallback after out-of-memory is rare: float32, no probe)
-        from .bf16_probe import bf16_faster
-
         return "bf16" if bf16_faster(model, model_input(model)[0], _autocast, progress) else "fp32"
     return precision
 

@@ -64,10 +64,10 @@ def test_export_leaves_out_a_prior_of_other_weights_with_a_note(tmp_path, capsys
 
 def test_bf16_is_recorded_only_when_measured(tmp_path, capsys, monkeypatch):
     """precision auto runs bf16 only for weights whose export says it was measured equivalent."""
-    import BrainIDLib.bf16_probe as bf16_probe
+    import BrainIDLib.inference as inference
     from BrainIDLib.inference import cpu_has_native_bf16, cpu_precision
 
-    monkeypatch.setattr(bf16_probe, "bf16_faster", lambda *args: True)  # the timing is test_bf16_probe.py's
+    monkeypatch.setattr(inference, "bf16_faster", lambda *args: True)  # the timing is test_bf16_probe.py's
 
     run = make_run(tmp_path, 5)
     model, _ = export(tmp_path, run, capsys)

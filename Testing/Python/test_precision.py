@@ -104,14 +104,12 @@ def test_bf16_folded_normalisation_is_exact_to_rounding_everywhere(shape):
 
 
 def test_auto_is_fp32_unless_native_measured_and_faster(monkeypatch, tmp_path):
-    import BrainIDLib.bf16_probe as bf16_probe
-
     probed = []
     for native, measured, faster, expected in [
             (False, True, True, "fp32"), (True, None, True, "fp32"), (True, False, True, "fp32"),
             (True, True, True, "bf16"), (True, True, False, "fp32"), (False, None, True, "fp32")]:
         monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda native=native: native)
-        monkeypatch.setattr(bf16_probe, "bf16_faster", lambda m, spacing, autocast, progress, faster=faster: probed.append(m) or faster)
+        monkeypatch.setattr(inference, "bf16_faster", lambda m, spacing, autocast, progress, faster=faster: probed.append(m) or faster)
         assert inference.cpu_precision("auto", small_model(measured), CPU) == expected, (native, measured, faster)
     assert len(probed) == 2  # timed only where bf16 is native and measured equivalent
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
