@@ -40,6 +40,11 @@ def setup(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        # DDP imports torch._dynamo; imported after the group exists, it keeps references to the group
+        # that outlive destroy_process_group, so gloo's threads survive into interpreter exit, where
+        # they sometimes abort the finished process (SIGABRT). Imported first, teardown joins them.
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device)
 

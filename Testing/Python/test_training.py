@@ -298,8 +298,12 @@ def test_ddp_gloo_two_processes(label_dir, tmp_path):
     done = _run(launch + smoke(label_dir, run, "--set", "run.max_steps=3", "--set", "run.stop_at_step=2"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "rng_rank1.pt").is_file() and not (run / "summary.json").exists()
-    done = _run(launch + ["--resume", str(run)])
+    # the resume goes through a probe that runs the same CLI, then lists the rank's native threads
+    probe = launch[:-3] + [str(Path(__file__).with_name("ddp_exit_probe.py")), "pretrain"]
+    done = _run(probe + ["--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
+    threads = [ln for ln in done.stdout.splitlines() if "threads after training" in ln]
+    assert len(threads) == 2 and not any("gloo" in ln for ln in threads), threads  # teardown joined them
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
     assert summary["max_rank_difference"] == 0.0  # both ranks hold identical weights
