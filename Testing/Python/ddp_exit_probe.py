@@ -10,6 +10,7 @@ import sys
 from training.cli import main
 
 code = main(sys.argv[1:])
-names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ['RANK']} threads after training: {' '.join(names)}", flush=True)
+if os.path.isdir("/proc/self/task"):  # Linux lists native threads there; elsewhere there is nothing to print
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(f"rank {os.environ['RANK']} threads after training: {' '.join(names)}", flush=True)
 sys.exit(code)

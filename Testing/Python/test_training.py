@@ -302,8 +302,9 @@ def test_ddp_gloo_two_processes(label_dir, tmp_path):
     probe = launch[:-3] + [str(Path(__file__).with_name("ddp_exit_probe.py")), "pretrain"]
     done = _run(probe + ["--resume", str(run)])
     assert done.returncode == 0, done.stderr[-3000:]
-    threads = [ln for ln in done.stdout.splitlines() if "threads after training" in ln]
-    assert len(threads) == 2 and not any("gloo" in ln for ln in threads), threads  # teardown joined them
+    if sys.platform.startswith("linux"):  # the probe reads /proc
+        threads = [ln for ln in done.stdout.splitlines() if "threads after training" in ln]
+        assert len(threads) == 2 and not any("gloo" in ln for ln in threads), threads  # teardown joined them
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 3
     assert summary["max_rank_difference"] == 0.0  # both ranks hold identical weights
