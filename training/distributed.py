@@ -43,7 +43,7 @@ def setup(device_pref: str = "auto") -> DistInfo:
         # DDP imports torch._dynamo; imported after the group exists, it keeps references to the group
         # that outlive destroy_process_group, so gloo's threads survive into interpreter exit, where
         # they sometimes abort the finished process (SIGABRT). Imported first, teardown joins them.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo as _dynamo  # noqa: F401 - 'import torch._dynamo' would make torch local here
 
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device)

@@ -100,8 +100,10 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        """Checkpoints load on the CPU: each average goes back to the device its module lives on."""
         self.decay = state["decay"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.shadow = {k: v.to(self.shadow[k].device if k in self.shadow else v.device, copy=True)
+                       for k, v in state["shadow"].items()}
 
 
 def lr_lambda(optim_cfg: dict, max_steps: int) -> Callable[[int], float]:

@@ -286,6 +286,35 @@ def test_resume_into_a_cooldown_with_a_new_ema(label_dir, tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["ema"]["decay"] == 0.5
 
 
+def test_ema_resumed_from_a_cpu_checkpoint_follows_the_module_device():
+    """Checkpoints load on the CPU; on a GPU run the averages must go back to the GPU, or the first
+    update mixes devices (seen on the first lent H200). 'meta' stands in for the GPU here."""
+    from training.engine import EMA
+
+    saved = EMA(torch.nn.Linear(3, 2), 0.9).state_dict()
+    net = torch.nn.Linear(3, 2, device="meta")
+    ema = EMA(net, 0.99)
+    ema.load_state_dict(saved)
+    assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+    ema.update(net)  # raised "Expected all tensors to be on the same device" before
+    assert ema.decay == 0.9
+
+
+def test_distributed_setup_on_cuda_names_the_local_gpu(monkeypatch):
+    """The CUDA branch of setup ran on no machine of ours until a GPU was lent, where it failed at once
+    (a function-level 'import torch._dynamo' made 'torch' local). The device calls are faked here."""
+    from training import distributed
+
+    monkeypatch.setattr(distributed, "select_device", lambda pref: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = distributed.setup("cuda")
+    assert info.device == torch.device("cuda", 1) and chosen == [info.device] and not info.enabled
+
+
 # --- multi-process --------------------------------------------------------------------------
 
 @pytest.mark.slow
