@@ -62,8 +62,8 @@ def _tissue_reference_on(img):
 def test_default_model_segments_the_shipped_sample_like_a_brain():
     """The README's main job: the default model on the shipped sample (a real T1 template). Its grey and
     white matter must agree with the template's own tissue maps, and nothing may be labelled outside
-    the brain. Floors: measured here WM 0.75 / GM 0.78 (2026-12-04, part 3 model cooled down to step 16975 with its
-    segmentation and anatomy heads refitted on whole-head renders, torch 2.13 CPU, float32; step 15409 0.73 / 0.77; step 13754 0.73 / 0.76; step 11816 0.70 / 0.74, float32 and bf16 alike; step 9670 0.69 / 0.73; step 7938 0.68 / 0.71; step 7620 0.66 / 0.70; step 7013 0.655 / 0.69; step 6257
+    the brain. Floors: measured here WM 0.77 / GM 0.80 (2026-12-04, part 3 model cooled down to step 23518, after 5,488 steps on
+    an H200, with its segmentation and anatomy heads refitted on whole-head renders, torch 2.13 CPU, float32; step 16975 0.75 / 0.78; step 15409 0.73 / 0.77; step 13754 0.73 / 0.76; step 11816 0.70 / 0.74, float32 and bf16 alike; step 9670 0.69 / 0.73; step 7938 0.68 / 0.71; step 7620 0.66 / 0.70; step 7013 0.655 / 0.69; step 6257
     refitted 0.66 / 0.68 in float32 and bf16 alike, step 4742 refitted 0.64 / 0.66, with its jointly trained head 0.62 / 0.72, step 3200 0.61 / 0.71, step 2400 0.62 / 0.71, step 1600 0.61 / 0.71, step 1176 0.63 / 0.71,
     step 507 0.50 / 0.65, part 2 0.61 / 0.54)
     minus a margin for other CPUs and library versions; a model that only finds the brain scores far lower."""
@@ -89,7 +89,7 @@ def test_default_model_segments_the_shipped_sample_like_a_brain():
 def test_default_model_is_left_right_symmetric_on_the_symmetric_sample():
     """The sample is a symmetric template: the default model's segmentation of its mirror image must be
     the mirror of its segmentation (left/right labels swapped) almost everywhere. Measured 0.98 for
-    the part 3 model (steps 11816 and 13754: 0.978, step 15409: 0.977, step 16975: 0.974; flip averaging on, as its metadata asks); part 2 without it: 0.68."""
+    the part 3 model (steps 11816 and 13754: 0.978, step 15409: 0.977, step 16975: 0.974, step 23518: 0.975; flip averaging on, as its metadata asks); part 2 without it: 0.68."""
     from BrainIDLib.samples import sample_path
     from training.head_eval import evaluate_lr
 
