@@ -22,6 +22,7 @@ OUT=${2:?output folder}
 PY=${PYTHON:-python}
 RUN="$OUT/brainid-lite"
 SRC=model-runs/brainid-lite
+$PY -c "import nibabel, torch" 2>/dev/null || { echo "nibabel or torch missing for '$PY': carry nibabel's wheel in .whl and install it as this script's header shows" >&2; exit 2; }
 [ -d runs/data/train2mm ] || { echo "runs/data/train2mm missing: run training/make_lite_data.py (or carry runs/data)" >&2; exit 2; }
 if [ ! -f "$RUN/checkpoints/last.pt" ]; then
   mkdir -p "$RUN/checkpoints"
