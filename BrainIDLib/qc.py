@@ -60,7 +60,7 @@ from .resources import resource_path
 
 PERTURBATIONS = ("flip",)  # the default passes (one network pass each)
 KNOWN_PERTURBATIONS = ("flip", "shift")
-FLAG_BELOW = 0.65  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py (brainid-lite steps 1600-3200; for steps 7013-9670 the best was 0.675, for steps 11816 and 13754 0.70, for steps 15409 and 16975 0.725; at 0.65 step 16975 flags with precision 0.50, recall 0.52, step 15409 0.44 / 0.48)
+FLAG_BELOW = 0.65  # flag structures below this: best Youden J for Dice < 0.5 in benchmarks/qc_calibration.py (brainid-lite steps 1600-3200; for steps 7013-9670 the best was 0.675, for steps 11816 and 13754 0.70, for steps 15409 and 16975 0.725, for step 23518 0.75; at 0.65 step 23518 flags with precision 0.45, recall 0.45, step 16975 0.50 / 0.52, step 15409 0.44 / 0.48)
 GOOD_FROM = 0.7  # shown green from here (95% of such structures had Dice >= 0.5 there), amber down to the flag threshold, red below
 VOLUME_TOLERANCE = 0.5  # |log(volume / normal range edge)| tolerated before plausibility falls
 VOLUME_WIDTH = 0.5  # how fast plausibility falls beyond the tolerance (Gaussian width in log units)
