@@ -437,35 +437,36 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
         if flip_average is None:
             flip_average = bool((model.metadata or {}).get("input", {}).get("flip_average", False))
         stop = 0.45 if flip_average else 0.85
+        fade = brain_fade(model) if "anatomy" in head_tasks else None
+        net_tasks = head_tasks + ["segmentation"] if fade and "segmentation" not in head_tasks else head_tasks
         raw, result.mode, slab, used = run_network(
-            model, prep, head_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, None,
+            model, prep, net_tasks, keep_features, dev, mode, budget, Span(prog, 0.1, stop), result.messages, None,
             precision)
         shared = {}  # QC passes already run: {"flip": the mirrored pass's probabilities, unrestored}
         if flip_average:
             mirrored = replace(prep, tensor=prep.tensor.flip(2))
-            other = run_network(model, mirrored, head_tasks, False, used, result.mode, budget,
+            other = run_network(model, mirrored, net_tasks, False, used, result.mode, budget,
                                 Span(prog, stop, 0.85), result.messages, slab, precision)[0]
             if qc and "flip" in qc and "segmentation" in head_tasks:  # compared before they are averaged
-                seg = _head_slice(model, head_tasks, "segmentation")
+                seg = _head_slice(model, net_tasks, "segmentation")
                 shared = {"base": _softmax(raw[seg]), "flip": _softmax(other[seg])}
-            _average_mirrored(raw, other.flip(1), _mirror_channels(model, head_tasks))
+            _average_mirrored(raw, other.flip(1), _mirror_channels(model, net_tasks))
             del other
+        if fade:
+            _fade_outside_brain(model, raw, net_tasks, fade)
         result.device = str(used)
     finally:
         if owned:
             model.to("cpu")
         release_memory(dev)
     post = Span(prog, 0.85, 1.0)
-    offset = 0
     n_steps = len(head_tasks) + 1
     seg_probs = None
     for i, task in enumerate(head_tasks):
         post(i / n_steps, f"mapping {task} back to the input grid")
-        c = model.heads[task].out_channels
-        chunk = raw[offset : offset + c]
+        chunk = raw[_head_slice(model, net_tasks, task)]
         if task != "segmentation":  # (its softmax runs in place, in the blending precision)
             chunk = chunk.float()
-        offset += c
         _finish_task(task, chunk, model, vol, prep, wanted, on_1mm, probabilities, result, cleanup)
         if task == "segmentation":
             seg_probs = chunk  # softmaxed in place by _finish_task
@@ -478,10 +479,37 @@ def predict(image, tasks=("segmentation",), model=None, device="auto", heads=Non
                 model.to("cpu")
             release_memory(used)
     if keep_features:
+        offset = sum(model.heads[t].out_channels for t in net_tasks)
         result.features_1mm = make_nifti(np.moveaxis(prep.crop(raw[offset:]).numpy(), 0, -1), prep.grid_affine)
     del raw
     prog(1.0, "done")
     return result
+
+
+def brain_fade(model: BrainIDModel) -> float | None:
+    """The model's anatomy head was fitted on brain voxels only (its metadata's heads.anatomy.brain_fade,
+    training/fit_heads.py): outside the brain it would paint a flat grey where the T1 it learnt is 0.
+    Returns the brain probability below which its output fades to 0, if the model has the segmentation
+    head that gives that probability."""
+    fade = ((model.metadata or {}).get("heads", {}).get("anatomy") or {}).get("brain_fade")
+    return float(fade) if fade and "segmentation" in model.heads and 0 in segmentation_labels(model) else None
+
+
+def brain_weight(model: BrainIDModel, seg_logits: torch.Tensor, fade: float) -> torch.Tensor:
+    """min(1, P(brain) / fade) from segmentation logits (classes first), P(brain) = 1 - the background
+    probability: what a brain-fitted anatomy output is multiplied by. Full value wherever the segmentation
+    gives the brain `fade` or more, so the brain's edge keeps the head's values; 0 where it is sure of
+    background (air, skull, scalp)."""
+    logits = seg_logits.float()
+    background = segmentation_labels(model).index(0)
+    p_brain = 1 - torch.exp(logits[background] - torch.logsumexp(logits, 0))
+    return (p_brain / fade).clamp(max=1)
+
+
+def _fade_outside_brain(model: BrainIDModel, raw: torch.Tensor, heads: list[str], fade: float) -> None:
+    """The anatomy channel of the raw outputs times brain_weight, in place, on the model grid."""
+    weight = brain_weight(model, raw[_head_slice(model, heads, "segmentation")], fade)
+    raw[_head_slice(model, heads, "anatomy")] *= weight.to(raw.dtype)
 
 
 def _mirror_channels(model: BrainIDModel, heads: list[str]) -> torch.Tensor:

@@ -25,6 +25,7 @@ import BrainIDLib
 from BrainIDLib import metrics as M
 from BrainIDLib.devices import select_device
 from BrainIDLib.errors import BrainIDError
+from BrainIDLib.inference import brain_fade, brain_weight
 from BrainIDLib.labels import SEGMENTATION_LABELS
 
 from .config import Config, crop_sizes, load_config, with_defaults
@@ -141,6 +142,7 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
                     for i, p in enumerate(files[: int(ec["subjects"])])]
         notes = []
     tasks = model.tasks
+    fade = brain_fade(model)
     rows, examples = [], {}
     structure_dice: dict[str, list] = {}
     feature_stats = {"per_subject": []}
@@ -161,6 +163,8 @@ def evaluate(cfg: Config, model, out_dir: Path, run_dir: Path | None = None, lab
                     if NEEDS[task] not in draw:
                         continue  # no reference for this task in this data
                     out = model.apply_head(task, feats, x)[0]
+                    if task == "anatomy" and fade:  # as predict gives it (BrainIDLib.inference.brain_fade)
+                        out = out * brain_weight(model, model.apply_head("segmentation", feats, x)[0], fade)
                     if task == "segmentation":
                         pred_ids = _to_ids(out.argmax(0))
                         ref_ids = _to_ids(draw["segmentation"])

@@ -98,6 +98,11 @@ def main(argv=None) -> int:
         "super_resolution": {"description": "super-resolution (1x1x1 conv on frozen features and the input)"},
         "bias_field": {"description": "log bias field (1x1x1 conv on frozen features and the input)"},
     }
+    fade = fit.get("fits", {}).get("anatomy", {}).get("brain_fade") if "anatomy" in refitted else None
+    if fade:  # fitted on the brain only: predict fades it to 0 outside (BrainIDLib.inference.brain_fade)
+        heads_meta["anatomy"]["brain_fade"] = fade
+        heads_meta["anatomy"]["description"] = heads_meta["anatomy"]["description"][:-1] + (
+            ", on the brain's voxels; faded to 0 where the segmentation is sure of background)")
     pretrain = _run_summary(pre)  # reads the whole log: once
     prior = pre / "typical_dice.json"  # training/qc_prior.py: the QC score's per-structure prior
     table = json.loads(prior.read_text()) if prior.is_file() else {}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import BrainIDLib
+from BrainIDLib.model import Architecture, BrainIDModel
 from BrainIDLib.weights import save_model
 from test_export_lite import REPO, make_run
 from test_head_eval import META, tiny_head
@@ -48,6 +49,7 @@ def test_the_fits_improve_the_heads_and_change_nothing_else(fitted):
     assert seg["losses"][-1][1] < seg["losses"][0][1]
     r = anat["r_in_brain_on_fit_voxels"]
     assert r["after"] > r["before"] + 0.04  # least squares beats the random head: 0.02 -> 0.08 on random features
+    assert anat["region"] == "brain" and anat["brain_fade"] == fit_heads.BRAIN_FADE
     heads = {t: out / f"{t}_head.safetensors" for t in ("segmentation", "anatomy")}
     refit = BrainIDLib.load_model(run / "model.safetensors", heads=heads)
     for task in heads:
@@ -55,6 +57,22 @@ def test_the_fits_improve_the_heads_and_change_nothing_else(fitted):
     for k, v in before.backbone.state_dict().items():  # the backbone is frozen
         assert torch.equal(v, refit.backbone.state_dict()[k])
     assert torch.equal(before.heads["super_resolution"].conv.weight, refit.heads["super_resolution"].conv.weight)
+
+
+def test_refitting_one_head_keeps_the_others_record(fitted):
+    tmp, _, out, _ = fitted
+    again = tmp / "again"
+    shutil.copytree(out, again)
+    seg = (again / "segmentation_head.safetensors").read_bytes()
+    exported = tmp / "exported.safetensors"
+    assert fit_heads.main(["--model", str(exported), "--labels", str(tmp / "head.nii.gz"), "--out", str(again),
+                           "--renders", str(tmp / "renders"), "--families", "t1", "--per-image", "2000", "--tasks", "anatomy",
+                           "--anatomy-region", "head", "--threads", "1"]) == 0
+    first, summary = (json.loads((d / "summary.json").read_text()) for d in (out, again))
+    assert summary["tasks"] == ["segmentation", "anatomy"] and summary["fits"]["segmentation"] == first["fits"]["segmentation"]
+    assert summary["fits"]["anatomy"]["region"] == "head" and "brain_fade" not in summary["fits"]["anatomy"]
+    assert (again / "segmentation_head.safetensors").read_bytes() == seg
+    assert (again / "anatomy_head.safetensors").read_bytes() != (out / "anatomy_head.safetensors").read_bytes()
 
 
 def test_the_anatomy_fit_is_least_squares():
@@ -66,6 +84,21 @@ def test_the_anatomy_fit_is_least_squares():
     w, b = fit_heads.fit_anatomy(x, t, ridge=1e-6)
     assert torch.allclose(w, w_true, atol=2e-3) and abs(float(b[0]) - 7.0) < 2e-3
     assert fit_heads.correlation(w, b, x, t) > 0.999
+
+
+def test_the_brain_fit_serves_the_brain_better_than_the_whole_head_fit():
+    """Features linear in the target inside the brain but not outside (where the target is 0): fitted on
+    the brain, the head recovers the brain's target exactly; fitted on everything, it gives some up."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6000, 4, generator=gen)
+    y = (torch.arange(6000) % 2).long()  # half the voxels brain
+    x[y == 0, 1] *= 3
+    x[y == 0, 0] = 2 * x[y == 0, 1]  # outside, the brain's direction is not 0: a linear head must compromise
+    t = torch.where(y > 0, x[:, 0] + 0.5 * x[:, 1], torch.zeros(6000))
+    model = BrainIDModel(Architecture(f_maps=4, levels=2), {"anatomy": 1})
+    r = {region: fit_heads.refit(model, ["anatomy"], x, y, t, 0, 0, region)["anatomy"]["r_in_brain_on_fit_voxels"]["after"]
+         for region in fit_heads.REGIONS}
+    assert r["brain"] > 0.999 and r["head"] < r["brain"] - 0.01
 
 
 def test_the_skull_stripped_variant_keeps_only_the_brain():
@@ -85,6 +118,7 @@ def test_export_takes_the_head_only_with_its_backbone(fitted, capsys):
     for task in ("segmentation", "anatomy"):
         assert "refitted" in model.metadata["heads"][task]["description"]
     assert "refitted" not in model.metadata["heads"]["super_resolution"]["description"]
+    assert model.metadata["heads"]["anatomy"]["brain_fade"] == fit_heads.BRAIN_FADE  # predict fades it outside the brain
     fit = model.metadata["training"]["head_fit"]
     assert fit["images"] == 8 and fit["tasks"] == ["segmentation", "anatomy"] and "losses" not in fit["fits"]["segmentation"]
     fitted_heads = BrainIDLib.load_model(run / "model.safetensors", heads={t: out / f"{t}_head.safetensors" for t in fit["tasks"]})

@@ -357,3 +357,39 @@ def test_empty_padding_is_background_whatever_the_network_says():
     seg2 = np.asarray(inf.predict(nib.Nifti1Image(img2, np.eye(4)), tasks="segmentation", model=m, device="cpu", cleanup=False).outputs["segmentation"].dataobj)
     assert (seg2[0, 0, :5] == 17).all()
     assert inf.padding_mask(img2) is None and inf.padding_mask(img).mean() > 0.3
+
+
+def _brain_fitted_anatomy(fade):
+    """identity_segmenter's classes (0 air, 17, 53 brain) plus an anatomy head that outputs 1 everywhere,
+    as a head fitted on brain voxels only would paint the air (metadata brain_fade as the export writes it)."""
+    seg = identity_segmenter([0.0, 0.5, 1.0])
+    m = IdentityFeatures(SMALL, {"segmentation": 3, "anatomy": 1}).eval()
+    m.heads["segmentation"].load_state_dict(seg.heads["segmentation"].state_dict())
+    with torch.no_grad():
+        m.heads["anatomy"].conv.weight.zero_()
+        m.heads["anatomy"].conv.bias.fill_(1.0)
+    m.metadata = {"input": META["input"], "heads": {"segmentation": {"labels": [0, 17, 53]}}}
+    if fade:
+        m.metadata["heads"]["anatomy"] = {"brain_fade": fade}
+    return m
+
+
+def test_a_brain_fitted_anatomy_head_fades_to_zero_outside_the_brain():
+    data = np.zeros((16, 12, 10), np.float32)
+    data[4:12, 3:9, 2:8] = 1.0  # the "brain"; the rest is air
+    data[4:12, 3:9, 5:8] = 0.5
+    img = nib.Nifti1Image(data, np.eye(4))
+    run = lambda m, tasks, **kw: inf.predict(img, tasks=tasks, model=m, device="cpu", cleanup=False, **kw)
+    plain = np.asarray(run(_brain_fitted_anatomy(None), ["anatomy"]).outputs["anatomy"].dataobj)
+    np.testing.assert_allclose(plain, 1.0, atol=1e-6)  # without the flag: the head as it is, air included
+    model = _brain_fitted_anatomy(0.25)
+    alone = run(model, ["anatomy"], keep_features=True)
+    assert set(alone.outputs) == {"anatomy"}  # the segmentation head ran for the fade but is not an output
+    anat = np.asarray(alone.outputs["anatomy"].dataobj)
+    assert np.abs(anat[data == 0]).max() < 1e-3 and np.abs(anat[data > 0] - 1).max() < 1e-3
+    both = run(model, ["segmentation", "anatomy"])
+    np.testing.assert_allclose(np.asarray(both.outputs["anatomy"].dataobj), anat, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(both.outputs["segmentation"].dataobj) > 0, data > 0)
+    feats = np.asarray(alone.features_1mm.dataobj)  # the features, not the extra segmentation channels
+    assert feats.shape[-1] == SMALL.f_maps and np.abs(feats[..., 1:]).max() == 0
+    np.testing.assert_allclose(feats[..., 0], data, atol=1e-5)

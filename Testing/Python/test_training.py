@@ -205,6 +205,21 @@ def test_adapt_on_real_nifti(tmp_path):
     assert report["features"]["consistency"] > 0.5  # same anatomy, two regimes
     assert (tmp_path / "eval" / "evaluation.md").is_file()
 
+    # a brain-fitted anatomy head is scored as predict gives it: faded where the segmentation is sure of background
+    with torch.no_grad():
+        loaded.heads["anatomy"].conv.weight.zero_()
+        loaded.heads["anatomy"].conv.bias.fill_(1.0)  # 1 everywhere, as a brain fit paints the air
+    l1 = {}
+    for case, background_bias in (("as is", None), ("brain sure", -100.0), ("background sure", 100.0)):
+        loaded.metadata.setdefault("heads", {})["anatomy"] = {"brain_fade": 0.25} if background_bias else {}
+        if background_bias:
+            with torch.no_grad():
+                loaded.heads["segmentation"].conv.weight.zero_()
+                loaded.heads["segmentation"].conv.bias.fill_(0.0)[0] = background_bias
+        rep = evaluate(eval_cfg, loaded, tmp_path / "eval", run)
+        l1[case] = rep["summary"]["real"]["1mm"]["anatomy_l1"]
+    assert l1["brain sure"] == pytest.approx(l1["as is"]) and l1["background sure"] != pytest.approx(l1["as is"])
+
 
 # --- never lose work ------------------------------------------------------------------------
 
