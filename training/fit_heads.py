@@ -19,7 +19,8 @@ skull and air apart from the brain).
   linear map on 16 features that must also draw that 0 gives up brain contrast for it (held-out r in the
   brain 0.68 fitted on the whole head, 0.70 on the brain). Outside the brain such a head paints a flat
   grey, so the export records BRAIN_FADE and predict fades the output to 0 where the segmentation head is
-  sure of background (BrainIDLib.inference.brain_fade).
+  sure of background (BrainIDLib.inference.brain_fade). Fitted on the features its output is made of:
+  with the model's flip averaging, the scan's averaged with its mirror's.
 
 Writes <out>/<task>_head.safetensors (training.export_brainid_lite --heads <out> takes them) and
 <out>/summary.json (a folder holding other heads of the same backbone keeps them). The heads belong to the backbone they were fitted on (the SHA-256 of its tensors is
@@ -68,15 +69,21 @@ def _skull_stripped(image: nib.Nifti1Image, truth: nib.Nifti1Image) -> nib.Nifti
     return nib.Nifti1Image(np.where(brain, np.asarray(image.dataobj, dtype=np.float32), 0).astype(np.float32), image.affine)
 
 
-def samples(model, image, truth: nib.Nifti1Image, t1: nib.Nifti1Image, class_of: np.ndarray, rng, per_image: int):
-    """(features (n, f_maps) float32, classes (n,), canonical T1 (n,)) at up to `per_image` brain voxels
-    of the model grid, plus half as many outside the brain: the background the heads must keep off the
-    skull and air."""
+def samples(model, image, truth: nib.Nifti1Image, t1: nib.Nifti1Image, class_of: np.ndarray, rng, per_image: int,
+            mirrored: bool = False):
+    """(features (n, f_maps) float32, the same averaged with the mirrored scan's or None, classes (n,),
+    canonical T1 (n,)) at up to `per_image` brain voxels of the model grid, plus half as many outside the
+    brain: the background the heads must keep off the skull and air.
+
+    mirrored: also run the left/right mirrored scan and average its features (mirrored back) with the
+    scan's. With flip averaging, predict's anatomy output is exactly the head on those (the head is linear
+    and the T1 has no left or right); not the segmentation's, whose mirrored pass swaps its classes."""
     from BrainIDLib.inference import prepare_scan
 
     prep = prepare_scan(image, model).prepared
     with torch.no_grad():
         feats = prep.crop(model.features(prep.tensor)[0].float())
+        averaged = (feats + prep.crop(model.features(prep.tensor.flip(2))[0].float().flip(1))) / 2 if mirrored else None
     ids = _on_grid(truth, prep, 0).astype(np.int64).reshape(-1)
     y = class_of[np.clip(ids, 0, len(class_of) - 1)]
     x = feats.reshape(feats.shape[0], -1)
@@ -84,7 +91,8 @@ def samples(model, image, truth: nib.Nifti1Image, t1: nib.Nifti1Image, class_of:
     keep = np.concatenate([rng.choice(brain, min(len(brain), per_image), replace=False),
                            rng.choice(other, min(len(other), per_image // 2), replace=False)])
     target = _on_grid(t1, prep, 1).astype(np.float32).reshape(-1)
-    return x[:, keep].T.contiguous(), torch.from_numpy(y[keep]), torch.from_numpy(target[keep])
+    xm = None if averaged is None else averaged.reshape(x.shape)[:, keep].T.contiguous()
+    return x[:, keep].T.contiguous(), xm, torch.from_numpy(y[keep]), torch.from_numpy(target[keep])
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,9 +144,10 @@ def correlation(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, t: to
     return float(torch.corrcoef(torch.stack([(x @ weight.T + bias)[:, 0], t]))[0, 1])
 
 
-def collect(model, records, families, class_of, per_image: int, seed: int, log=print):
+def collect(model, records, families, class_of, per_image: int, seed: int, log=print, mirrored: bool = False):
+    """samples() of every render (and its skull-stripped variant): (x, x mirror-averaged or None, y, t, images)."""
     rng = np.random.default_rng(seed)
-    xs, ys, ts, n = [], [], [], 0
+    xs, xms, ys, ts, n = [], [], [], [], 0
     for rec in records:
         t0 = time.time()
         truth = nib.load(str(rec["folder"] / "truth.nii.gz"))
@@ -149,17 +158,19 @@ def collect(model, records, families, class_of, per_image: int, seed: int, log=p
                 stripped = fam != HU and res == "1mm"  # skull-stripped scans: 1 mm MR-like ones
                 variants = [image] + ([_skull_stripped(image, truth)] if stripped else [])
                 for img in variants:
-                    x, y, t = samples(model, img, truth, t1, class_of, rng, per_image)
+                    x, xm, y, t = samples(model, img, truth, t1, class_of, rng, per_image, mirrored)
                     xs.append(x)
+                    xms.append(xm)
                     ys.append(y)
                     ts.append(t)
                     n += 1
         log(f"features of {rec['name']} in {time.time() - t0:.0f}s")
-    return torch.cat(xs), torch.cat(ys), torch.cat(ts), n
+    return torch.cat(xs), torch.cat(xms) if mirrored else None, torch.cat(ys), torch.cat(ts), n
 
 
-def refit(model, tasks, x, y, t, iters: int, seed: int, anatomy_region: str = "brain") -> dict:
-    """Fit each task's head on the samples, write it into `model`; returns {task: its fit record}."""
+def refit(model, tasks, x, y, t, iters: int, seed: int, anatomy_region: str = "brain", x_anatomy=None) -> dict:
+    """Fit each task's head on the samples, write it into `model`; returns {task: its fit record}.
+    x_anatomy: the anatomy head's features if not x (collect's mirror-averaged ones)."""
     out = {}
     for task in tasks:
         conv = model.heads[task].conv  # its current weights are read before the fit overwrites them
@@ -170,11 +181,12 @@ def refit(model, tasks, x, y, t, iters: int, seed: int, anatomy_region: str = "b
             rec = {"dice_on_fit_voxels": {"before": round(before, 4), "after": round(head_dice(w, b, x, y), 4)},
                    "iters": iters, "losses": losses}
         else:
-            xb, tb = x[y > 0], t[y > 0]  # the brain's samples (a copy: index once)
+            xa = x if x_anatomy is None else x_anatomy
+            xb, tb = xa[y > 0], t[y > 0]  # the brain's samples (a copy: index once)
             before = correlation(w0, b0, xb, tb)
-            w, b = fit_anatomy(xb, tb) if anatomy_region == "brain" else fit_anatomy(x, t)
+            w, b = fit_anatomy(xb, tb) if anatomy_region == "brain" else fit_anatomy(xa, t)
             rec = {"r_in_brain_on_fit_voxels": {"before": round(before, 4), "after": round(correlation(w, b, xb, tb), 4)},
-                   "ridge": RIDGE, "region": anatomy_region}
+                   "ridge": RIDGE, "region": anatomy_region, "mirror_averaged": x_anatomy is not None}
             if anatomy_region == "brain":
                 rec["brain_fade"] = BRAIN_FADE
         with torch.no_grad():
@@ -229,8 +241,9 @@ def main(argv=None) -> int:
     if "ct" not in args.families and HU in args.families:
         args.families.append("ct")  # the HU renders are made from the CT-like ones
     records = render_set(args.labels, Path(args.renders), families=tuple(args.families), seed=args.seed)
-    x, y, t, images = collect(model, records, args.families, class_of, args.per_image, args.seed)
-    fits = refit(model, args.tasks, x, y, t, args.iters, args.seed, args.anatomy_region)
+    mirrored = "anatomy" in args.tasks and bool((model.metadata.get("input") or {}).get("flip_average"))
+    x, xm, y, t, images = collect(model, records, args.families, class_of, args.per_image, args.seed, mirrored=mirrored)
+    fits = refit(model, args.tasks, x, y, t, args.iters, args.seed, args.anatomy_region, xm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = {"backbone_sha256": model_fingerprint(model), "how": "training/fit_heads.py"}

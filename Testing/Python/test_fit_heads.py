@@ -75,6 +75,27 @@ def test_refitting_one_head_keeps_the_others_record(fitted):
     assert (again / "anatomy_head.safetensors").read_bytes() != (out / "anatomy_head.safetensors").read_bytes()
 
 
+def test_mirror_averaged_features_give_predicts_anatomy_exactly(fitted):
+    """With flip averaging, the anatomy head on samples()'s averaged features is predict's anatomy output on
+    the model grid: the same values at every voxel (all voxels sampled here)."""
+    tmp = fitted[0]
+    model = BrainIDLib.load_model(tmp / "exported.safetensors")
+    model.metadata["input"]["flip_average"] = True
+    labels = tiny_head()
+    rng = np.random.default_rng(0)
+    image = nib.Nifti1Image((labels % 7 + rng.normal(0, 0.3, labels.shape)).astype(np.float32), np.eye(4))
+    truth, t1 = nib.Nifti1Image(labels.astype(np.int16), np.eye(4)), nib.Nifti1Image(np.zeros(labels.shape, np.float32), np.eye(4))
+    class_of = np.zeros(int(labels.max()) + 1, np.int64)
+    class_of[[2, 3, 4, 24, 41, 42, 43]] = 1
+    x, xm, y, _ = fit_heads.samples(model, image, truth, t1, class_of, rng, per_image=10**7, mirrored=True)
+    conv = model.heads["anatomy"].conv
+    ours = np.sort((xm @ conv.weight.reshape(1, -1).T + conv.bias)[:, 0].detach().numpy())
+    pred = BrainIDLib.predict(image, tasks=["anatomy"], model=model, device="cpu", on_1mm=True)
+    theirs = np.sort(np.asarray(pred.outputs_1mm["anatomy"].dataobj).reshape(-1))
+    assert len(ours) == len(theirs) == len(y) and not torch.equal(x, xm)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_the_anatomy_fit_is_least_squares():
     """On features that hold the target linearly (plus noise), the fit recovers the map; the bias is not shrunk."""
     gen = torch.Generator().manual_seed(0)
