@@ -197,9 +197,13 @@ class _Moments:
             step = max(1, MOMENT_CHUNK // (depth * plane))
             parts = [_channel_moments(t[:, c0 : c0 + step]) for c0 in range(0, channels, step)]
             s, q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            if self.pilot is not None:  # the sums so far are of deviations: so must this slab's be
+                s, q = _as_deviations(s, q, depth * plane, self.pilot)
         else:
             if self.pilot is None:  # the mean of a sparse sample of the first slab
                 self.pilot = t[:, :, ::2, ::4, ::4].float().mean((0, 2, 3, 4))
+                if self.count:  # earlier slabs (a convolution's layout can change from slab to slab) summed values
+                    self.sum, self.sq = _as_deviations(self.sum, self.sq, self.count, self.pilot)
             step = max(1, MOMENT_CHUNK // (channels * plane))
             parts = [_channel_moments_last(t[:, :, d0 : d0 + step], self.pilot) for d0 in range(0, depth, step)]
             s, q = sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -213,6 +217,13 @@ class _Moments:
             return mean, sq
         k = self.pilot.double()
         return k + mean, sq + k * (2 * mean + k)
+
+
+def _as_deviations(s: torch.Tensor, q: torch.Tensor, n: int, pilot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of n values and of their squares (float64) -> sums of their deviations from `pilot` and of
+    the deviations' squares."""
+    k = pilot.double().to(s.device)
+    return s - n * k, q - 2 * k * s + n * k * k
 
 
 def _channel_moments(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

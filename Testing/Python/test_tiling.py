@@ -169,3 +169,39 @@ def test_whole_volume_statistics_stay_exact_on_a_real_sized_volume():
         plain = model.backbone(x)
         low = model.backbone.forward_low_memory(x)
     assert float((low - plain).abs().max() / plain.abs().max()) < 5e-6
+
+
+def test_moments_stay_exact_when_the_slab_layout_changes():
+    """A convolution's output slabs need not share a memory layout (oneDNN picks it per shape: on the shipped
+    model, a 28-row channels-last slab was followed by a 12-row contiguous one). The moments summed
+    deviations from a pilot for the one and plain values for the other, and GroupNorm normalised the next
+    layer with the wrong statistics (tiled features off by up to 6 of 180 at 1M-value slabs)."""
+    from BrainIDLib.model import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1, 5, 9, 6, 7, generator=g, dtype=torch.float64).float() * torch.arange(1, 6).view(1, 5, 1, 1, 1) + 40
+    exact_mean, exact_sq = t.double().mean((0, 2, 3, 4)), (t.double() ** 2).mean((0, 2, 3, 4))
+    last = lambda s: s.contiguous(memory_format=torch.channels_last_3d)
+    for layouts in ((last, torch.Tensor.contiguous), (torch.Tensor.contiguous, last), (last, torch.Tensor.contiguous, last)):
+        m = _Moments()
+        bounds = [0, 4, 6, 9] if len(layouts) == 3 else [0, 4, 9]
+        for layout, lo, hi in zip(layouts, bounds, bounds[1:]):
+            slab = layout(t[:, :, lo:hi])
+            assert slab.is_contiguous() == (layout is torch.Tensor.contiguous)
+            m.add(slab)
+        mean, sq = m.mean_sq()
+        torch.testing.assert_close(mean, exact_mean, rtol=1e-6, atol=0)  # float32 sums inside: ~1e-7
+        torch.testing.assert_close(sq, exact_sq, rtol=1e-6, atol=0)
+
+
+def test_tiled_shipped_model_matches_whole_at_any_slab_size():
+    """The shipped model on the sample, at slab sizes whose convolutions change output layout between slabs."""
+    from BrainIDLib import load_model
+    from BrainIDLib.samples import sample_path
+
+    model = load_model("brainid-lite")
+    x = inf.prepare_scan(str(sample_path()), model).prepared.tensor
+    cpu = torch.device("cpu")
+    whole = inf._forward_volume(model, x, [], True, cpu, lambda: None)
+    tiled = inf._forward_volume(model, x, [], True, cpu, lambda: None, "fp32", Storage(cpu, "ram", 1 << 20))
+    assert float((tiled - whole).abs().max() / whole.abs().max()) < 5e-6
