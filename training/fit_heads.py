@@ -23,8 +23,8 @@ skull and air apart from the brain).
   with the model's flip averaging, the scan's averaged with its mirror's.
 
 Writes <out>/<task>_head.safetensors (training.export_brainid_lite --heads <out> takes them) and
-<out>/summary.json (a folder holding other heads of the same backbone keeps them). The heads belong to the backbone they were fitted on (the SHA-256 of its tensors is
-recorded and export checks it). Give it the model file as predict runs it: its metadata (input grid,
+<out>/summary.json (a folder holding other heads of the same backbone keeps them). The heads belong to
+the backbone they were fitted on (the SHA-256 of its tensors is recorded and export checks it). Give it the model file as predict runs it: its metadata (input grid,
 normalisation) decides what the features are. Never pass the held-out maps the model card evaluates on.
 """
 
